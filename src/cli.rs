@@ -1,0 +1,234 @@
+//! Command-line interface (clap derive). Validation into a [`JobSpec`] happens here too, so
+//! every flag error names the flag.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config::{ConfigError, Endpoint, JobSpec, Pattern, Secret, Selection, TargetExists};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "kuaka",
+    version,
+    about = "Migrate and continuously sync live databases with near-zero downtime"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log line format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// No progress bars, even on a terminal.
+    #[arg(long, global = true)]
+    pub no_progress: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Copy the source into the target (schema, then data in parallel, then indexes and constraints).
+    Run(RunArgs),
+    /// Print what a run would do (tables, chunks, target DDL) without changing anything.
+    Plan(PlanArgs),
+    /// Show the progress of the job in a state directory.
+    Status(StatusArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct EndpointArgs {
+    /// Source database URL: postgres://user[:password]@host[:port]/database
+    #[arg(long, env = "KUAKA_SOURCE", hide_env_values = true)]
+    pub source: String,
+    /// Target database URL (the database must exist).
+    #[arg(long, env = "KUAKA_TARGET", hide_env_values = true)]
+    pub target: String,
+    /// Read the source password from this environment variable (default: PGPASSWORD).
+    #[arg(long, value_name = "VAR")]
+    pub source_password_env: Option<String>,
+    /// Read the target password from this environment variable (default: PGPASSWORD).
+    #[arg(long, value_name = "VAR")]
+    pub target_password_env: Option<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SelectionArgs {
+    /// Copy only tables matching this pattern (`table`, `schema.table`, globs `*` `?`); repeatable.
+    #[arg(long = "tables", value_name = "PATTERN")]
+    pub tables: Vec<String>,
+    /// Skip tables matching this pattern; repeatable.
+    #[arg(long = "exclude", value_name = "PATTERN")]
+    pub exclude: Vec<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub endpoints: EndpointArgs,
+    #[command(flatten)]
+    pub selection: SelectionArgs,
+    /// Directory of the job's state store; rerunning with the same directory resumes.
+    #[arg(long, env = "KUAKA_STATE", default_value = "./kuaka-state")]
+    pub state: PathBuf,
+    /// Copy a consistent snapshot and stop (no change capture).
+    #[arg(long)]
+    pub snapshot_only: bool,
+    /// Parallel copy workers (each holds one source and one target connection).
+    #[arg(long, default_value_t = default_jobs())]
+    pub jobs: usize,
+    /// Split tables into chunks of about this many rows (default: about 64 MiB or 1M rows).
+    #[arg(long, value_name = "N")]
+    pub chunk_rows: Option<i64>,
+    /// Cap the copy at this many rows per second over all workers.
+    #[arg(long, value_name = "N")]
+    pub max_rows_per_sec: Option<u64>,
+    /// What to do with target tables that already exist.
+    #[arg(long, value_enum, default_value_t = TargetExists::Error)]
+    pub target_exists: TargetExists,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub endpoints: EndpointArgs,
+    #[command(flatten)]
+    pub selection: SelectionArgs,
+    /// Rows per chunk, as for `run`.
+    #[arg(long, value_name = "N")]
+    pub chunk_rows: Option<i64>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct StatusArgs {
+    #[arg(long, env = "KUAKA_STATE", default_value = "./kuaka-state")]
+    pub state: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Workers default to the machine's cores, at least 2 (one reads while another writes).
+fn default_jobs() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .max(2)
+}
+
+fn password_from_env(field: &str, var: Option<&str>) -> Result<Option<Secret>, ConfigError> {
+    match var {
+        Some(name) => match std::env::var(name) {
+            Ok(v) => Ok(Some(Secret::new(v))),
+            Err(_) => Err(ConfigError::MissingEnv {
+                field: field.to_owned(),
+                name: name.to_owned(),
+            }),
+        },
+        None => Ok(std::env::var("PGPASSWORD").ok().map(Secret::new)),
+    }
+}
+
+impl EndpointArgs {
+    /// Parse both endpoints, collecting every error.
+    pub fn resolve(&self) -> Result<(Endpoint, Endpoint), Vec<ConfigError>> {
+        let mut errors = Vec::new();
+        let mut source = Endpoint::parse("--source", &self.source)
+            .map_err(|e| errors.push(e))
+            .ok();
+        let mut target = Endpoint::parse("--target", &self.target)
+            .map_err(|e| errors.push(e))
+            .ok();
+        for (endpoint, field, var) in [
+            (
+                &mut source,
+                "--source-password-env",
+                &self.source_password_env,
+            ),
+            (
+                &mut target,
+                "--target-password-env",
+                &self.target_password_env,
+            ),
+        ] {
+            match password_from_env(field, var.as_deref()) {
+                Ok(pw) => {
+                    if let Some(e) = endpoint.as_mut() {
+                        if e.password.is_none() || var.is_some() {
+                            e.password = pw.or(e.password.take());
+                        }
+                    }
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        match (source, target) {
+            (Some(s), Some(t)) if errors.is_empty() => Ok((s, t)),
+            _ => Err(errors),
+        }
+    }
+}
+
+impl SelectionArgs {
+    pub fn resolve(&self) -> Result<Selection, Vec<ConfigError>> {
+        let mut errors = Vec::new();
+        let mut parse = |field: &str, list: &[String]| {
+            list.iter()
+                .filter_map(|p| Pattern::parse(field, p).map_err(|e| errors.push(e)).ok())
+                .collect()
+        };
+        let include = parse("--tables", &self.tables);
+        let exclude = parse("--exclude", &self.exclude);
+        if errors.is_empty() {
+            Ok(Selection { include, exclude })
+        } else {
+            Err(errors)
+        }
+    }
+}
+
+impl RunArgs {
+    pub fn resolve(&self) -> Result<JobSpec, Vec<ConfigError>> {
+        let mut errors = Vec::new();
+        let endpoints = self.endpoints.resolve().map_err(|e| errors.extend(e)).ok();
+        let selection = self.selection.resolve().map_err(|e| errors.extend(e)).ok();
+        let invalid = |field: &str, message: &str| ConfigError::Invalid {
+            field: field.into(),
+            message: message.into(),
+        };
+        if self.jobs == 0 || self.jobs > 256 {
+            errors.push(invalid("--jobs", "must be between 1 and 256"));
+        }
+        if matches!(self.chunk_rows, Some(n) if n < 1) {
+            errors.push(invalid("--chunk-rows", "must be at least 1"));
+        }
+        if self.max_rows_per_sec == Some(0) {
+            errors.push(invalid("--max-rows-per-sec", "must be at least 1"));
+        }
+        if let Some((s, t)) = &endpoints {
+            if s.identity() == t.identity() {
+                errors.push(invalid(
+                    "--target",
+                    "the target is the same database as the source",
+                ));
+            }
+        }
+        match (endpoints, selection) {
+            (Some((source, target)), Some(selection)) if errors.is_empty() => Ok(JobSpec {
+                source,
+                target,
+                selection,
+                snapshot_only: self.snapshot_only,
+                jobs: self.jobs,
+                chunk_rows: self.chunk_rows,
+                max_rows_per_sec: self.max_rows_per_sec,
+                target_exists: self.target_exists,
+            }),
+            _ => Err(errors),
+        }
+    }
+}

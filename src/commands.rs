@@ -1,0 +1,301 @@
+//! What each subcommand does, on top of the pipeline. Errors are printed here, once, as
+//! `kuaka: <message>`, and mapped to exit codes.
+
+use std::fmt::Write as _;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::{Cli, Command, PlanArgs, RunArgs, StatusArgs};
+use crate::config::ConfigError;
+use crate::engine::postgres::snapshot::{CopyFormat, ExportedSnapshot, plan_chunks};
+use crate::engine::postgres::{self, Context, Side, catalog, ddl};
+use crate::pipeline;
+use crate::state::StateStore;
+use crate::ui::{LogWriter, Ui, human_bytes};
+
+pub const EXIT_OK: u8 = 0;
+pub const EXIT_ERROR: u8 = 2;
+pub const EXIT_INTERRUPTED: u8 = 130;
+
+pub async fn dispatch(cli: Cli, writer: &LogWriter, cancel: &CancellationToken) -> u8 {
+    let ui = Ui::new(!cli.no_progress);
+    writer.attach(&ui);
+    match cli.command {
+        Command::Run(args) => run(&args, &ui, cancel).await,
+        Command::Plan(args) => plan(&args).await,
+        Command::Status(args) => status(&args),
+    }
+}
+
+fn config_errors(errors: Vec<ConfigError>) -> u8 {
+    for e in errors {
+        eprintln!("kuaka: {e}");
+    }
+    EXIT_ERROR
+}
+
+async fn run(args: &RunArgs, ui: &Ui, cancel: &CancellationToken) -> u8 {
+    let spec = match args.resolve() {
+        Ok(s) => s,
+        Err(errors) => return config_errors(errors),
+    };
+    if !spec.snapshot_only {
+        eprintln!(
+            "kuaka: change capture (keeping the target in sync after the copy) is not available in this version; pass --snapshot-only to copy a consistent snapshot"
+        );
+        return EXIT_ERROR;
+    }
+    tracing::info!(source = %spec.source, target = %spec.target, jobs = spec.jobs, "starting the snapshot");
+    match pipeline::snapshot::run(&spec, &args.state, ui, cancel).await {
+        Ok(summary) if summary.already_done => {
+            eprintln!(
+                "kuaka: nothing to do, this job's snapshot is complete (see kuaka status --state {})",
+                args.state.display()
+            );
+            EXIT_OK
+        }
+        Ok(summary) => {
+            let rate = summary.rows as f64 / summary.copy_seconds.max(0.001);
+            eprintln!(
+                "kuaka: snapshot complete{}: {} tables, {} rows, {} copied in {:.1}s ({:.0} rows/s, {}/s); total {:.1}s",
+                if summary.resumed { " (resumed)" } else { "" },
+                summary.tables,
+                summary.rows,
+                human_bytes(summary.bytes),
+                summary.copy_seconds,
+                rate,
+                human_bytes((summary.bytes as f64 / summary.copy_seconds.max(0.001)) as u64),
+                summary.total_seconds
+            );
+            EXIT_OK
+        }
+        Err(pipeline::Error::Interrupted) => {
+            eprintln!("kuaka: stopped; run the same command again to resume");
+            EXIT_INTERRUPTED
+        }
+        Err(e) => {
+            eprintln!("kuaka: {e}");
+            EXIT_ERROR
+        }
+    }
+}
+
+async fn plan(args: &PlanArgs) -> u8 {
+    let (source, target) = match args.endpoints.resolve() {
+        Ok(e) => e,
+        Err(errors) => return config_errors(errors),
+    };
+    let selection = match args.selection.resolve() {
+        Ok(s) => s,
+        Err(errors) => return config_errors(errors),
+    };
+    let result = async {
+        let client = postgres::connect(&source, Side::Source, "plan").await?;
+        let snapshot = ExportedSnapshot::export(client).await?;
+        let schema = catalog::read_schema(&snapshot.client, &selection).await?;
+        let mut out = String::new();
+        let _ = writeln!(out, "-- kuaka plan: {source} -> {target}");
+        let _ = writeln!(out, "-- {} tables", schema.tables.len());
+        let _ = writeln!(out, "-- {:<40} {:>12} {:>10} {:>7} {:>7}  chunking", "table", "rows (est.)", "size", "format", "chunks");
+        for t in schema.tables.iter() {
+            if !t.holds_rows() {
+                let _ = writeln!(out, "-- {:<40} {:>12} {:>10} {:>7} {:>7}  (partitioned: rows live in its partitions)", t.name.display_name(), "-", "-", "-", "-");
+                continue;
+            }
+            let (chunking, ranges, rows) = plan_chunks(
+                &snapshot.client,
+                t,
+                args.chunk_rows,
+                crate::config::DEFAULT_CHUNK_BYTES,
+                crate::config::DEFAULT_CHUNK_ROWS,
+            )
+            .await?;
+            let chunking = match chunking {
+                postgres::snapshot::Chunking::Whole => "whole table".to_owned(),
+                postgres::snapshot::Chunking::Key { columns, .. } => format!("primary key ({})", columns.join(", ")),
+                postgres::snapshot::Chunking::Pages => "page ranges (no primary key)".to_owned(),
+            };
+            let format = match CopyFormat::for_table(t) {
+                CopyFormat::Binary => "binary",
+                CopyFormat::Text => "text",
+            };
+            let _ = writeln!(
+                out,
+                "-- {:<40} {:>12} {:>10} {:>7} {:>7}  {chunking}",
+                t.name.display_name(),
+                rows,
+                human_bytes(t.estimated_bytes.max(0) as u64),
+                format,
+                ranges.len()
+            );
+        }
+        for note in &schema.skipped {
+            let _ = writeln!(out, "-- note: {note}");
+        }
+        let _ = writeln!(out, "\n-- target schema, before the data");
+        for step in ddl::pre_data(&schema) {
+            let _ = writeln!(out, "{};", step.sql);
+        }
+        let _ = writeln!(out, "\n-- target schema, after the data");
+        for phase in ddl::post_data(&schema) {
+            for step in phase {
+                let _ = writeln!(out, "{};", step.sql);
+            }
+        }
+        let _ = snapshot.client.batch_execute("COMMIT").await;
+        // Read-only look at the target: does it already hold any of these tables?
+        match postgres::connect(&target, Side::Target, "plan").await {
+            Ok(t) => {
+                let names: Vec<String> = schema.tables.iter().map(|t| t.name.to_string()).collect();
+                let rows = t
+                    .query(
+                        "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                         WHERE format('%I.%I', n.nspname, c.relname) = ANY($1)",
+                        &[&names],
+                    )
+                    .await
+                    .ctx(|| "looking for existing tables on the target".into())?;
+                if !rows.is_empty() {
+                    let list: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+                    let _ = writeln!(out, "\n-- warning: the target already has {}: a run needs --target-exists", list.join(", "));
+                }
+            }
+            Err(e) => {
+                let _ = writeln!(out, "\n-- warning: target not checked: {e}");
+            }
+        }
+        Ok::<_, postgres::Error>(out)
+    }
+    .await;
+    match result {
+        Ok(out) => {
+            print!("{out}");
+            EXIT_OK
+        }
+        Err(e) => {
+            eprintln!("kuaka: {e}");
+            EXIT_ERROR
+        }
+    }
+}
+
+fn status(args: &StatusArgs) -> u8 {
+    let store = match StateStore::open_for_reading(&args.state) {
+        Ok(Some(s)) => s,
+        Ok(None) => {
+            eprintln!(
+                "kuaka: no job in {} (no state.db); start one with kuaka run --state {}",
+                args.state.display(),
+                args.state.display()
+            );
+            return EXIT_ERROR;
+        }
+        Err(e) => {
+            eprintln!("kuaka: {e}");
+            return EXIT_ERROR;
+        }
+    };
+    let result = (|| {
+        let job = store.job()?;
+        let tables = store.tables()?;
+        let positions = store.positions()?;
+        let post_done = store.steps_done("post_data")?;
+        let runs = store.run_count()?;
+        Ok::<_, crate::state::StateError>((job, tables, positions, post_done, runs))
+    })();
+    let (job, tables, positions, post_done, runs) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("kuaka: {e}");
+            return EXIT_ERROR;
+        }
+    };
+    let Some(job) = job else {
+        eprintln!(
+            "kuaka: the state store in {} holds no job yet",
+            args.state.display()
+        );
+        return EXIT_ERROR;
+    };
+    let rows_total: i64 = tables.iter().map(|t| t.rows_copied).sum();
+    if args.json {
+        let value = serde_json::json!({
+            "job_id": job.job_id,
+            "source": job.source,
+            "target": job.target,
+            "phase": job.phase,
+            "created_at": job.created_at,
+            "updated_at": job.updated_at,
+            "last_error": job.last_error,
+            "runs": runs,
+            "rows_copied": rows_total,
+            "post_data_steps_done": post_done,
+            "positions": positions.iter().map(|(n, v, at)| serde_json::json!({"name": n, "value": v, "recorded_at": at})).collect::<Vec<_>>(),
+            "tables": tables.iter().map(|t| serde_json::json!({
+                "schema": t.schema,
+                "table": t.name,
+                "state": t.state,
+                "rows_estimated": t.rows_estimated,
+                "rows_copied": t.rows_copied,
+                "bytes_copied": t.bytes_copied,
+                "chunks_done": t.chunks_done,
+                "chunks_total": t.chunks_total,
+                "copy_format": serde_json::from_str::<serde_json::Value>(&t.copy_format).unwrap_or_default(),
+                "last_error": t.last_error,
+            })).collect::<Vec<_>>(),
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&value).unwrap_or_default()
+        );
+        return EXIT_OK;
+    }
+    println!("job {}: {} -> {}", job.job_id, job.source, job.target);
+    println!(
+        "phase: {}   (started {}, updated {}, {} runs)",
+        describe_phase(&job.phase),
+        job.created_at,
+        job.updated_at,
+        runs
+    );
+    if let Some(e) = &job.last_error {
+        if job.phase != "done" {
+            println!("last error: {e}");
+        }
+    }
+    for (name, value, at) in &positions {
+        println!("position {name}: {value} (recorded {at})");
+    }
+    if !tables.is_empty() {
+        println!(
+            "{:<40} {:<9} {:>12} {:>12} {:>10} {:>9}",
+            "table", "state", "rows", "estimated", "size", "chunks"
+        );
+        for t in &tables {
+            println!(
+                "{:<40} {:<9} {:>12} {:>12} {:>10} {:>4}/{:<4}",
+                format!("{}.{}", t.schema, t.name),
+                t.state,
+                t.rows_copied,
+                t.rows_estimated,
+                human_bytes(t.bytes_copied.max(0) as u64),
+                t.chunks_done,
+                t.chunks_total
+            );
+            if let Some(e) = &t.last_error {
+                println!("    error: {e}");
+            }
+        }
+        println!("total rows copied: {rows_total}; post-data steps done: {post_done}");
+    }
+    EXIT_OK
+}
+
+fn describe_phase(phase: &str) -> &str {
+    match phase {
+        "planned" => "planned (schema being created)",
+        "copying" => "copying data",
+        "done" => "snapshot complete",
+        other => other,
+    }
+}

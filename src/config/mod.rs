@@ -1,0 +1,68 @@
+//! Job configuration: endpoints, table selection and knobs, validated into a [`JobSpec`].
+//!
+//! Secrets (passwords) live only in [`Secret`], whose `Debug`/`Display` print `***`, and are
+//! never written to the state store: the stored job holds [`Endpoint::redacted`] strings.
+
+mod endpoint;
+mod selection;
+
+pub use endpoint::{Endpoint, EngineKind, Secret};
+pub use selection::{Pattern, Selection};
+
+use serde::{Deserialize, Serialize};
+
+/// Default chunk size in bytes of source table data: big enough that per-chunk overhead (a
+/// transaction and a round trip on each side) is negligible, small enough that `--jobs` workers
+/// share a big table and a crash redoes little.
+pub const DEFAULT_CHUNK_BYTES: i64 = 64 * 1024 * 1024;
+
+/// Default cap on rows per chunk, for narrow tables where 64 MiB is many millions of rows.
+pub const DEFAULT_CHUNK_ROWS: i64 = 1_000_000;
+
+/// What to do when a table the job creates already exists on the target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum TargetExists {
+    /// Stop before writing anything, naming the tables.
+    Error,
+    /// Drop the existing objects (CASCADE) and create them from the source.
+    Drop,
+    /// Keep existing tables (their columns must include the source's), empty them, load them.
+    Truncate,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid {field}: {message}")]
+    Invalid { field: String, message: String },
+    #[error("environment variable {name} (from {field}) is not set")]
+    MissingEnv { field: String, name: String },
+}
+
+/// The resolved job: what to move and how. Serialised (without secrets) into the state store.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub source: Endpoint,
+    pub target: Endpoint,
+    pub selection: Selection,
+    pub snapshot_only: bool,
+    pub jobs: usize,
+    /// Target rows per chunk; `None` = automatic (by size).
+    pub chunk_rows: Option<i64>,
+    pub max_rows_per_sec: Option<u64>,
+    pub target_exists: TargetExists,
+}
+
+impl JobSpec {
+    /// A short stable id for the job, derived from its endpoints (used to name the job's
+    /// bookkeeping rows on the target and, later, its replication slot).
+    pub fn job_id(&self) -> String {
+        // FNV-1a: stable across builds and platforms, unlike `DefaultHasher`.
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for byte in format!("{}\u{0}{}", self.source.identity(), self.target.identity()).bytes() {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        format!("{:012x}", hash & 0xffff_ffff_ffff)
+    }
+}

@@ -1,0 +1,13 @@
+//! One module per database engine, each with the same files: `catalog` (catalog → model),
+//! `ddl` (model → statements), `snapshot` (consistent parallel reads and bulk writes).
+
+pub mod postgres;
+
+/// Whether retrying can help.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Network trouble, a restarting server, a serialisation failure: retry with backoff.
+    Transient,
+    /// Bad input, missing privileges, unsupported objects: stop and say what to do.
+    Definite,
+}

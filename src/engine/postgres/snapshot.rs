@@ -1,0 +1,538 @@
+//! Consistent, parallel, resumable table copies between PostgreSQL servers.
+//!
+//! A coordinator transaction exports a snapshot; every chunk runs in its own short source
+//! transaction that imports it, so locks are held only while a chunk copies and all chunks see
+//! the same instant. Chunks are key ranges of the primary key (integer keys split arithmetically,
+//! other keys at sampled boundaries) or, for tables without a primary key, page (`ctid`) ranges.
+//! Key-range chunks are redone after a crash by deleting the range on the target in the same
+//! transaction as the re-copy; page-range chunks cannot be (a new snapshot moves rows between
+//! pages), so an interrupted table without a key is emptied and copied again whole.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::{SinkExt, StreamExt, pin_mut};
+use serde::{Deserialize, Serialize};
+use tokio_postgres::Client;
+
+use super::{Context, Error, Result};
+use crate::model::schema::{DataType, Table, quote_ident, quote_literal};
+
+/// Rows per page assumed when sizing page-range chunks is all we can do.
+const BATCH_BYTES: usize = 256 * 1024;
+
+/// Tables up to this size are counted exactly when never analysed (no `reltuples`).
+const EXACT_COUNT_MAX_BYTES: i64 = 256 * 1024 * 1024;
+
+/// How a table is split.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Chunking {
+    /// One chunk, the whole table.
+    Whole,
+    /// Ranges of the primary key; `types` are the columns' native types for casting bounds.
+    Key {
+        columns: Vec<String>,
+        types: Vec<String>,
+    },
+    /// Ranges of heap pages (tables without a primary key).
+    Pages,
+}
+
+/// One chunk's bounds: `lower <= key < upper`, open where `None`. For `Pages` each bound is one
+/// page number.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChunkRange {
+    pub lower: Option<Vec<String>>,
+    pub upper: Option<Vec<String>>,
+}
+
+/// Text or binary COPY for a table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CopyFormat {
+    Binary,
+    Text,
+}
+
+impl CopyFormat {
+    pub fn for_table(table: &Table) -> CopyFormat {
+        if table.copied_columns().all(|c| c.binary_portable) {
+            CopyFormat::Binary
+        } else {
+            CopyFormat::Text
+        }
+    }
+    fn option(self) -> &'static str {
+        match self {
+            CopyFormat::Binary => "(FORMAT binary)",
+            CopyFormat::Text => "(FORMAT text)",
+        }
+    }
+}
+
+/// Session settings that make text COPY output exact and parseable anywhere.
+pub const SOURCE_SESSION_SETUP: &str = "SET search_path = ''; SET DateStyle = 'ISO, YMD'; \
+     SET IntervalStyle = 'postgres'; SET extra_float_digits = 3; SET bytea_output = 'hex'; \
+     SET statement_timeout = 0; SET lock_timeout = 0; SET idle_in_transaction_session_timeout = 0";
+
+pub const TARGET_SESSION_SETUP: &str = "SET search_path = ''; SET DateStyle = 'ISO, YMD'; \
+     SET IntervalStyle = 'postgres'; SET statement_timeout = 0; SET lock_timeout = 0; \
+     SET check_function_bodies = false; SET client_min_messages = warning";
+
+/// Holds the exported snapshot open on a coordinator connection.
+pub struct ExportedSnapshot {
+    pub id: String,
+    pub client: Client,
+}
+
+impl ExportedSnapshot {
+    pub async fn export(client: Client) -> Result<ExportedSnapshot> {
+        client
+            .batch_execute(SOURCE_SESSION_SETUP)
+            .await
+            .ctx(|| "setting up the source session".into())?;
+        client
+            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await
+            .ctx(|| "starting the snapshot transaction".into())?;
+        let row = client
+            .query_one("SELECT pg_export_snapshot()", &[])
+            .await
+            .ctx(|| "exporting a snapshot (pg_export_snapshot)".into())?;
+        Ok(ExportedSnapshot {
+            id: row.get(0),
+            client,
+        })
+    }
+}
+
+fn column_list(table: &Table) -> String {
+    table
+        .copied_columns()
+        .map(|c| quote_ident(&c.name))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Plan the chunks of one table (run inside the snapshot transaction).
+pub async fn plan_chunks(
+    client: &Client,
+    table: &Table,
+    chunk_rows: Option<i64>,
+    chunk_bytes: i64,
+    default_chunk_rows: i64,
+) -> Result<(Chunking, Vec<ChunkRange>, i64)> {
+    let name = &table.name;
+    let rows = match table.estimated_rows {
+        Some(r) if r > 0 || table.estimated_bytes == 0 => r,
+        _ if table.estimated_bytes <= EXACT_COUNT_MAX_BYTES => {
+            let row = client
+                .query_one(&format!("SELECT count(*) FROM ONLY {name}"), &[])
+                .await
+                .ctx(|| format!("counting rows of {}", name.display_name()))?;
+            row.get(0)
+        }
+        _ => table.estimated_bytes / 100,
+    };
+    let wanted = match chunk_rows {
+        Some(n) => (rows + n - 1) / n.max(1),
+        None => ((rows + default_chunk_rows - 1) / default_chunk_rows)
+            .max((table.estimated_bytes + chunk_bytes - 1) / chunk_bytes),
+    }
+    .max(1);
+    let whole = vec![ChunkRange {
+        lower: None,
+        upper: None,
+    }];
+    if wanted <= 1 {
+        return Ok((Chunking::Whole, whole, rows));
+    }
+    let Some(pk) = &table.primary_key else {
+        let pages = (table.estimated_bytes / 8192).max(1);
+        let n = wanted.min(pages);
+        if n <= 1 {
+            return Ok((Chunking::Whole, whole, rows));
+        }
+        let bounds: Vec<i64> = (1..n).map(|i| pages * i / n).collect();
+        return Ok((
+            Chunking::Pages,
+            ranges(bounds.into_iter().map(|b| vec![b.to_string()]).collect()),
+            rows,
+        ));
+    };
+    let types: Vec<String> = pk
+        .columns
+        .iter()
+        .map(|c| {
+            table
+                .column(c)
+                .map(|c| c.native_type.clone())
+                .unwrap_or_default()
+        })
+        .collect();
+    let chunking = Chunking::Key {
+        columns: pk.columns.clone(),
+        types: types.clone(),
+    };
+    let integer = pk.columns.len() == 1
+        && table.column(&pk.columns[0]).is_some_and(|c| {
+            matches!(
+                c.data_type,
+                DataType::Int16 | DataType::Int32 | DataType::Int64
+            )
+        });
+    let key = pk
+        .columns
+        .iter()
+        .map(|c| quote_ident(c))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let bounds: Vec<Vec<String>> = if integer {
+        let row = client
+            .query_one(
+                &format!("SELECT min({key})::int8, max({key})::int8 FROM ONLY {name}"),
+                &[],
+            )
+            .await
+            .ctx(|| format!("reading the key range of {}", name.display_name()))?;
+        let (Some(min), Some(max)) = (row.get::<_, Option<i64>>(0), row.get::<_, Option<i64>>(1))
+        else {
+            return Ok((Chunking::Whole, whole, rows));
+        };
+        let span = i128::from(max) - i128::from(min) + 1;
+        let n = i128::from(wanted).min(span);
+        let mut out: Vec<Vec<String>> = (1..n)
+            .map(|i| vec![(i128::from(min) + span * i / n).to_string()])
+            .collect();
+        out.dedup();
+        out
+    } else {
+        let text_key = pk
+            .columns
+            .iter()
+            .map(|c| format!("{}::text", quote_ident(c)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        // Sample about 32 keys per chunk; all keys for small tables.
+        let sample = if rows <= 200_000 {
+            String::new()
+        } else {
+            let percent = (100.0 * (wanted as f64 * 32.0) / rows as f64).clamp(0.001, 100.0);
+            format!(" TABLESAMPLE SYSTEM ({percent})")
+        };
+        let sql = format!(
+            "SELECT {text_key} FROM (SELECT {key} FROM ONLY {name}{sample}) s ORDER BY {key}"
+        );
+        let sampled = client
+            .query(&sql, &[])
+            .await
+            .ctx(|| format!("sampling the key of {}", name.display_name()))?;
+        let keys: Vec<Vec<String>> = sampled
+            .iter()
+            .map(|r| {
+                (0..pk.columns.len())
+                    .map(|i| r.get::<_, String>(i))
+                    .collect()
+            })
+            .collect();
+        if keys.len() < 2 {
+            return Ok((Chunking::Whole, whole, rows));
+        }
+        let n = (wanted as usize).min(keys.len());
+        let mut out: Vec<Vec<String>> = (1..n).map(|i| keys[keys.len() * i / n].clone()).collect();
+        out.dedup();
+        out
+    };
+    if bounds.is_empty() {
+        return Ok((Chunking::Whole, whole, rows));
+    }
+    Ok((chunking, ranges(bounds), rows))
+}
+
+fn ranges(bounds: Vec<Vec<String>>) -> Vec<ChunkRange> {
+    let mut out = Vec::with_capacity(bounds.len() + 1);
+    let mut lower = None;
+    for b in bounds {
+        out.push(ChunkRange {
+            lower: lower.take(),
+            upper: Some(b.clone()),
+        });
+        lower = Some(b);
+    }
+    out.push(ChunkRange { lower, upper: None });
+    out
+}
+
+/// `WHERE` condition selecting a chunk, or `None` for the whole table.
+pub fn chunk_condition(chunking: &Chunking, range: &ChunkRange) -> Option<String> {
+    let mut parts = Vec::new();
+    match chunking {
+        Chunking::Whole => return None,
+        Chunking::Key { columns, types } => {
+            let tuple = |values: &[String]| {
+                values
+                    .iter()
+                    .zip(types)
+                    .map(|(v, t)| format!("{}::{t}", quote_literal(v)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let key = columns
+                .iter()
+                .map(|c| quote_ident(c))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let (open, close) = if columns.len() > 1 {
+                ("(", ")")
+            } else {
+                ("", "")
+            };
+            if let Some(l) = &range.lower {
+                parts.push(format!("{open}{key}{close} >= {open}{}{close}", tuple(l)));
+            }
+            if let Some(u) = &range.upper {
+                parts.push(format!("{open}{key}{close} < {open}{}{close}", tuple(u)));
+            }
+        }
+        Chunking::Pages => {
+            if let Some(l) = &range.lower {
+                parts.push(format!("ctid >= '({},0)'::tid", l[0]));
+            }
+            if let Some(u) = &range.upper {
+                parts.push(format!("ctid < '({},0)'::tid", u[0]));
+            }
+        }
+    }
+    if parts.is_empty() {
+        None
+    } else {
+        Some(parts.join(" AND "))
+    }
+}
+
+/// Limits the total rows per second across all workers.
+pub struct RateLimiter {
+    rows_per_sec: u64,
+    state: std::sync::Mutex<(Instant, f64)>,
+}
+
+impl RateLimiter {
+    pub fn new(rows_per_sec: u64) -> Arc<RateLimiter> {
+        Arc::new(RateLimiter {
+            rows_per_sec: rows_per_sec.max(1),
+            state: std::sync::Mutex::new((Instant::now(), 0.0)),
+        })
+    }
+
+    /// Wait until `rows` more rows may pass.
+    pub async fn acquire(&self, rows: u64) {
+        let wait = {
+            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            // Tokens accrue at the rate, with at most one second of burst.
+            let rate = self.rows_per_sec as f64;
+            let available = (s.1 + now.duration_since(s.0).as_secs_f64() * rate).min(rate);
+            let after = available - rows as f64;
+            *s = (now, after);
+            if after >= 0.0 {
+                Duration::ZERO
+            } else {
+                Duration::from_secs_f64(-after / rate)
+            }
+        };
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+/// Counters a chunk copy reports while it runs.
+pub trait CopyProgress: Send + Sync {
+    fn add(&self, rows: u64, bytes: u64);
+}
+
+/// What a chunk copy did.
+#[derive(Debug, Clone, Copy)]
+pub struct ChunkOutcome {
+    pub rows: u64,
+    pub bytes: u64,
+}
+
+/// What to do on the target before loading a chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Redo {
+    /// First attempt: the range is empty on the target.
+    No,
+    /// Delete the chunk's range first (an earlier attempt may have committed).
+    DeleteRange,
+    /// Empty the table first.
+    Truncate,
+}
+
+/// Copy one chunk: source COPY TO piped into target COPY FROM, committed on the target.
+/// `before_commit` runs after the rows are sent and before COMMIT (failpoints).
+#[allow(clippy::too_many_arguments)]
+pub async fn copy_chunk(
+    source: &Client,
+    target: &Client,
+    snapshot_id: &str,
+    table: &Table,
+    format: CopyFormat,
+    chunking: &Chunking,
+    range: &ChunkRange,
+    redo: Redo,
+    limiter: Option<&RateLimiter>,
+    progress: &dyn CopyProgress,
+    before_commit: &(dyn Fn() + Sync),
+) -> Result<ChunkOutcome> {
+    let name = &table.name;
+    let columns = column_list(table);
+    let condition = chunk_condition(chunking, range);
+    source
+        .batch_execute(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+            quote_literal(snapshot_id)
+        ))
+        .await
+        .ctx(|| format!("importing the snapshot to read {}", name.display_name()))?;
+    let result = async {
+        let copy_out = match &condition {
+            None => format!("COPY {name} ({columns}) TO STDOUT {}", format.option()),
+            Some(c) => format!(
+                "COPY (SELECT {columns} FROM ONLY {name} WHERE {c}) TO STDOUT {}",
+                format.option()
+            ),
+        };
+        target
+            .batch_execute("BEGIN")
+            .await
+            .ctx(|| format!("starting the load of {}", name.display_name()))?;
+        match redo {
+            Redo::No => {}
+            Redo::DeleteRange => {
+                let sql = match &condition {
+                    Some(c) => format!("DELETE FROM ONLY {name} WHERE {c}"),
+                    None => format!("TRUNCATE ONLY {name}"),
+                };
+                target
+                    .batch_execute(&sql)
+                    .await
+                    .ctx(|| format!("clearing a re-copied chunk of {}", name.display_name()))?;
+            }
+            Redo::Truncate => {
+                target
+                    .batch_execute(&format!("TRUNCATE ONLY {name}"))
+                    .await
+                    .ctx(|| format!("emptying {} for a re-copy", name.display_name()))?;
+            }
+        }
+        let stream = source
+            .copy_out(copy_out.as_str())
+            .await
+            .ctx(|| format!("reading {}", name.display_name()))?;
+        let sink = target
+            .copy_in::<_, Bytes>(
+                format!("COPY {name} ({columns}) FROM STDIN {}", format.option()).as_str(),
+            )
+            .await
+            .ctx(|| format!("writing {}", name.display_name()))?;
+        pin_mut!(stream);
+        pin_mut!(sink);
+        let mut batch = BytesMut::with_capacity(BATCH_BYTES);
+        let mut batch_rows = 0u64;
+        let mut bytes = 0u64;
+        // Each CopyData message from the server is one row (plus header/trailer in binary).
+        while let Some(message) = stream.next().await {
+            let message = message.ctx(|| format!("reading {}", name.display_name()))?;
+            batch.extend_from_slice(&message);
+            batch_rows += 1;
+            if batch.len() >= BATCH_BYTES {
+                if let Some(l) = limiter {
+                    l.acquire(batch_rows).await;
+                }
+                bytes += batch.len() as u64;
+                progress.add(batch_rows, batch.len() as u64);
+                sink.send(batch.split().freeze())
+                    .await
+                    .ctx(|| format!("writing {}", name.display_name()))?;
+                batch_rows = 0;
+            }
+        }
+        if !batch.is_empty() {
+            if let Some(l) = limiter {
+                l.acquire(batch_rows).await;
+            }
+            bytes += batch.len() as u64;
+            progress.add(batch_rows, batch.len() as u64);
+            sink.send(batch.split().freeze())
+                .await
+                .ctx(|| format!("writing {}", name.display_name()))?;
+        }
+        let rows = sink
+            .as_mut()
+            .finish()
+            .await
+            .ctx(|| format!("finishing the load of {}", name.display_name()))?;
+        before_commit();
+        target
+            .batch_execute("COMMIT")
+            .await
+            .ctx(|| format!("committing a chunk of {}", name.display_name()))?;
+        Ok::<_, Error>(ChunkOutcome { rows, bytes })
+    }
+    .await;
+    // The read transaction only ever reads; end it either way.
+    let end = source.batch_execute("COMMIT").await;
+    if result.is_err() {
+        let _ = target.batch_execute("ROLLBACK").await;
+    }
+    let outcome = result?;
+    end.ctx(|| format!("ending the read of {}", name.display_name()))?;
+    Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_conditions_cover_the_key_space_without_overlap() {
+        let chunking = Chunking::Key {
+            columns: vec!["a".into(), "B".into()],
+            types: vec!["integer".into(), "text".into()],
+        };
+        let r = ranges(vec![
+            vec!["1".into(), "x'y".into()],
+            vec!["5".into(), "z".into()],
+        ]);
+        assert_eq!(r.len(), 3);
+        assert_eq!(
+            chunk_condition(&chunking, &r[0]).unwrap(),
+            "(\"a\", \"B\") < ('1'::integer, 'x''y'::text)"
+        );
+        assert_eq!(
+            chunk_condition(&chunking, &r[1]).unwrap(),
+            "(\"a\", \"B\") >= ('1'::integer, 'x''y'::text) AND (\"a\", \"B\") < ('5'::integer, 'z'::text)"
+        );
+        assert_eq!(
+            chunk_condition(&chunking, &r[2]).unwrap(),
+            "(\"a\", \"B\") >= ('5'::integer, 'z'::text)"
+        );
+        let single = Chunking::Key {
+            columns: vec!["id".into()],
+            types: vec!["bigint".into()],
+        };
+        assert_eq!(
+            chunk_condition(&single, &r[0]).unwrap(),
+            "\"id\" < '1'::bigint"
+        );
+        assert_eq!(chunk_condition(&Chunking::Whole, &r[1]), None);
+        let pages = ranges(vec![vec!["10".into()]]);
+        assert_eq!(
+            chunk_condition(&Chunking::Pages, &pages[1]).unwrap(),
+            "ctid >= '(10,0)'::tid"
+        );
+    }
+}

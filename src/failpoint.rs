@@ -1,0 +1,52 @@
+//! Crash-test failpoints: `KUAKA_FAILPOINT=name[:n]` makes the process SIGKILL itself the n-th
+//! time (default: first) execution reaches [`hit`]`(name)`. Only tests set it; without the
+//! variable a hit is one atomic load.
+//!
+//! Names: `snapshot.after_schema`, `snapshot.chunk.before_commit`, `snapshot.chunk.after_commit`,
+//! `snapshot.before_post_data`, `snapshot.post_data.after_step`.
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+struct Armed {
+    name: String,
+    nth: u64,
+    hits: AtomicU64,
+}
+
+fn armed() -> Option<&'static Armed> {
+    static ARMED: OnceLock<Option<Armed>> = OnceLock::new();
+    ARMED
+        .get_or_init(|| {
+            let spec = std::env::var("KUAKA_FAILPOINT").ok()?;
+            let (name, nth) = match spec.rsplit_once(':') {
+                Some((n, k)) => (n.to_owned(), k.parse().unwrap_or(1)),
+                None => (spec, 1),
+            };
+            Some(Armed {
+                name,
+                nth,
+                hits: AtomicU64::new(0),
+            })
+        })
+        .as_ref()
+}
+
+/// Reached a named point: die here if a test armed it.
+pub fn hit(name: &str) {
+    if let Some(a) = armed() {
+        if a.name == name && a.hits.fetch_add(1, Ordering::SeqCst) + 1 == a.nth {
+            eprintln!("kuaka: failpoint {name} reached, killing the process");
+            kill_self();
+        }
+    }
+}
+
+#[allow(unsafe_code)]
+fn kill_self() -> ! {
+    // SAFETY: getpid and kill have no memory-safety preconditions.
+    unsafe {
+        libc::kill(libc::getpid(), libc::SIGKILL);
+    }
+    std::process::abort()
+}

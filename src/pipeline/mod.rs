@@ -1,0 +1,45 @@
+//! Wiring: the phases of a job, their tasks and the retry policy. No protocol logic lives here.
+
+pub mod snapshot;
+
+use crate::engine::ErrorClass;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Postgres(#[from] crate::engine::postgres::Error),
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("{0}")]
+    Definite(String),
+    #[error("interrupted; run the same command again to resume")]
+    Interrupted,
+}
+
+impl Error {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Error::Postgres(e) => e.class(),
+            _ => ErrorClass::Definite,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// How often and how long to retry a transient failure of one unit of work (a chunk, a DDL
+/// step): a restarting server or a dropped connection usually recovers within seconds.
+pub const RETRY_DELAYS_MS: [u64; 5] = [200, 1_000, 3_000, 8_000, 15_000];
+
+/// The one retry policy: `Some(delay)` to retry attempt `attempt` (0-based) of a failure.
+pub fn retry_delay(error: &Error, attempt: usize) -> Option<std::time::Duration> {
+    if error.class() == ErrorClass::Transient {
+        RETRY_DELAYS_MS
+            .get(attempt)
+            .map(|ms| std::time::Duration::from_millis(*ms))
+    } else {
+        None
+    }
+}
