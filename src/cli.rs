@@ -157,10 +157,10 @@ impl EndpointArgs {
         ] {
             match password_from_env(field, var.as_deref()) {
                 Ok(pw) => {
-                    if let Some(e) = endpoint.as_mut() {
-                        if e.password.is_none() || var.is_some() {
-                            e.password = pw.or(e.password.take());
-                        }
+                    if let Some(e) = endpoint.as_mut()
+                        && (e.password.is_none() || var.is_some())
+                    {
+                        e.password = pw.or(e.password.take());
                     }
                 }
                 Err(e) => errors.push(e),
@@ -209,8 +209,10 @@ impl RunArgs {
         if self.max_rows_per_sec == Some(0) {
             errors.push(invalid("--max-rows-per-sec", "must be at least 1"));
         }
-        if let Some((s, t)) = &endpoints {
-            if s.identity() == t.identity() {
+        if let Some((s, t)) = &endpoints
+            && s.identity() == t.identity()
+        {
+            {
                 errors.push(invalid(
                     "--target",
                     "the target is the same database as the source",

@@ -55,16 +55,18 @@ async fn run(args: &RunArgs, ui: &Ui, cancel: &CancellationToken) -> u8 {
             EXIT_OK
         }
         Ok(summary) => {
-            let rate = summary.rows as f64 / summary.copy_seconds.max(0.001);
+            let secs = summary.copy_seconds.max(0.001);
             eprintln!(
-                "kuaka: snapshot complete{}: {} tables, {} rows, {} copied in {:.1}s ({:.0} rows/s, {}/s); total {:.1}s",
+                "kuaka: snapshot complete{}: {} tables, {} rows, {}; this run copied {} rows, {} in {:.1}s ({:.0} rows/s, {}/s); total {:.1}s",
                 if summary.resumed { " (resumed)" } else { "" },
                 summary.tables,
                 summary.rows,
                 human_bytes(summary.bytes),
+                summary.rows_this_run,
+                human_bytes(summary.bytes_this_run),
                 summary.copy_seconds,
-                rate,
-                human_bytes((summary.bytes as f64 / summary.copy_seconds.max(0.001)) as u64),
+                summary.rows_this_run as f64 / secs,
+                human_bytes((summary.bytes_this_run as f64 / secs) as u64),
                 summary.total_seconds
             );
             EXIT_OK
@@ -258,10 +260,10 @@ fn status(args: &StatusArgs) -> u8 {
         job.updated_at,
         runs
     );
-    if let Some(e) = &job.last_error {
-        if job.phase != "done" {
-            println!("last error: {e}");
-        }
+    if let Some(e) = &job.last_error
+        && job.phase != "done"
+    {
+        println!("last error: {e}");
     }
     for (name, value, at) in &positions {
         println!("position {name}: {value} (recorded {at})");

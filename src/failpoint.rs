@@ -34,11 +34,12 @@ fn armed() -> Option<&'static Armed> {
 
 /// Reached a named point: die here if a test armed it.
 pub fn hit(name: &str) {
-    if let Some(a) = armed() {
-        if a.name == name && a.hits.fetch_add(1, Ordering::SeqCst) + 1 == a.nth {
-            eprintln!("kuaka: failpoint {name} reached, killing the process");
-            kill_self();
-        }
+    if let Some(a) = armed()
+        && a.name == name
+        && a.hits.fetch_add(1, Ordering::SeqCst) + 1 == a.nth
+    {
+        eprintln!("kuaka: failpoint {name} reached, killing the process");
+        kill_self();
     }
 }
 

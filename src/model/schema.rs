@@ -310,11 +310,18 @@ pub enum RoutineKind {
 pub struct View {
     pub name: QualifiedName,
     pub materialized: bool,
+    /// A materialized view holds data (`relispopulated`); unpopulated ones stay unpopulated.
+    #[serde(default = "yes")]
+    pub populated: bool,
     /// The `SELECT` text.
     pub query: String,
     pub indexes: Vec<Index>,
     pub comment: Option<String>,
     pub column_comments: Vec<(String, String)>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -20,7 +20,7 @@ use crate::engine::postgres::snapshot::{
 use crate::engine::postgres::{self, Context, Side, catalog, ddl};
 use crate::failpoint;
 use crate::model::schema::{QualifiedName, Schema, Table, quote_literal};
-use crate::state::{ChunkState, StateStore};
+use crate::state::{ChunkState, StateStore, TablePlan};
 use crate::ui::{Ui, human_bytes};
 
 /// `maintenance_work_mem` for index builds after the load: large sorts finish in memory.
@@ -32,6 +32,9 @@ pub struct Summary {
     pub tables: usize,
     pub rows: u64,
     pub bytes: u64,
+    /// Rows and bytes copied by this run (less than the totals after a resume).
+    pub rows_this_run: u64,
+    pub bytes_this_run: u64,
     pub copy_seconds: f64,
     pub total_seconds: f64,
     pub resumed: bool,
@@ -200,14 +203,14 @@ async fn run_phases(
                 .iter()
                 .map(|r| serde_json::to_string(r).unwrap_or_default())
                 .collect();
-            plan.push((
-                t.name.schema.clone(),
-                t.name.name.clone(),
-                serde_json::to_string(&chunking).unwrap_or_default(),
-                serde_json::to_string(&CopyFormat::for_table(t)).unwrap_or_default(),
-                rows,
+            plan.push(TablePlan {
+                schema: t.name.schema.clone(),
+                name: t.name.name.clone(),
+                chunking: serde_json::to_string(&chunking).unwrap_or_default(),
+                copy_format: serde_json::to_string(&CopyFormat::for_table(t)).unwrap_or_default(),
+                rows_estimated: rows,
                 ranges,
-            ));
+            });
         }
         store.save_plan(&plan)?;
     } else if resumed {
@@ -237,6 +240,8 @@ async fn run_phases(
     let tables = store.tables()?;
     Ok(Summary {
         tables: schema.tables.len(),
+        rows_this_run: rows,
+        bytes_this_run: bytes,
         rows: tables
             .iter()
             .map(|t| t.rows_copied as u64)
@@ -743,11 +748,11 @@ async fn copy_tables(
     while let Some(joined) = set.join_next().await {
         let result =
             joined.unwrap_or_else(|e| Err(Error::Definite(format!("a copy worker failed: {e}"))));
-        if let Err(e) = result {
-            if first_error.is_none() {
-                stop.cancel();
-                first_error = Some(e);
-            }
+        if let Err(e) = result
+            && first_error.is_none()
+        {
+            stop.cancel();
+            first_error = Some(e);
         }
     }
     stop.cancel();

@@ -81,6 +81,17 @@ pub struct TableRecord {
     pub last_error: Option<String>,
 }
 
+/// The chunk plan of one table, as stored (chunking, format and ranges as JSON).
+#[derive(Clone, Debug)]
+pub struct TablePlan {
+    pub schema: String,
+    pub name: String,
+    pub chunking: String,
+    pub copy_format: String,
+    pub rows_estimated: i64,
+    pub ranges: Vec<String>,
+}
+
 #[derive(Clone, Debug)]
 pub struct ChunkRecord {
     pub table_id: i64,
@@ -307,22 +318,19 @@ impl StateStore {
     }
 
     /// Record the chunk plan of every table at once (one transaction: all or nothing).
-    pub fn save_plan(
-        &self,
-        tables: &[(String, String, String, String, i64, Vec<String>)],
-    ) -> Result<()> {
+    pub fn save_plan(&self, tables: &[TablePlan]) -> Result<()> {
         let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
         let path = self.path.display().to_string();
         let run = |conn: &mut Connection| -> rusqlite::Result<()> {
             let tx = conn.transaction()?;
-            for (schema, name, chunking, format, rows, ranges) in tables {
+            for t in tables {
                 tx.execute(
                     "INSERT INTO tables (schema_name, table_name, chunking, copy_format, state, rows_estimated, chunks_total) \
                      VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?6)",
-                    params![schema, name, chunking, format, rows, ranges.len() as i64],
+                    params![t.schema, t.name, t.chunking, t.copy_format, t.rows_estimated, t.ranges.len() as i64],
                 )?;
                 let id = tx.last_insert_rowid();
-                for (i, range) in ranges.iter().enumerate() {
+                for (i, range) in t.ranges.iter().enumerate() {
                     tx.execute(
                         "INSERT INTO chunks (table_id, chunk_no, range, state) VALUES (?1, ?2, ?3, 'pending')",
                         params![id, i as i64, range],
@@ -579,14 +587,14 @@ mod tests {
             let s = StateStore::open_locked(dir.path()).unwrap();
             s.create_job("j1", "postgres://a@h:1/x", "postgres://b@h:2/y", "{}")
                 .unwrap();
-            s.save_plan(&[(
-                "public".into(),
-                "t".into(),
-                "{}".into(),
-                "binary".into(),
-                10,
-                vec!["r0".into(), "r1".into()],
-            )])
+            s.save_plan(&[TablePlan {
+                schema: "public".into(),
+                name: "t".into(),
+                chunking: "{}".into(),
+                copy_format: "binary".into(),
+                rows_estimated: 10,
+                ranges: vec!["r0".into(), "r1".into()],
+            }])
             .unwrap();
             let t = &s.tables().unwrap()[0];
             s.set_chunk_state(t.id, 1, ChunkState::Started, 0, 0)

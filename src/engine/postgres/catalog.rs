@@ -249,7 +249,7 @@ fn data_type(
         "float4" => DataType::Float32,
         "float8" => DataType::Float64,
         "numeric" => {
-            let mut parts = formatted
+            let parts: Vec<Option<u32>> = formatted
                 .split_once('(')
                 .map(|(_, r)| {
                     r.trim_end_matches(')')
@@ -257,8 +257,8 @@ fn data_type(
                         .map(|p| p.trim().parse().ok())
                         .collect()
                 })
-                .unwrap_or_else(Vec::new)
-                .into_iter();
+                .unwrap_or_default();
+            let mut parts = parts.into_iter();
             DataType::Numeric {
                 precision: parts.next().flatten(),
                 scale: parts.next().flatten(),
@@ -845,7 +845,7 @@ async fn read_sequences(
 async fn read_views(client: &Client, schemas: &[String]) -> Result<Vec<View>> {
     let sql = format!(
         "SELECT c.oid, n.nspname::text, c.relname::text, c.relkind = 'm', pg_get_viewdef(c.oid), \
-                obj_description(c.oid, 'pg_class') \
+                obj_description(c.oid, 'pg_class'), c.relispopulated \
          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
          WHERE c.relkind IN ('v', 'm') AND n.nspname = ANY($1) AND {} ORDER BY c.oid",
         not_extension_member("pg_class", "c.oid")
@@ -876,6 +876,7 @@ async fn read_views(client: &Client, schemas: &[String]) -> Result<Vec<View>> {
         views.push(View {
             name: QualifiedName::new(r.get::<_, String>(1), r.get::<_, String>(2)),
             materialized: r.get(3),
+            populated: r.get(6),
             query: r.get(4),
             indexes: indexes
                 .iter()

@@ -211,21 +211,6 @@ pub fn pre_data(schema: &Schema) -> Vec<DdlStep> {
             )
             .with_drop(format!("DROP TABLE IF EXISTS {} CASCADE", t.name)),
         );
-        if t.partitioning.partition_of.is_some() {
-            if let Some(pk) = t.primary_key.as_ref().filter(|pk| !pk.inherited) {
-                steps.push(DdlStep::new(
-                    ObjectKind::Constraint,
-                    format!("constraint:{}:{}", t.name, ident(&pk.name)),
-                    format!("primary key {} on {}", pk.name, t.name.display_name()),
-                    format!(
-                        "ALTER TABLE {} ADD CONSTRAINT {} {}",
-                        t.name,
-                        ident(&pk.name),
-                        pk.definition
-                    ),
-                ));
-            }
-        }
         for c in &t.checks {
             steps.push(DdlStep::new(
                 ObjectKind::Constraint,
@@ -571,9 +556,10 @@ pub fn post_data(schema: &Schema) -> Vec<Vec<DdlStep>> {
     let mut matviews = Vec::new();
     for v in schema.views.iter().filter(|v| v.materialized) {
         let mut sql = format!(
-            "CREATE MATERIALIZED VIEW {} AS\n{}\nWITH DATA",
+            "CREATE MATERIALIZED VIEW {} AS\n{}\nWITH {}DATA",
             v.name,
-            v.query.trim_end().trim_end_matches(';')
+            v.query.trim_end().trim_end_matches(';'),
+            if v.populated { "" } else { "NO " }
         );
         for i in &v.indexes {
             sql.push_str(&format!(";\n{}", i.definition));
@@ -671,8 +657,19 @@ mod tests {
             "{sql}"
         );
         assert!(
-            sql.contains("CONSTRAINT \"order_pkey\" PRIMARY KEY (id)"),
-            "{sql}"
+            !sql.contains("PRIMARY KEY"),
+            "keys come after the data: {sql}"
+        );
+        let pk = add_primary_key(&table, table.primary_key.as_ref().unwrap());
+        assert!(
+            pk.contains(
+                "ALTER TABLE \"public\".\"Order\" ADD CONSTRAINT \"order_pkey\" PRIMARY KEY (id)"
+            ),
+            "{pk}"
+        );
+        assert!(
+            pk.contains("contype = 'p'"),
+            "must skip a table that has a key: {pk}"
         );
     }
 }

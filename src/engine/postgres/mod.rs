@@ -158,7 +158,7 @@ pub async fn connect(endpoint: &Endpoint, side: Side, role: &str) -> Result<Clie
         .port(endpoint.port)
         .user(&endpoint.user)
         .dbname(&endpoint.database)
-        .application_name(&format!("kuaka {role}"))
+        .application_name(format!("kuaka {role}"))
         .connect_timeout(Duration::from_secs(
             endpoint
                 .param("connect_timeout")

@@ -212,7 +212,16 @@ pub async fn plan_chunks(
         let text_key = pk
             .columns
             .iter()
-            .map(|c| format!("{}::text", quote_ident(c)))
+            .enumerate()
+            .map(|(i, c)| format!("s.{}::text AS k{i}", quote_ident(c)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        // Qualified with `s.`: an unqualified ORDER BY name would bind to the `::text` output
+        // column of the same name and sort the keys as text.
+        let order = pk
+            .columns
+            .iter()
+            .map(|c| format!("s.{}", quote_ident(c)))
             .collect::<Vec<_>>()
             .join(", ");
         // Sample about 32 keys per chunk; all keys for small tables.
@@ -223,7 +232,7 @@ pub async fn plan_chunks(
             format!(" TABLESAMPLE SYSTEM ({percent})")
         };
         let sql = format!(
-            "SELECT {text_key} FROM (SELECT {key} FROM ONLY {name}{sample}) s ORDER BY {key}"
+            "SELECT {text_key} FROM (SELECT {key} FROM ONLY {name}{sample}) s ORDER BY {order}"
         );
         let sampled = client
             .query(&sql, &[])
@@ -248,7 +257,54 @@ pub async fn plan_chunks(
     if bounds.is_empty() {
         return Ok((Chunking::Whole, whole, rows));
     }
+    check_increasing(client, table, &chunking, &bounds).await?;
     Ok((chunking, ranges(bounds), rows))
+}
+
+/// Chunks are only disjoint and complete if their bounds strictly increase in the server's own
+/// ordering of the key; ask the server rather than trust the text round trip.
+async fn check_increasing(
+    client: &Client,
+    table: &Table,
+    chunking: &Chunking,
+    bounds: &[Vec<String>],
+) -> Result<()> {
+    let Chunking::Key { types, .. } = chunking else {
+        return Ok(());
+    };
+    if bounds.len() < 2 {
+        return Ok(());
+    }
+    let tuple = |values: &[String]| {
+        let inner = values
+            .iter()
+            .zip(types)
+            .map(|(v, t)| format!("{}::{t}", quote_literal(v)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!("ROW({inner})")
+    };
+    let checks = bounds
+        .windows(2)
+        .map(|w| format!("{} < {}", tuple(&w[0]), tuple(&w[1])))
+        .collect::<Vec<_>>();
+    let ok: Option<bool> = client
+        .query_one(&format!("SELECT {}", checks.join(" AND ")), &[])
+        .await
+        .ctx(|| {
+            format!(
+                "checking the chunk boundaries of {}",
+                table.name.display_name()
+            )
+        })?
+        .get(0);
+    if ok != Some(true) {
+        return Err(Error::Definite(format!(
+            "the primary key of {} does not order consistently through its text form, so it cannot be split into chunks; use --chunk-rows larger than the table to copy it whole",
+            table.name.display_name()
+        )));
+    }
+    Ok(())
 }
 
 fn ranges(bounds: Vec<Vec<String>>) -> Vec<ChunkRange> {

@@ -1,0 +1,7 @@
+//! Integration tests: one binary (`autotests = false`) so the private database servers in
+//! `support` start once per test process and are shared by every test.
+//!
+//! Run with `cargo test --test it`; a single test with `cargo test --test it -- <name> --nocapture`.
+
+mod pg_snapshot;
+mod support;

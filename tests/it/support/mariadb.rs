@@ -1,0 +1,192 @@
+//! A private MariaDB (10.11) for the test process, started only when a test asks for it, with
+//! the binlog settings change capture needs (ROW format, FULL row image and metadata).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use super::{INSTALL_HINT, free_port, is_root, shell_quote, spawn_watchdog, wait_until};
+
+const MARIADBD: &str = "/usr/sbin/mariadbd";
+const INSTALL_DB: &str = "/usr/bin/mariadb-install-db";
+const CLIENT: &str = "/usr/bin/mariadb";
+
+pub struct MariaDbServer {
+    pub port: u16,
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+}
+
+static MARIADB: OnceLock<MariaDbServer> = OnceLock::new();
+
+/// The test process's MariaDB server, started on first use.
+pub fn mariadb() -> &'static MariaDbServer {
+    MARIADB.get_or_init(MariaDbServer::start)
+}
+
+impl MariaDbServer {
+    fn start() -> MariaDbServer {
+        for tool in [MARIADBD, INSTALL_DB, CLIENT] {
+            if !Path::new(tool).exists() {
+                panic!("{tool} is missing: {INSTALL_HINT}");
+            }
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("kuaka-it-mariadb-")
+            .tempdir()
+            .expect("temp dir for mariadb")
+            .keep();
+        let data = dir.join("data");
+        let socket = dir.join("sock");
+        let pid_file = dir.join("kuaka-it.pid");
+        let port = free_port();
+
+        // Watchdog first: it stops the server (if one was started) and removes the dir.
+        spawn_watchdog(&format!(
+            "if [ -f {pid_file} ]; then p=$(cat {pid_file}); kill -TERM $p 2>/dev/null; i=0; \
+             while kill -0 $p 2>/dev/null && [ $i -lt 30 ]; do sleep 1; i=$((i+1)); done; \
+             kill -KILL $p 2>/dev/null; fi; rm -rf {dir}",
+            pid_file = shell_quote(&pid_file.to_string_lossy()),
+            dir = shell_quote(&dir.to_string_lossy()),
+        ));
+
+        let user_arg = if is_root() {
+            vec!["--user=root"]
+        } else {
+            vec![]
+        };
+        let install = Command::new(INSTALL_DB)
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", data.display()))
+            .args(&user_arg)
+            .args(["--auth-root-authentication-method=normal", "--skip-test-db"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run mariadb-install-db");
+        if !install.status.success() {
+            panic!(
+                "mariadb-install-db failed with {}\n{}\n{}",
+                install.status,
+                String::from_utf8_lossy(&install.stdout),
+                String::from_utf8_lossy(&install.stderr)
+            );
+        }
+
+        let log = std::fs::File::create(dir.join("mariadbd.log")).expect("mariadbd log");
+        let mut child = Command::new(MARIADBD)
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", data.display()))
+            .args(&user_arg)
+            .arg(format!("--socket={}", socket.display()))
+            .arg(format!("--port={port}"))
+            .arg("--bind-address=127.0.0.1")
+            .arg(format!("--log-bin={}", dir.join("binlog").display()))
+            .arg(format!("--log-error={}", dir.join("error.log").display()))
+            .arg(format!("--pid-file={}", dir.join("mariadbd.pid").display()))
+            .args([
+                "--binlog-format=ROW",
+                "--binlog-row-image=FULL",
+                "--binlog-row-metadata=FULL",
+                "--server-id=1",
+                "--skip-name-resolve",
+                "--innodb-buffer-pool-size=64M",
+                "--innodb-flush-log-at-trx-commit=2",
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn mariadbd");
+        std::fs::write(&pid_file, child.id().to_string()).expect("write pid file");
+
+        let server = MariaDbServer {
+            port,
+            dir: dir.clone(),
+            socket,
+        };
+        wait_until(
+            "mariadbd to accept connections",
+            Duration::from_secs(60),
+            || {
+                if let Some(status) = child.try_wait().expect("try_wait mariadbd") {
+                    panic!(
+                        "mariadbd exited early with {status}; see {}",
+                        dir.join("error.log").display()
+                    );
+                }
+                server
+                    .socket_client()
+                    .args(["-e", "SELECT 1"])
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            },
+        );
+        // Tests connect over TCP as root from 127.0.0.1 (name resolution is off).
+        server.exec(
+            "CREATE USER IF NOT EXISTS 'root'@'127.0.0.1'; \
+             GRANT ALL PRIVILEGES ON *.* TO 'root'@'127.0.0.1' WITH GRANT OPTION;",
+        );
+        eprintln!("mariadb for tests: port {port}, dir {}", dir.display());
+        server
+    }
+
+    /// The `mariadb` client on the unix socket as root, batch mode without column names.
+    pub fn socket_client(&self) -> Command {
+        let mut command = Command::new(CLIENT);
+        command
+            .arg("--no-defaults")
+            .arg(format!("--socket={}", self.socket.display()))
+            .args(["-uroot", "-N", "-B"])
+            .stdin(Stdio::null());
+        command
+    }
+
+    /// `mysql://root@127.0.0.1:<port>/<db>`
+    pub fn url(&self, db: &str) -> String {
+        format!("mysql://root@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// Run SQL through the CLI; panic on error; return the output (tab-separated, no header).
+    pub fn exec(&self, sql: &str) -> String {
+        let output = self
+            .socket_client()
+            .args(["-e", sql])
+            .output()
+            .expect("run mariadb client");
+        if !output.status.success() {
+            panic!(
+                "mariadb failed on {sql:?}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// (Re)create an empty database and return its URL.
+    pub fn create_db(&self, name: &str) -> String {
+        self.exec(&format!(
+            "DROP DATABASE IF EXISTS `{name}`; CREATE DATABASE `{name}` CHARACTER SET utf8mb4;"
+        ));
+        self.url(name)
+    }
+}
+
+#[test]
+fn mariadb_test_server_starts() {
+    let server = mariadb();
+    assert_eq!(server.exec("SELECT 1").trim(), "1");
+    assert_eq!(server.exec("SELECT @@binlog_format").trim(), "ROW");
+    // TCP on the private port works too.
+    let tcp = Command::new(CLIENT)
+        .args(["--no-defaults", "-h", "127.0.0.1", "-uroot", "-N", "-B"])
+        .arg(format!("--port={}", server.port))
+        .args(["-e", "SELECT @@port"])
+        .output()
+        .expect("mariadb over tcp");
+    assert!(tcp.status.success(), "{tcp:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&tcp.stdout).trim(),
+        server.port.to_string()
+    );
+}
