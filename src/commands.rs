@@ -140,7 +140,7 @@ async fn plan(args: &PlanArgs) -> u8 {
         }
         let _ = writeln!(out, "\n-- target schema, after the data");
         for phase in ddl::post_data(&schema) {
-            for step in phase {
+            for step in phase.steps {
                 let _ = writeln!(out, "{};", step.sql);
             }
         }

@@ -462,11 +462,19 @@ async fn create_pre_data(
             }
         }
         let mut waiting: Vec<(ddl::DdlStep, String)> = Vec::new();
+        let mut deferred_views = false;
         loop {
             let mut progressed = false;
             while let Some(step) = pending.pop_front() {
                 match exec_in_savepoint(target, &step.sql).await {
                     Ok(()) => progressed = true,
+                    // 42803: a view grouping by a primary key, which is built after the data;
+                    // the post-data phase creates it.
+                    Err(e) if step.kind == ddl::ObjectKind::View && e.sqlstate() == Some("42803") => {
+                        tracing::debug!(object = %step.object, "deferred until the keys exist");
+                        deferred_views = true;
+                        progressed = true
+                    }
                     Err(e) if is_missing_dependency(e.sqlstate()) => waiting.push((step, e.to_string())),
                     Err(e) if is_duplicate(e.sqlstate()) => match (spec.target_exists, &step.drop_sql) {
                         (TargetExists::Drop, Some(drop)) => {
@@ -494,6 +502,13 @@ async fn create_pre_data(
                 }
             }
             if waiting.is_empty() {
+                break;
+            }
+            // Views waiting on a deferred view are created after the data with it.
+            if !progressed && deferred_views && waiting.iter().all(|(s, _)| s.kind == ddl::ObjectKind::View) {
+                for (step, _) in &waiting {
+                    tracing::debug!(object = %step.object, "deferred with the views it depends on");
+                }
                 break;
             }
             if !progressed {
@@ -953,18 +968,18 @@ async fn create_post_data(
     cancel: &CancellationToken,
 ) -> Result<()> {
     let phases = ddl::post_data(schema);
-    let total: usize = phases.iter().map(|p| p.len()).sum();
+    let total: usize = phases.iter().map(|p| p.steps.len()).sum();
     let mut todo = Vec::new();
     for phase in phases {
         let mut steps = Vec::new();
-        for step in phase {
+        for step in phase.steps {
             if !store.step_done(&step.key)? {
                 steps.push(step);
             }
         }
-        todo.push(steps);
+        todo.push((steps, phase.parallel));
     }
-    let remaining: usize = todo.iter().map(|p| p.len()).sum();
+    let remaining: usize = todo.iter().map(|p| p.0.len()).sum();
     if remaining == 0 {
         return Ok(());
     }
@@ -1001,9 +1016,8 @@ async fn create_post_data(
         .iter()
         .map(|c| c.as_ref().unwrap_or(target))
         .collect();
-    for (phase_no, steps) in todo.into_iter().enumerate() {
-        // Adding foreign keys takes locks on two tables each: one at a time avoids deadlocks.
-        let parallel = if phase_no == 1 { 1 } else { clients.len() };
+    for (steps, parallel) in todo {
+        let parallel = if parallel { clients.len() } else { 1 };
         let queue = std::sync::Mutex::new(VecDeque::from(steps));
         let work = clients.iter().take(parallel).map(|client| async {
             loop {

@@ -254,7 +254,7 @@ pub fn pre_data(schema: &Schema) -> Vec<DdlStep> {
             .with_drop(format!("DROP VIEW IF EXISTS {} CASCADE", v.name)),
         );
     }
-    steps.extend(comments(schema, false));
+    steps.extend(object_comments(schema));
     steps
 }
 
@@ -342,9 +342,10 @@ fn comment_step(key: String, object: String, target: String, text: &str) -> DdlS
     )
 }
 
-fn comments(schema: &Schema, materialized: bool) -> Vec<DdlStep> {
+/// Comments on schemas, types, tables and columns (views' come with the views, after the data).
+fn object_comments(schema: &Schema) -> Vec<DdlStep> {
     let mut steps = Vec::new();
-    if !materialized {
+    {
         for (ns, text) in &schema.namespace_comments {
             steps.push(comment_step(
                 format!("schema:{}", ident(ns)),
@@ -389,11 +390,12 @@ fn comments(schema: &Schema, materialized: bool) -> Vec<DdlStep> {
             }
         }
     }
-    for v in schema
-        .views
-        .iter()
-        .filter(|v| v.materialized == materialized)
-    {
+    steps
+}
+
+fn view_comments(schema: &Schema) -> Vec<DdlStep> {
+    let mut steps = Vec::new();
+    for v in &schema.views {
         let word = if v.materialized {
             "MATERIALIZED VIEW"
         } else {
@@ -419,9 +421,15 @@ fn comments(schema: &Schema, materialized: bool) -> Vec<DdlStep> {
     steps
 }
 
-/// Statements after the data, in phases: steps within a phase are independent and may run in
-/// parallel; phases run in order.
-pub fn post_data(schema: &Schema) -> Vec<Vec<DdlStep>> {
+/// A group of post-data steps; phases run in order.
+pub struct Phase {
+    pub steps: Vec<DdlStep>,
+    /// Steps are independent and may run on several connections at once.
+    pub parallel: bool,
+}
+
+/// Statements after the data, in phases.
+pub fn post_data(schema: &Schema) -> Vec<Phase> {
     let mut indexes = Vec::new();
     let mut fk_add = Vec::new();
     let mut fk_validate = Vec::new();
@@ -577,8 +585,54 @@ pub fn post_data(schema: &Schema) -> Vec<Vec<DdlStep>> {
             )),
         );
     }
-    matviews.extend(comments(schema, true));
-    vec![indexes, fk_add, fk_validate, last, matviews]
+    // Views again, as CREATE OR REPLACE (a no-op for those made before the data): a view that
+    // groups by a primary key needs the key, which only exists now.
+    let views = schema
+        .views
+        .iter()
+        .filter(|v| !v.materialized)
+        .map(|v| {
+            DdlStep::new(
+                ObjectKind::View,
+                format!("view-after-data:{}", v.name),
+                format!("view {}", v.name.display_name()),
+                format!(
+                    "CREATE OR REPLACE VIEW {} AS\n{}",
+                    v.name,
+                    v.query.trim_end().trim_end_matches(';')
+                ),
+            )
+        })
+        .collect();
+    matviews.extend(view_comments(schema));
+    vec![
+        Phase {
+            steps: indexes,
+            parallel: true,
+        },
+        // Adding foreign keys locks two tables each: one at a time cannot deadlock.
+        Phase {
+            steps: fk_add,
+            parallel: false,
+        },
+        Phase {
+            steps: fk_validate,
+            parallel: true,
+        },
+        // Views and materialized views may depend on each other, in creation order.
+        Phase {
+            steps: views,
+            parallel: false,
+        },
+        Phase {
+            steps: last,
+            parallel: true,
+        },
+        Phase {
+            steps: matviews,
+            parallel: false,
+        },
+    ]
 }
 
 #[cfg(test)]
