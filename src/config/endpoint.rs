@@ -142,12 +142,17 @@ impl Endpoint {
                             .into(),
                     ));
                 }
-                "sslmode" if !matches!(v, "disable" | "prefer" | "allow") => {
+                "sslmode"
+                    if !matches!(
+                        v,
+                        "disable" | "allow" | "prefer" | "require" | "verify-ca" | "verify-full"
+                    ) =>
+                {
                     return Err(invalid(format!(
-                        "sslmode={v} is not supported yet: this build connects without TLS"
+                        "sslmode={v:?} is not one of disable, allow, prefer, require, verify-ca, verify-full"
                     )));
                 }
-                "sslmode" | "application_name" | "connect_timeout" | "options" => {}
+                "sslmode" | "sslrootcert" | "application_name" | "connect_timeout" | "options" => {}
                 _ => return Err(invalid(format!("unknown connection parameter {k:?}"))),
             }
             params.push((k.to_owned(), percent_decode(v)));
@@ -265,8 +270,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("port"), "{err}");
-        let err = Endpoint::parse("--source", "postgres://u@h/db?sslmode=require").unwrap_err();
+        let err = Endpoint::parse("--source", "postgres://u@h/db?sslmode=on").unwrap_err();
         assert!(err.to_string().contains("sslmode"));
+        let e = Endpoint::parse(
+            "--source",
+            "postgres://u@h/db?sslmode=verify-full&sslrootcert=/ca.pem",
+        )
+        .unwrap();
+        assert_eq!(e.param("sslrootcert"), Some("/ca.pem"));
     }
 
     #[test]

@@ -4,4 +4,5 @@
 //! Run with `cargo test --test it`; a single test with `cargo test --test it -- <name> --nocapture`.
 
 mod pg_snapshot;
+mod pg_tls;
 mod support;

@@ -15,10 +15,13 @@
 pub mod catalog;
 pub mod ddl;
 pub mod snapshot;
+pub mod tls;
 
 use std::time::Duration;
 
 use tokio_postgres::{Client, NoTls};
+
+use self::tls::SslMode;
 
 use crate::config::Endpoint;
 use crate::engine::ErrorClass;
@@ -173,8 +176,34 @@ pub async fn connect(endpoint: &Endpoint, side: Side, role: &str) -> Result<Clie
     if let Some(password) = &endpoint.password {
         config.password(password.expose());
     }
-    let (client, connection) = match config.connect(NoTls).await {
-        Ok(pair) => pair,
+    let mode = match endpoint.param("sslmode") {
+        Some(v) => {
+            SslMode::parse(v).ok_or_else(|| Error::Definite(format!("unknown sslmode {v:?}")))?
+        }
+        None => SslMode::Prefer,
+    };
+    config.ssl_mode(mode.negotiation());
+    let connector = tls::connector(
+        mode,
+        endpoint.param("sslrootcert").map(std::path::Path::new),
+    )
+    .map_err(|e| Error::Connect {
+        endpoint: format!("{} ({})", endpoint.redacted(), side.name()),
+        message: e.to_string(),
+        class: ErrorClass::Definite,
+    })?;
+    let connected = match connector {
+        None => config.connect(NoTls).await.map(|(client, connection)| {
+            drive(connection);
+            client
+        }),
+        Some(tls) => config.connect(tls).await.map(|(client, connection)| {
+            drive(connection);
+            client
+        }),
+    };
+    let client = match connected {
+        Ok(client) => client,
         Err(e) => {
             let code = e.code().map(|c| c.code().to_owned());
             if code.as_deref() == Some("28P01") || code.as_deref() == Some("28000") {
@@ -202,7 +231,11 @@ pub async fn connect(endpoint: &Endpoint, side: Side, role: &str) -> Result<Clie
                 });
             }
             let message = describe(&e);
-            let message = if message.contains("password missing") {
+            let message = if message.contains("UnknownIssuer") {
+                format!(
+                    "{message}; the server certificate is not signed by a root this machine trusts: pass ?sslrootcert=/path/to/ca.pem"
+                )
+            } else if message.contains("password missing") {
                 format!(
                     "the server asks for a password and none was given; put it in the URL or use --{}-password-env",
                     side.name()
@@ -217,12 +250,21 @@ pub async fn connect(endpoint: &Endpoint, side: Side, role: &str) -> Result<Clie
             });
         }
     };
+    Ok(client)
+}
+
+/// Run a connection's I/O on a background task until it closes.
+fn drive<F>(connection: F)
+where
+    F: std::future::Future<Output = std::result::Result<(), tokio_postgres::Error>>
+        + Send
+        + 'static,
+{
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %describe(&e), "connection ended");
         }
     });
-    Ok(client)
 }
 
 /// Server version as `server_version_num` (e.g. 150008).

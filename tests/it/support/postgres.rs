@@ -16,6 +16,8 @@ pub const SUPERUSER: &str = "postgres";
 /// A role that logs in with a password over TCP (scram-sha-256), for password tests.
 pub const PASSWORD_ROLE: &str = "kuaka_pw";
 pub const PASSWORD_ROLE_PASSWORD: &str = "s3cret-pw";
+/// A role that pg_hba admits only over TLS (`hostssl`), for TLS tests.
+pub const TLS_ROLE: &str = "kuaka_tls";
 
 /// Schemas the independent checks ignore: the system ones and kuaka's own bookkeeping.
 const USER_SCHEMA_FILTER: &str = "n.nspname NOT IN ('pg_catalog', 'information_schema', 'kuaka') \
@@ -99,8 +101,20 @@ impl PgServer {
                 .arg("--no-sync"),
             "initdb",
         );
+        let tls = make_tls_files(&dir.join("tls"));
+        if as_root {
+            run_checked(
+                Command::new("chown")
+                    .args(["-R", "postgres:postgres"])
+                    .arg(dir.join("tls")),
+                "chown the tls dir",
+            );
+        }
         let config = format!(
             "\n# kuaka integration tests\n\
+             ssl = on\n\
+             ssl_cert_file = '{cert}'\n\
+             ssl_key_file = '{key}'\n\
              listen_addresses = '127.0.0.1'\n\
              port = {port}\n\
              unix_socket_directories = '{dir}'\n\
@@ -114,7 +128,9 @@ impl PgServer {
              shared_buffers = 128MB\n\
              password_encryption = 'scram-sha-256'\n\
              log_min_messages = warning\n",
-            dir = dir.display()
+            dir = dir.display(),
+            cert = tls.join("server.crt").display(),
+            key = tls.join("server.key").display(),
         );
         append(&data.join("postgresql.conf"), &config);
         // The password line must come before the trust lines: first match wins.
@@ -123,6 +139,8 @@ impl PgServer {
             format!(
                 "local all all trust\n\
                  local replication all trust\n\
+                 hostssl all {TLS_ROLE} 127.0.0.1/32 trust\n\
+                 hostnossl all {TLS_ROLE} 127.0.0.1/32 reject\n\
                  host all {PASSWORD_ROLE} 127.0.0.1/32 scram-sha-256\n\
                  host replication {PASSWORD_ROLE} 127.0.0.1/32 scram-sha-256\n\
                  host all all 127.0.0.1/32 trust\n\
@@ -158,7 +176,7 @@ impl PgServer {
             &admin,
             &format!(
                 "CREATE ROLE {PASSWORD_ROLE} LOGIN SUPERUSER REPLICATION \
-                 PASSWORD '{PASSWORD_ROLE_PASSWORD}';"
+                 PASSWORD '{PASSWORD_ROLE_PASSWORD}'; CREATE ROLE {TLS_ROLE} LOGIN SUPERUSER;"
             ),
         );
         eprintln!(
@@ -187,6 +205,11 @@ impl PgServer {
         } else {
             command.to_owned()
         }
+    }
+
+    /// The test CA that signed the server certificate (valid for the name `localhost` only).
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("tls").join("ca.pem")
     }
 
     /// `postgres://postgres@127.0.0.1:<port>/<db>`
@@ -676,4 +699,77 @@ fn postgres_test_server_starts() {
             vec!["d".into(), "".into()]
         ]
     );
+}
+
+/// A throwaway CA and a server certificate for the name `localhost` (no IP address, so that
+/// verify-full against 127.0.0.1 must fail while verify-ca passes).
+fn make_tls_files(dir: &Path) -> PathBuf {
+    std::fs::create_dir_all(dir).expect("tls dir");
+    let openssl = |args: &[&str], what: &str| {
+        run_checked(Command::new("openssl").args(args).current_dir(dir), what);
+    };
+    openssl(
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "3",
+            "-subj",
+            "/CN=kuaka test CA",
+        ],
+        "openssl: test CA",
+    );
+    openssl(
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ],
+        "openssl: server key",
+    );
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n\
+         keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("write ext.cnf");
+    openssl(
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "3",
+            "-extfile",
+            "ext.cnf",
+        ],
+        "openssl: server certificate",
+    );
+    let key = dir.join("server.key");
+    let mut perms = std::fs::metadata(&key).expect("key metadata").permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o600);
+    std::fs::set_permissions(&key, perms).expect("chmod server.key");
+    dir.to_owned()
 }
