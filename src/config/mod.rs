@@ -54,9 +54,19 @@ pub struct JobSpec {
 }
 
 impl JobSpec {
-    /// A short stable id for the job, derived from its endpoints (used to name the job's
-    /// bookkeeping rows on the target and, later, its replication slot).
-    pub fn job_id(&self) -> String {
+    /// A new job's id (lowercase hex and `_`, valid in replication slot names): a hash of its endpoints (recognisable across jobs between the same
+    /// databases) and a unique suffix (two jobs never share bookkeeping rows on a target).
+    /// Stored in the state store; a resumed job keeps its id.
+    pub fn new_job_id(&self) -> String {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as u64;
+        let unique = (nanos ^ u64::from(std::process::id()).rotate_left(32)) & 0xff_ffff;
+        format!("{}_{unique:06x}", self.endpoint_hash())
+    }
+
+    fn endpoint_hash(&self) -> String {
         // FNV-1a: stable across builds and platforms, unlike `DefaultHasher`.
         let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
         for byte in format!("{}\u{0}{}", self.source.identity(), self.target.identity()).bytes() {

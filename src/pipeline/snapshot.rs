@@ -14,8 +14,9 @@ use tokio_util::sync::CancellationToken;
 use super::{Error, Result, retry_delay};
 use crate::config::{JobSpec, TargetExists};
 use crate::engine::postgres::snapshot::{
-    ChunkRange, Chunking, CopyFormat, ExportedSnapshot, RateLimiter, Redo, SOURCE_SESSION_SETUP,
-    TARGET_SESSION_SETUP, copy_chunk, plan_chunks,
+    ChunkMarker, ChunkOutcome, ChunkRange, Chunking, CopyFormat, ExportedSnapshot, RateLimiter,
+    SOURCE_SESSION_SETUP, TARGET_BOOKKEEPING, TARGET_SESSION_SETUP, chunk_committed,
+    committed_chunks, copy_chunk, forget_all_chunks, forget_chunks, plan_chunks,
 };
 use crate::engine::postgres::{self, Context, Side, catalog, ddl};
 use crate::failpoint;
@@ -41,11 +42,6 @@ pub struct Summary {
     pub already_done: bool,
 }
 
-/// Bookkeeping table on the target: which job created the schema there.
-const TARGET_BOOKKEEPING: &str = "CREATE SCHEMA IF NOT EXISTS kuaka; \
-     CREATE TABLE IF NOT EXISTS kuaka.jobs (job_id text PRIMARY KEY, source text NOT NULL, \
-       schema_created_at timestamptz NOT NULL DEFAULT now(), snapshot_done_at timestamptz)";
-
 pub async fn run(
     spec: &JobSpec,
     state_dir: &Path,
@@ -54,10 +50,9 @@ pub async fn run(
 ) -> Result<Summary> {
     let started = Instant::now();
     let store = Arc::new(StateStore::open_locked(state_dir)?);
-    let job_id = spec.job_id();
     let spec_json = serde_json::to_string(spec)
         .map_err(|e| Error::Definite(format!("serialising the job: {e}")))?;
-    let resumed = match store.job()? {
+    let (job_id, resumed) = match store.job()? {
         Some(job) => {
             if job.source != spec.source.redacted() || job.target != spec.target.redacted() {
                 return Err(Error::Definite(format!(
@@ -87,16 +82,17 @@ pub async fn run(
                 });
             }
             tracing::info!(phase = %job.phase, "resuming the job from its state directory");
-            true
+            (job.job_id, true)
         }
         None => {
+            let job_id = spec.new_job_id();
             store.create_job(
                 &job_id,
                 &spec.source.redacted(),
                 &spec.target.redacted(),
                 &spec_json,
             )?;
-            false
+            (job_id, false)
         }
     };
     let run_id = store.start_run()?;
@@ -220,7 +216,8 @@ async fn run_phases(
     }
 
     let copy_started = Instant::now();
-    let (rows, bytes) = copy_tables(spec, store, &schema, &snapshot, &target, ui, cancel).await?;
+    let (rows, bytes) =
+        copy_tables(spec, store, &schema, &snapshot, &target, job_id, ui, cancel).await?;
     let copy_seconds = copy_started.elapsed().as_secs_f64();
     // All chunks are in: the exported snapshot is no longer needed.
     let _ = snapshot.client.batch_execute("COMMIT").await;
@@ -450,6 +447,8 @@ async fn create_pre_data(
         .ctx(|| "starting the schema transaction".into())?;
     let result = async {
         target.batch_execute(TARGET_BOOKKEEPING).await.ctx(|| "creating kuaka's bookkeeping schema on the target".into())?;
+        // The schema is being (re)created: no chunk of this job is on the target.
+        forget_all_chunks(target, job_id).await?;
         let mut pending: VecDeque<ddl::DdlStep> = ddl::pre_data(schema).into();
         if !keep.is_empty() {
             pending.retain(|s| !(s.kind == ddl::ObjectKind::Table && keep.iter().any(|k| s.key == format!("table:{k}"))));
@@ -602,7 +601,7 @@ struct ChunkTask {
     chunking: Chunking,
     format: CopyFormat,
     range: ChunkRange,
-    redo: Redo,
+    marker: ChunkMarker,
 }
 
 struct TableRun {
@@ -613,16 +612,19 @@ struct TableRun {
 }
 
 /// Copy every pending chunk with `spec.jobs` workers. Returns rows and bytes copied in this run.
+#[allow(clippy::too_many_arguments)]
 async fn copy_tables(
     spec: &JobSpec,
     store: &Arc<StateStore>,
     schema: &Schema,
     snapshot: &ExportedSnapshot,
     target: &Client,
+    job_id: &str,
     ui: &Ui,
     cancel: &CancellationToken,
 ) -> Result<(u64, u64)> {
     let records = store.tables()?;
+    let committed = committed_chunks(target, job_id).await?;
     let by_name: HashMap<(String, String), usize> = schema
         .tables
         .iter()
@@ -649,23 +651,46 @@ async fn copy_tables(
             ))
         })?;
         let mut chunks = store.chunks(rec.id)?;
-        let touched = chunks.iter().any(|c| c.state != ChunkState::Pending);
-        let all_done = chunks.iter().all(|c| c.state == ChunkState::Done);
-        if all_done {
+        let table_key = table.name.display_name();
+        // The target is the record of what committed; the state store may be behind (a crash
+        // between COMMIT and its update) or ahead (a target that lost commits).
+        for c in chunks.iter_mut() {
+            match (c.state, committed.get(&(table_key.clone(), c.chunk_no))) {
+                (ChunkState::Done, Some(_)) => {}
+                (_, Some(&rows)) => {
+                    store.set_chunk_state(rec.id, c.chunk_no, ChunkState::Done, rows, 0)?;
+                    c.state = ChunkState::Done;
+                }
+                (ChunkState::Pending, None) => {}
+                (_, None) => {
+                    store.set_chunk_state(rec.id, c.chunk_no, ChunkState::Pending, 0, 0)?;
+                    c.state = ChunkState::Pending;
+                }
+            }
+        }
+        if chunks.iter().all(|c| c.state == ChunkState::Done) {
             continue;
         }
-        // Without a key, rows cannot be matched to chunks across snapshots: start the table over.
-        let mut table_redo = Redo::No;
-        if matches!(chunking, Chunking::Pages) && touched {
-            tracing::info!(table = %table.name.display_name(), "copying the interrupted table {} again from the start", table.name.display_name());
+        // Without a key, rows cannot be matched to chunks across snapshots (an update moves a
+        // row to another page): a partly copied table starts over.
+        if matches!(chunking, Chunking::Pages) && chunks.iter().any(|c| c.state == ChunkState::Done)
+        {
+            tracing::info!(table = %table_key, "copying the interrupted table {table_key} again from the start");
+            target
+                .batch_execute("BEGIN")
+                .await
+                .ctx(|| "starting a reset".into())?;
             target
                 .batch_execute(&format!("TRUNCATE ONLY {}", table.name))
                 .await
-                .ctx(|| format!("emptying {} on the target", table.name.display_name()))?;
+                .ctx(|| format!("emptying {table_key} on the target"))?;
+            forget_chunks(target, job_id, &table_key).await?;
+            target
+                .batch_execute("COMMIT")
+                .await
+                .ctx(|| format!("emptying {table_key} on the target"))?;
             store.reset_table_chunks(rec.id)?;
             chunks = store.chunks(rec.id)?;
-        } else if matches!(chunking, Chunking::Whole) && touched {
-            table_redo = Redo::Truncate;
         }
         let pending: Vec<_> = chunks
             .iter()
@@ -696,11 +721,6 @@ async fn copy_tables(
                     table.name.display_name()
                 ))
             })?;
-            let redo = match (c.state, table_redo) {
-                (_, Redo::Truncate) => Redo::Truncate,
-                (ChunkState::Started, _) => Redo::DeleteRange,
-                _ => Redo::No,
-            };
             queue.push((
                 table.estimated_bytes,
                 ChunkTask {
@@ -710,7 +730,11 @@ async fn copy_tables(
                     chunking: chunking.clone(),
                     format,
                     range,
-                    redo,
+                    marker: ChunkMarker {
+                        job_id: job_id.to_owned(),
+                        table: table_key.clone(),
+                        chunk_no: c.chunk_no,
+                    },
                 },
             ));
         }
@@ -856,104 +880,91 @@ async fn worker_loop(
 ) -> Result<()> {
     let mut connections = Some(open_worker_connections(spec, worker).await?);
     loop {
-        let Some(mut task) = queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front() else {
+        let Some(task) = queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front() else {
             return Ok(());
         };
         let table = &schema.tables[task.table_index];
         let run = &runs[&task.table_id];
         let mut attempt = 0;
-        loop {
-            if connections.is_none() {
-                match open_worker_connections(spec, worker).await {
-                    Ok(c) => connections = Some(c),
-                    Err(e) => match retry_delay(&e, attempt) {
-                        Some(delay) => {
-                            attempt += 1;
-                            tokio::time::sleep(delay).await;
-                            continue;
-                        }
-                        None => return Err(e),
-                    },
+        let outcome = loop {
+            let attempt_result: Result<ChunkOutcome> = async {
+                if connections.is_none() {
+                    connections = Some(open_worker_connections(spec, worker).await?);
                 }
+                let (source, target) = connections.as_ref().expect("connected above");
+                // A failed attempt may have died after its COMMIT reached the target.
+                if attempt > 0
+                    && let Some(rows) = chunk_committed(target, &task.marker).await?
+                {
+                    return Ok(ChunkOutcome {
+                        rows: rows as u64,
+                        bytes: 0,
+                    });
+                }
+                store.set_chunk_state(task.table_id, task.chunk_no, ChunkState::Started, 0, 0)?;
+                let rows_before = run.progress.rows.load(Ordering::Relaxed);
+                let result = copy_chunk(
+                    source,
+                    target,
+                    snapshot_id,
+                    table,
+                    task.format,
+                    &task.chunking,
+                    &task.range,
+                    &task.marker,
+                    limiter,
+                    run.progress.as_ref(),
+                    &|| failpoint::hit("snapshot.chunk.before_commit"),
+                )
+                .await;
+                // Replace the live estimate of this chunk's rows with the exact count (or zero).
+                let counted = run
+                    .progress
+                    .rows
+                    .load(Ordering::Relaxed)
+                    .saturating_sub(rows_before);
+                let exact = result.as_ref().map(|o| o.rows).unwrap_or(0);
+                run.progress.correct(counted, exact);
+                Ok(result?)
             }
-            let (source, target) = connections.as_ref().expect("connected above");
-            store.set_chunk_state(task.table_id, task.chunk_no, ChunkState::Started, 0, 0)?;
-            let rows_before = run.progress.rows.load(Ordering::Relaxed);
-            let result = copy_chunk(
-                source,
-                target,
-                snapshot_id,
-                table,
-                task.format,
-                &task.chunking,
-                &task.range,
-                task.redo,
-                limiter,
-                run.progress.as_ref(),
-                &|| failpoint::hit("snapshot.chunk.before_commit"),
-            )
             .await;
-            match result {
-                Ok(outcome) => {
-                    failpoint::hit("snapshot.chunk.after_commit");
-                    store.set_chunk_state(
-                        task.table_id,
-                        task.chunk_no,
-                        ChunkState::Done,
-                        outcome.rows as i64,
-                        outcome.bytes as i64,
-                    )?;
-                    let counted = run
-                        .progress
-                        .rows
-                        .load(Ordering::Relaxed)
-                        .saturating_sub(rows_before);
-                    run.progress.correct(counted, outcome.rows);
-                    if run.chunks_left.fetch_sub(1, Ordering::SeqCst) == 1 {
-                        store.set_table_state(run.table_id, "copied", None)?;
-                        run.progress.finish();
-                        let rec = store.tables()?.into_iter().find(|t| t.id == run.table_id);
-                        if let Some(rec) = rec {
-                            tracing::info!(
-                                table = %run.name,
-                                "copied {}: {} rows, {} in {:.1}s",
-                                run.name,
-                                rec.rows_copied,
-                                human_bytes(rec.bytes_copied.max(0) as u64),
-                                run.progress.elapsed().as_secs_f64()
-                            );
-                        }
+            match attempt_result {
+                Ok(outcome) => break outcome,
+                Err(e) => match retry_delay(&e, attempt) {
+                    Some(delay) => {
+                        tracing::warn!(table = %run.name, "copying a chunk of {} failed ({e}); retrying in {delay:?}", run.name);
+                        attempt += 1;
+                        connections = None;
+                        tokio::time::sleep(delay).await;
                     }
-                    break;
-                }
-                Err(e) => {
-                    let e = Error::from(e);
-                    // The chunk's rows may be half-counted: take them back out.
-                    let counted = run
-                        .progress
-                        .rows
-                        .load(Ordering::Relaxed)
-                        .saturating_sub(rows_before);
-                    run.progress.correct(counted, 0);
-                    match retry_delay(&e, attempt) {
-                        Some(delay) if !e.to_string().contains("snapshot") => {
-                            tracing::warn!(table = %run.name, "copying a chunk of {} failed ({e}); retrying in {delay:?}", run.name);
-                            attempt += 1;
-                            connections = None;
-                            task.redo = if task.redo == Redo::Truncate {
-                                Redo::Truncate
-                            } else {
-                                Redo::DeleteRange
-                            };
-                            tokio::time::sleep(delay).await;
-                        }
-                        _ => {
-                            let message = format!("copying {} failed: {e}", run.name);
-                            store.set_table_state(run.table_id, "failed", Some(&message))?;
-                            return Err(Error::Definite(message));
-                        }
+                    None => {
+                        let message = format!("copying {} failed: {e}", run.name);
+                        store.set_table_state(run.table_id, "failed", Some(&message))?;
+                        return Err(Error::Definite(message));
                     }
-                }
+                },
+            }
+        };
+        failpoint::hit("snapshot.chunk.after_commit");
+        store.set_chunk_state(
+            task.table_id,
+            task.chunk_no,
+            ChunkState::Done,
+            outcome.rows as i64,
+            outcome.bytes as i64,
+        )?;
+        if run.chunks_left.fetch_sub(1, Ordering::SeqCst) == 1 {
+            store.set_table_state(run.table_id, "copied", None)?;
+            run.progress.finish();
+            if let Some(rec) = store.tables()?.into_iter().find(|t| t.id == run.table_id) {
+                tracing::info!(
+                    table = %run.name,
+                    "copied {}: {} rows, {} in {:.1}s",
+                    run.name,
+                    rec.rows_copied,
+                    human_bytes(rec.bytes_copied.max(0) as u64),
+                    run.progress.elapsed().as_secs_f64()
+                );
             }
         }
     }

@@ -721,3 +721,69 @@ fn panic_message(f: impl FnOnce() + std::panic::UnwindSafe) -> String {
         .or_else(|| error.downcast_ref::<&str>().map(|s| (*s).to_owned()))
         .unwrap_or_default()
 }
+
+// ---- target orders text keys differently ---------------------------------------------------
+
+/// Regression: redoing an interrupted chunk must not depend on how the target orders its key.
+/// The source database sorts text with ICU (`a` < `B` < `c`), the target with C (`B` < `a` <
+/// `c`), so the same key range selects different rows on each side; an earlier design deleted
+/// the range on the target before a re-copy and would have removed rows of finished chunks.
+#[test]
+fn text_keys_with_a_different_target_collation_survive_a_crash() {
+    let admin = pg().url("postgres");
+    let source_db = "collation_src";
+    psql(
+        &admin,
+        &format!("DROP DATABASE IF EXISTS {source_db} WITH (FORCE)"),
+    );
+    psql(
+        &admin,
+        &format!(
+            "CREATE DATABASE {source_db} TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'"
+        ),
+    );
+    let source = pg().url(source_db);
+    psql(
+        &source,
+        "CREATE TABLE words (w text PRIMARY KEY, n int NOT NULL); \
+         INSERT INTO words SELECT chr(65 + (i % 26)) || chr(97 + (i / 26 % 26)) || i, i \
+           FROM generate_series(1, 6000) i; \
+         INSERT INTO words SELECT lower(chr(65 + (i % 26))) || chr(65 + (i / 26 % 26)) || i, -i \
+           FROM generate_series(1, 6000) i;",
+    );
+    assert_eq!(
+        query_one(&source, "SELECT 'a' < 'B'"),
+        "t",
+        "the source must order case-insensitively for this test to mean anything"
+    );
+    let target = pg().create_db("collation_dst");
+    assert_eq!(query_one(&target, "SELECT 'a' < 'B'"), "f");
+    let state = tempfile::tempdir().expect("state");
+    let command = |failpoint: Option<&str>| {
+        let mut c = kuaka();
+        c.args([
+            "run",
+            "--snapshot-only",
+            "--source",
+            &source,
+            "--target",
+            &target,
+        ])
+        .arg("--state")
+        .arg(state.path())
+        .args(["--chunk-rows", "1000", "--jobs", "2"]);
+        if let Some(f) = failpoint {
+            c.env("KUAKA_FAILPOINT", f);
+        }
+        c
+    };
+    let killed = run(command(Some("snapshot.chunk.after_commit:6")));
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&killed.status),
+        Some(9),
+        "{}",
+        killed.all_output()
+    );
+    run(command(None)).assert_success();
+    assert_same_data(&source, &target);
+}

@@ -4,9 +4,12 @@
 //! transaction that imports it, so locks are held only while a chunk copies and all chunks see
 //! the same instant. Chunks are key ranges of the primary key (integer keys split arithmetically,
 //! other keys at sampled boundaries) or, for tables without a primary key, page (`ctid`) ranges.
-//! Key-range chunks are redone after a crash by deleting the range on the target in the same
-//! transaction as the re-copy; page-range chunks cannot be (a new snapshot moves rows between
-//! pages), so an interrupted table without a key is emptied and copied again whole.
+//!
+//! Exactly once: each chunk's target transaction also inserts its [`ChunkMarker`] into
+//! `kuaka.snapshot_chunks`, so after any crash a chunk is on the target whole (marker present)
+//! or not at all, and an interrupted chunk is simply copied again — nothing is deleted. The one
+//! exception is a table without a key whose copy was interrupted between chunks: a new snapshot
+//! may have moved rows between pages, so it is emptied and copied again whole.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -416,19 +419,84 @@ pub struct ChunkOutcome {
     pub bytes: u64,
 }
 
-/// What to do on the target before loading a chunk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Redo {
-    /// First attempt: the range is empty on the target.
-    No,
-    /// Delete the chunk's range first (an earlier attempt may have committed).
-    DeleteRange,
-    /// Empty the table first.
-    Truncate,
+/// The target-side record of a committed chunk, written in the chunk's own transaction. It is
+/// what makes a chunk load exactly once: after any crash, a chunk either has its marker and all
+/// its rows on the target, or neither, so nothing is ever deleted to redo a chunk (a key-range
+/// delete on the target could pick other rows if the target orders text keys differently).
+#[derive(Debug, Clone)]
+pub struct ChunkMarker {
+    pub job_id: String,
+    /// `schema.table`, unquoted.
+    pub table: String,
+    pub chunk_no: i64,
 }
 
-/// Copy one chunk: source COPY TO piped into target COPY FROM, committed on the target.
-/// `before_commit` runs after the rows are sent and before COMMIT (failpoints).
+/// Bookkeeping tables kuaka keeps on a PostgreSQL target.
+pub const TARGET_BOOKKEEPING: &str = "CREATE SCHEMA IF NOT EXISTS kuaka; \
+     CREATE TABLE IF NOT EXISTS kuaka.jobs (job_id text PRIMARY KEY, source text NOT NULL, \
+       schema_created_at timestamptz NOT NULL DEFAULT now(), snapshot_done_at timestamptz); \
+     CREATE TABLE IF NOT EXISTS kuaka.snapshot_chunks (job_id text NOT NULL, table_name text NOT NULL, \
+       chunk_no integer NOT NULL, rows bigint NOT NULL, committed_at timestamptz NOT NULL DEFAULT now(), \
+       PRIMARY KEY (job_id, table_name, chunk_no))";
+
+/// Committed chunks of a job on the target: `(table, chunk_no) -> rows`.
+pub async fn committed_chunks(
+    target: &Client,
+    job_id: &str,
+) -> Result<std::collections::HashMap<(String, i64), i64>> {
+    let rows = target
+        .query(
+            "SELECT table_name, chunk_no::int8, rows FROM kuaka.snapshot_chunks WHERE job_id = $1",
+            &[&job_id],
+        )
+        .await
+        .ctx(|| "reading committed chunks from kuaka.snapshot_chunks on the target".into())?;
+    Ok(rows
+        .iter()
+        .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+        .collect())
+}
+
+/// Forget every chunk of a job, in the caller's transaction.
+pub async fn forget_all_chunks(target: &Client, job_id: &str) -> Result<()> {
+    target
+        .execute(
+            "DELETE FROM kuaka.snapshot_chunks WHERE job_id = $1",
+            &[&job_id],
+        )
+        .await
+        .ctx(|| "resetting kuaka.snapshot_chunks on the target".into())?;
+    Ok(())
+}
+
+/// Rows of one chunk if its marker committed on the target.
+pub async fn chunk_committed(target: &Client, marker: &ChunkMarker) -> Result<Option<i64>> {
+    let row = target
+        .query_opt(
+            "SELECT rows FROM kuaka.snapshot_chunks WHERE job_id = $1 AND table_name = $2 AND chunk_no = $3",
+            &[&marker.job_id, &marker.table, &(marker.chunk_no as i32)],
+        )
+        .await
+        .ctx(|| format!("looking up a chunk of {} on the target", marker.table))?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+/// Forget a table's committed chunks (the table is being emptied and copied again), in the
+/// caller's transaction.
+pub async fn forget_chunks(target: &Client, job_id: &str, table: &str) -> Result<()> {
+    target
+        .execute(
+            "DELETE FROM kuaka.snapshot_chunks WHERE job_id = $1 AND table_name = $2",
+            &[&job_id, &table],
+        )
+        .await
+        .ctx(|| format!("resetting the chunks of {table} on the target"))?;
+    Ok(())
+}
+
+/// Copy one chunk: source COPY TO piped into target COPY FROM, committed on the target together
+/// with its [`ChunkMarker`]. `before_commit` runs after the rows are sent and before COMMIT
+/// (failpoints).
 #[allow(clippy::too_many_arguments)]
 pub async fn copy_chunk(
     source: &Client,
@@ -438,7 +506,7 @@ pub async fn copy_chunk(
     format: CopyFormat,
     chunking: &Chunking,
     range: &ChunkRange,
-    redo: Redo,
+    marker: &ChunkMarker,
     limiter: Option<&RateLimiter>,
     progress: &dyn CopyProgress,
     before_commit: &(dyn Fn() + Sync),
@@ -465,25 +533,6 @@ pub async fn copy_chunk(
             .batch_execute("BEGIN")
             .await
             .ctx(|| format!("starting the load of {}", name.display_name()))?;
-        match redo {
-            Redo::No => {}
-            Redo::DeleteRange => {
-                let sql = match &condition {
-                    Some(c) => format!("DELETE FROM ONLY {name} WHERE {c}"),
-                    None => format!("TRUNCATE ONLY {name}"),
-                };
-                target
-                    .batch_execute(&sql)
-                    .await
-                    .ctx(|| format!("clearing a re-copied chunk of {}", name.display_name()))?;
-            }
-            Redo::Truncate => {
-                target
-                    .batch_execute(&format!("TRUNCATE ONLY {name}"))
-                    .await
-                    .ctx(|| format!("emptying {} for a re-copy", name.display_name()))?;
-            }
-        }
         let stream = source
             .copy_out(copy_out.as_str())
             .await
@@ -531,6 +580,13 @@ pub async fn copy_chunk(
             .finish()
             .await
             .ctx(|| format!("finishing the load of {}", name.display_name()))?;
+        target
+            .execute(
+                "INSERT INTO kuaka.snapshot_chunks (job_id, table_name, chunk_no, rows) VALUES ($1, $2, $3, $4)",
+                &[&marker.job_id, &marker.table, &(marker.chunk_no as i32), &(rows as i64)],
+            )
+            .await
+            .ctx(|| format!("recording a chunk of {} on the target", name.display_name()))?;
         before_commit();
         target
             .batch_execute("COMMIT")

@@ -377,7 +377,7 @@ fn script_rows(url: &str, script: &str) -> Vec<Vec<String>> {
 pub fn pg_table_checksums(url: &str) -> BTreeMap<String, (i64, String)> {
     let script = format!(
         "SELECT format(\
-           $q$SELECT %L, count(*), md5(coalesce(string_agg(t::text, E'\\n' ORDER BY t::text), '')) \
+           $q$SELECT %L, count(*), md5(coalesce(string_agg(t::text, E'\\n' ORDER BY t::text COLLATE \"C\"), '')) \
               FROM ONLY %I.%I t$q$, \
            format('%I.%I', n.nspname, c.relname), n.nspname, c.relname) \
          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
