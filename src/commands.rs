@@ -151,8 +151,11 @@ async fn plan(args: &PlanArgs) -> u8 {
                 let names: Vec<String> = schema.tables.iter().map(|t| t.name.to_string()).collect();
                 let rows = t
                     .query(
-                        "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-                         WHERE format('%I.%I', n.nspname, c.relname) = ANY($1)",
+                        &format!(
+                            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c \
+                             JOIN pg_namespace n ON n.oid = c.relnamespace WHERE {} = ANY($1)",
+                            catalog::QUOTED_RELATION
+                        ),
                         &[&names],
                     )
                     .await

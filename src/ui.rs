@@ -42,9 +42,12 @@ impl Ui {
             let bar = m.add(ProgressBar::new(rows_total.max(rows_done).max(1)));
             bar.set_style(
                 ProgressStyle::with_template(
-                    "{prefix:>28.bold} [{bar:30}] {human_pos:>11}/{human_len:<11} rows {msg} {per_sec:>12} eta {eta}",
+                    "{prefix:>28.bold} [{bar:30}] {human_pos:>11}/{human_len:<11} rows {msg:>10} {rate:>14} eta {eta}",
                 )
                 .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .with_key("rate", |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                    let _ = write!(w, "{:.0} rows/s", state.per_sec());
+                })
                 .progress_chars("=> "),
             );
             bar.set_prefix(truncate(name, 28));

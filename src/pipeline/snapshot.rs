@@ -4,7 +4,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
@@ -14,8 +14,8 @@ use tokio_util::sync::CancellationToken;
 use super::{Error, Result, retry_delay};
 use crate::config::{JobSpec, TargetExists};
 use crate::engine::postgres::snapshot::{
-    ChunkMarker, ChunkOutcome, ChunkRange, Chunking, CopyFormat, ExportedSnapshot, RateLimiter,
-    SOURCE_SESSION_SETUP, TARGET_BOOKKEEPING, TARGET_SESSION_SETUP, chunk_committed,
+    ChunkMarker, ChunkOutcome, ChunkRange, Chunking, CopyFormat, CopyProgress, ExportedSnapshot,
+    RateLimiter, SOURCE_SESSION_SETUP, TARGET_BOOKKEEPING, TARGET_SESSION_SETUP, chunk_committed,
     committed_chunks, copy_chunk, forget_all_chunks, forget_chunks, plan_chunks,
 };
 use crate::engine::postgres::{self, Context, Side, catalog, ddl};
@@ -345,9 +345,12 @@ async fn conflicting_tables(
     let names: Vec<String> = schema.tables.iter().map(|t| t.name.to_string()).collect();
     let rows = target
         .query(
-            "SELECT n.nspname::text, c.relname::text, c.relkind::text FROM pg_class c \
-             JOIN pg_namespace n ON n.oid = c.relnamespace \
-             WHERE format('%I.%I', n.nspname, c.relname) = ANY($1) ORDER BY 1, 2",
+            &format!(
+                "SELECT n.nspname::text, c.relname::text, c.relkind::text FROM pg_class c \
+                 JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE {} = ANY($1) ORDER BY 1, 2",
+                catalog::QUOTED_RELATION
+            ),
             &[&names],
         )
         .await
@@ -606,6 +609,9 @@ struct ChunkTask {
 
 struct TableRun {
     progress: Arc<crate::ui::TableProgress>,
+    /// Exact rows and bytes of the chunks this run committed.
+    rows_this_run: AtomicU64,
+    bytes_this_run: AtomicU64,
     chunks_left: std::sync::atomic::AtomicI64,
     table_id: i64,
     name: String,
@@ -708,6 +714,8 @@ async fn copy_tables(
                 rows_done,
                 bytes_done,
             ),
+            rows_this_run: AtomicU64::new(0),
+            bytes_this_run: AtomicU64::new(0),
             chunks_left: std::sync::atomic::AtomicI64::new(pending.len() as i64),
             table_id: rec.id,
             name: label,
@@ -807,11 +815,11 @@ async fn copy_tables(
     }
     let rows = runs
         .values()
-        .map(|r| r.progress.rows.load(Ordering::Relaxed))
+        .map(|r| r.rows_this_run.load(Ordering::Relaxed))
         .sum();
     let bytes = runs
         .values()
-        .map(|r| r.progress.bytes.load(Ordering::Relaxed))
+        .map(|r| r.bytes_this_run.load(Ordering::Relaxed))
         .sum();
     Ok((rows, bytes))
 }
@@ -851,6 +859,20 @@ fn spawn_ticker(
             );
         }
     })
+}
+
+/// Counts one chunk's rows while forwarding them to its table's display, so a chunk's live
+/// estimate can be replaced by its exact count even when several chunks of a table run at once.
+struct ChunkCounter<'a> {
+    table: &'a crate::ui::TableProgress,
+    rows: AtomicU64,
+}
+
+impl CopyProgress for ChunkCounter<'_> {
+    fn add(&self, rows: u64, bytes: u64) {
+        self.rows.fetch_add(rows, Ordering::Relaxed);
+        self.table.add(rows, bytes);
+    }
 }
 
 async fn open_worker_connections(spec: &JobSpec, worker: usize) -> Result<(Client, Client)> {
@@ -902,7 +924,10 @@ async fn worker_loop(
                     });
                 }
                 store.set_chunk_state(task.table_id, task.chunk_no, ChunkState::Started, 0, 0)?;
-                let rows_before = run.progress.rows.load(Ordering::Relaxed);
+                let counter = ChunkCounter {
+                    table: run.progress.as_ref(),
+                    rows: AtomicU64::new(0),
+                };
                 let result = copy_chunk(
                     source,
                     target,
@@ -913,16 +938,12 @@ async fn worker_loop(
                     &task.range,
                     &task.marker,
                     limiter,
-                    run.progress.as_ref(),
+                    &counter,
                     &|| failpoint::hit("snapshot.chunk.before_commit"),
                 )
                 .await;
                 // Replace the live estimate of this chunk's rows with the exact count (or zero).
-                let counted = run
-                    .progress
-                    .rows
-                    .load(Ordering::Relaxed)
-                    .saturating_sub(rows_before);
+                let counted = counter.rows.load(Ordering::Relaxed);
                 let exact = result.as_ref().map(|o| o.rows).unwrap_or(0);
                 run.progress.correct(counted, exact);
                 Ok(result?)
@@ -946,6 +967,9 @@ async fn worker_loop(
             }
         };
         failpoint::hit("snapshot.chunk.after_commit");
+        run.rows_this_run.fetch_add(outcome.rows, Ordering::Relaxed);
+        run.bytes_this_run
+            .fetch_add(outcome.bytes, Ordering::Relaxed);
         store.set_chunk_state(
             task.table_id,
             task.chunk_no,
@@ -1046,6 +1070,20 @@ async fn create_post_data(
                         Err(e) => {
                             let e = postgres::Error::query(format!("creating {} on the target", step.object), e);
                             if is_duplicate(e.sqlstate()) {
+                                break;
+                            }
+                            // With --tables/--exclude, a view may need a table left out.
+                            if spec.selection.is_filtered()
+                                && is_missing_dependency(e.sqlstate())
+                                && matches!(
+                                    step.kind,
+                                    ddl::ObjectKind::View | ddl::ObjectKind::MaterializedView | ddl::ObjectKind::Comment
+                                )
+                            {
+                                tracing::warn!(
+                                    "{} is not created: it depends on objects outside the selected tables ({e})",
+                                    step.object
+                                );
                                 break;
                             }
                             let e = Error::from(e);

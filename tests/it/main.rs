@@ -4,5 +4,6 @@
 //! Run with `cargo test --test it`; a single test with `cargo test --test it -- <name> --nocapture`.
 
 mod pg_snapshot;
+mod pg_snapshot_more;
 mod pg_tls;
 mod support;

@@ -13,6 +13,10 @@ use super::{Context, Error, Result};
 use crate::config::Selection;
 use crate::model::schema::*;
 
+/// `n.nspname` and `c.relname` always quoted, exactly like `QualifiedName`'s `Display`
+/// (`format('%I.%I')` quotes only where needed, so it cannot be compared with our names).
+pub const QUOTED_RELATION: &str = "('\"' || replace(n.nspname, '\"', '\"\"') || '\".\"' || replace(c.relname, '\"', '\"\"') || '\"')";
+
 /// Schemas that are never user data.
 pub const SYSTEM_SCHEMA_FILTER: &str = "n.nspname NOT IN ('pg_catalog', 'information_schema', 'kuaka') \
      AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp\\_%'";
@@ -906,9 +910,11 @@ async fn read_unsupported(
     let table_names: Vec<String> = tables.iter().map(|t| t.name.to_string()).collect();
     let rows = client
         .query(
-            "SELECT format('%I.%I', n.nspname, c.relname), p.polname::text FROM pg_policy p \
-             JOIN pg_class c ON c.oid = p.polrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
-             WHERE format('%I.%I', n.nspname, c.relname) = ANY($1)",
+            &format!(
+                "SELECT format('%I.%I', n.nspname, c.relname), p.polname::text FROM pg_policy p \
+                 JOIN pg_class c ON c.oid = p.polrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE {QUOTED_RELATION} = ANY($1)"
+            ),
             &[&table_names],
         )
         .await
