@@ -90,6 +90,9 @@ pub struct RunArgs {
     /// What to do with target tables that already exist.
     #[arg(long, value_enum, default_value_t = TargetExists::Error)]
     pub target_exists: TargetExists,
+    /// Memory per index build on the target (maintenance_work_mem), e.g. 256MB or 2GB.
+    #[arg(long, value_name = "SIZE", default_value = crate::config::DEFAULT_INDEX_MEMORY)]
+    pub index_memory: String,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -206,6 +209,12 @@ impl RunArgs {
         if matches!(self.chunk_rows, Some(n) if n < 1) {
             errors.push(invalid("--chunk-rows", "must be at least 1"));
         }
+        if !crate::config::valid_memory_setting(&self.index_memory) {
+            errors.push(invalid(
+                "--index-memory",
+                "must look like 512MB, 2GB or 65536kB",
+            ));
+        }
         if self.max_rows_per_sec == Some(0) {
             errors.push(invalid("--max-rows-per-sec", "must be at least 1"));
         }
@@ -229,6 +238,7 @@ impl RunArgs {
                 chunk_rows: self.chunk_rows,
                 max_rows_per_sec: self.max_rows_per_sec,
                 target_exists: self.target_exists,
+                index_memory: self.index_memory.clone(),
             }),
             _ => Err(errors),
         }

@@ -24,9 +24,6 @@ use crate::model::schema::{QualifiedName, Schema, Table, quote_literal};
 use crate::state::{ChunkState, StateStore, TablePlan};
 use crate::ui::{Ui, human_bytes};
 
-/// `maintenance_work_mem` for index builds after the load: large sorts finish in memory.
-const INDEX_BUILD_MEMORY: &str = "256MB";
-
 /// What a finished snapshot reports.
 #[derive(Debug, Default)]
 pub struct Summary {
@@ -1041,7 +1038,7 @@ async fn create_post_data(
         client_ref
             .batch_execute(&format!(
                 "SET maintenance_work_mem = {}",
-                quote_literal(INDEX_BUILD_MEMORY)
+                quote_literal(&spec.index_memory)
             ))
             .await
             .ctx(|| "setting maintenance_work_mem on the target".into())?;

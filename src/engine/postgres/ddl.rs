@@ -25,6 +25,7 @@ pub enum ObjectKind {
     Trigger,
     Comment,
     SequenceValue,
+    Analyze,
 }
 
 /// One DDL statement and how to undo an existing object in its way.
@@ -434,7 +435,35 @@ pub fn post_data(schema: &Schema) -> Vec<Phase> {
     let mut fk_add = Vec::new();
     let mut fk_validate = Vec::new();
     let mut last = Vec::new();
-    for t in &schema.tables {
+    // Biggest first: the longest index builds start at once while the other connections take
+    // the small ones. A partitioned table weighs what its partitions hold.
+    let weight = |t: &Table| {
+        t.estimated_bytes
+            + schema
+                .tables
+                .iter()
+                .filter(|p| {
+                    p.partitioning
+                        .partition_of
+                        .as_ref()
+                        .is_some_and(|(parent, _)| parent == &t.name)
+                })
+                .map(|p| p.estimated_bytes)
+                .sum::<i64>()
+    };
+    let mut by_size: Vec<&Table> = schema.tables.iter().collect();
+    by_size.sort_by_key(|t| std::cmp::Reverse(weight(t)));
+    for t in by_size {
+        if t.partitioning.partition_of.is_none() {
+            // Fresh statistics before anyone queries the target (a partitioned table's ANALYZE
+            // covers its partitions).
+            last.push(DdlStep::new(
+                ObjectKind::Analyze,
+                format!("analyze:{}", t.name),
+                format!("statistics of {}", t.name.display_name()),
+                format!("ANALYZE {}", t.name),
+            ));
+        }
         if let Some(pk) = t.primary_key.as_ref().filter(|pk| !pk.inherited) {
             indexes.push(DdlStep::new(
                 ObjectKind::Constraint,
