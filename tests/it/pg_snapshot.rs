@@ -6,111 +6,14 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::support::postgres::{PASSWORD_ROLE_PASSWORD, query_rows, replication_slot_count};
+use crate::support::job::Job;
+use crate::support::postgres::{PASSWORD_ROLE_PASSWORD, query_rows};
 use crate::support::{
-    Background, assert_same_data, assert_same_schema, fixture, free_port, kuaka, pg,
-    pg_table_checksums, psql, psql_file, query_one, run, wait_until,
+    Background, assert_same_data, assert_same_schema, free_port, kuaka, pg, pg_table_checksums,
+    psql, psql_file, query_one, run, wait_until,
 };
 
 const PAGILA_DIR: &str = "/work/shared/datasets/pagila";
-
-/// One test's source and target databases and its own state dir.
-struct Job {
-    source_db: String,
-    source: String,
-    target: String,
-    state: tempfile::TempDir,
-}
-
-impl Job {
-    /// Fresh `<name>_src` and `<name>_dst` databases; `load` fills the source.
-    fn new(name: &str, load: impl FnOnce(&str)) -> Job {
-        let source_db = format!("{name}_src");
-        let source = pg().create_db(&source_db);
-        let target = pg().create_db(&format!("{name}_dst"));
-        load(&source);
-        let state = tempfile::Builder::new()
-            .prefix("kuaka-it-state-")
-            .tempdir()
-            .expect("state");
-        Job {
-            source_db,
-            source,
-            target,
-            state,
-        }
-    }
-
-    fn with_fixture(name: &str, fixture_name: &str) -> Job {
-        Job::new(name, |url| psql_file(url, &fixture(fixture_name)))
-    }
-
-    fn state_dir(&self) -> &str {
-        self.state.path().to_str().expect("utf-8 temp path")
-    }
-
-    /// `kuaka run --source .. --target .. --state .. --snapshot-only <extra>`
-    fn run_command(&self, extra: &[&str]) -> Command {
-        let mut command = kuaka();
-        command
-            .args(["run", "--source", &self.source, "--target", &self.target])
-            .args(["--state", self.state_dir(), "--snapshot-only"])
-            .args(extra);
-        command
-    }
-
-    fn run(&self, extra: &[&str]) -> crate::support::RunOutput {
-        run(self.run_command(extra))
-    }
-
-    fn run_with_failpoint(&self, failpoint: &str, extra: &[&str]) -> crate::support::RunOutput {
-        let mut command = self.run_command(extra);
-        command.env("KUAKA_FAILPOINT", failpoint);
-        run(command)
-    }
-
-    /// Same rows, same schema, and no replication slot left behind on the source.
-    fn assert_migrated(&self) {
-        assert_same_data(&self.source, &self.target);
-        assert_same_schema(&self.source, &self.target);
-        self.assert_no_slot_left();
-    }
-
-    fn assert_no_slot_left(&self) {
-        assert_eq!(
-            replication_slot_count(&self.source, &self.source_db),
-            0,
-            "a replication slot was left on the source after a snapshot-only run: {:?}",
-            query_rows(
-                &self.source,
-                "SELECT slot_name, database, active FROM pg_replication_slots"
-            )
-        );
-    }
-
-    /// Total committed rows in the target's user tables (0 while nothing was copied yet).
-    fn target_row_count(&self) -> i64 {
-        pg_table_checksums(&self.target)
-            .values()
-            .map(|(count, _)| count)
-            .sum()
-    }
-
-    fn status_json(&self) -> serde_json::Value {
-        let output = run({
-            let mut command = kuaka();
-            command.args(["status", "--state", self.state_dir(), "--json"]);
-            command
-        });
-        output.assert_success();
-        serde_json::from_str(&output.stdout).unwrap_or_else(|e| {
-            panic!(
-                "kuaka status --json did not print JSON ({e}):\n{}",
-                output.stdout
-            )
-        })
-    }
-}
 
 /// Gunzip a file into a temp file (the `gzip` binary; no extra dev-dependency).
 fn gunzip(path: &Path) -> tempfile::NamedTempFile {

@@ -15,62 +15,10 @@ use crate::support::postgres::{
     PASSWORD_ROLE, PASSWORD_ROLE_PASSWORD, PG_BIN, pg_schema_snapshot, query_rows,
 };
 use crate::support::{
-    Background, RunOutput, fixture, kuaka, pg, pg_table_checksums, psql, psql_file, query_one, run,
-    wait_until,
+    Background, RunOutput, kuaka, pg, pg_table_checksums, psql, query_one, run, wait_until,
 };
 
-/// One test's source and target databases and its own state dir (as in `pg_snapshot.rs`).
-struct Job {
-    source_db: String,
-    target_db: String,
-    source: String,
-    target: String,
-    state: tempfile::TempDir,
-}
-
-impl Job {
-    /// Fresh `<name>_src` and `<name>_dst` databases; `load` fills the source.
-    fn new(name: &str, load: impl FnOnce(&str)) -> Job {
-        let source_db = format!("{name}_src");
-        let target_db = format!("{name}_dst");
-        let source = pg().create_db(&source_db);
-        let target = pg().create_db(&target_db);
-        load(&source);
-        let state = tempfile::Builder::new()
-            .prefix("kuaka-it-state-")
-            .tempdir()
-            .expect("state");
-        Job {
-            source_db,
-            target_db,
-            source,
-            target,
-            state,
-        }
-    }
-
-    fn with_fixture(name: &str, fixture_name: &str) -> Job {
-        Job::new(name, |url| psql_file(url, &fixture(fixture_name)))
-    }
-
-    fn state_dir(&self) -> &str {
-        self.state.path().to_str().expect("utf-8 temp path")
-    }
-
-    /// `kuaka run --source .. --target .. --state .. --snapshot-only <extra>`
-    fn run_command(&self, extra: &[&str]) -> Command {
-        let mut command = kuaka();
-        command
-            .args(["run", "--source", &self.source, "--target", &self.target])
-            .args(["--state", self.state_dir(), "--snapshot-only"])
-            .args(extra);
-        command
-    }
-
-    fn run(&self, extra: &[&str]) -> RunOutput {
-        run(self.run_command(extra))
-    }
-}
+use crate::support::job::Job;
 
 /// `kuaka status --state DIR [extra]`
 fn status(state: &Path, extra: &[&str]) -> RunOutput {

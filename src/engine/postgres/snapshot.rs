@@ -22,7 +22,7 @@ use tokio_postgres::Client;
 use super::{Context, Error, Result};
 use crate::model::schema::{DataType, Table, quote_ident, quote_literal};
 
-/// Rows per page assumed when sizing page-range chunks is all we can do.
+/// Bytes gathered from the source before one write to the target (fewer, larger messages).
 const BATCH_BYTES: usize = 256 * 1024;
 
 /// Tables up to this size are counted exactly when never analysed (no `reltuples`).
@@ -549,11 +549,16 @@ pub async fn copy_chunk(
         let mut batch_rows = 0u64;
         let mut bytes = 0u64;
         // Each CopyData message from the server is one row (plus header/trailer in binary).
-        while let Some(message) = stream.next().await {
-            let message = message.ctx(|| format!("reading {}", name.display_name()))?;
-            batch.extend_from_slice(&message);
-            batch_rows += 1;
-            if batch.len() >= BATCH_BYTES {
+        // Rows are batched into large writes; the last batch goes out when the stream ends.
+        loop {
+            let next = stream.next().await;
+            let end = next.is_none();
+            if let Some(message) = next {
+                let message = message.ctx(|| format!("reading {}", name.display_name()))?;
+                batch.extend_from_slice(&message);
+                batch_rows += 1;
+            }
+            if !batch.is_empty() && (end || batch.len() >= BATCH_BYTES) {
                 if let Some(l) = limiter {
                     l.acquire(batch_rows).await;
                 }
@@ -564,16 +569,9 @@ pub async fn copy_chunk(
                     .ctx(|| format!("writing {}", name.display_name()))?;
                 batch_rows = 0;
             }
-        }
-        if !batch.is_empty() {
-            if let Some(l) = limiter {
-                l.acquire(batch_rows).await;
+            if end {
+                break;
             }
-            bytes += batch.len() as u64;
-            progress.add(batch_rows, batch.len() as u64);
-            sink.send(batch.split().freeze())
-                .await
-                .ctx(|| format!("writing {}", name.display_name()))?;
         }
         let rows = sink
             .as_mut()

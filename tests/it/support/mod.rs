@@ -6,6 +6,7 @@
 
 #![allow(dead_code)]
 
+pub mod job;
 pub mod mariadb;
 pub mod postgres;
 
