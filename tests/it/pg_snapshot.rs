@@ -13,7 +13,20 @@ use crate::support::{
     psql, psql_file, query_one, run, wait_until,
 };
 
-const PAGILA_DIR: &str = "/work/shared/datasets/pagila";
+/// pagila from the shared datasets: `shared/` sits beside the checkout (`KUAKA_SHARED_DIR`
+/// overrides it).
+fn pagila_dir() -> std::path::PathBuf {
+    let shared = std::env::var_os("KUAKA_SHARED_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"));
+    let dir = shared.join("datasets/pagila");
+    assert!(
+        dir.join("pagila-schema.sql").exists(),
+        "pagila not found in {}; set KUAKA_SHARED_DIR to the shared/ folder",
+        dir.display()
+    );
+    dir
+}
 
 /// Gunzip a file into a temp file (the `gzip` binary; no extra dev-dependency).
 fn gunzip(path: &Path) -> tempfile::NamedTempFile {
@@ -38,8 +51,8 @@ fn lines(url: &str, sql: &str) -> Vec<String> {
 #[test]
 fn pagila_pg_to_pg() {
     let job = Job::new("pagila", |url| {
-        psql_file(url, &Path::new(PAGILA_DIR).join("pagila-schema.sql"));
-        let data = gunzip(&Path::new(PAGILA_DIR).join("pagila-data.sql.gz"));
+        psql_file(url, &pagila_dir().join("pagila-schema.sql"));
+        let data = gunzip(&pagila_dir().join("pagila-data.sql.gz"));
         psql_file(url, data.path());
     });
     job.run(&["--jobs", "4"]).assert_success();
