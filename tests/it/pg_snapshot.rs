@@ -267,6 +267,46 @@ fn crash_by_external_sigkill() {
     job.assert_migrated();
 }
 
+/// SIGTERM (and SIGINT) stop at a checkpoint: exit 130 with a message saying how to resume,
+/// and the rerun finishes with exactly the source's data.
+#[test]
+fn sigterm_stops_cleanly_and_resumes() {
+    let job = Job::with_fixture("sigterm", "crash_source.sql");
+    let mut args = CRASH_ARGS.to_vec();
+    args.extend(["--max-rows-per-sec", "20000"]);
+    let mut background = Background::spawn(job.run_command(&args));
+    wait_until(
+        "some rows to reach the target",
+        Duration::from_secs(60),
+        || {
+            assert!(
+                background.is_running(),
+                "kuaka exited too early:\n{}",
+                background.stderr()
+            );
+            job.target_row_count() > 0
+        },
+    );
+    let status = Command::new("kill")
+        .args(["-TERM", &background.pid().to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(status.success());
+    let stopped = background.wait(Duration::from_secs(30));
+    assert_eq!(stopped.status.code(), Some(130), "{}", stopped.all_output());
+    assert!(
+        stopped
+            .stderr
+            .contains("run the same command again to resume"),
+        "{}",
+        stopped.stderr
+    );
+    let status = job.status_json();
+    assert_eq!(status["phase"], "copying", "{status}");
+    job.run(CRASH_ARGS).assert_success();
+    job.assert_migrated();
+}
+
 // ---- edge tables ---------------------------------------------------------------------------
 
 #[test]
