@@ -125,6 +125,10 @@ pub struct Column {
     /// Collation, when it differs from the type's default (schema-qualified, quoted).
     pub collation: Option<String>,
     pub comment: Option<String>,
+    /// Schema of the column's type (its element type for arrays) when it is not a built-in
+    /// one: that type's comparison operators live there (e.g. `citext` in `public`).
+    #[serde(default)]
+    pub type_schema: Option<String>,
 }
 
 /// `GENERATED {ALWAYS | BY DEFAULT} AS IDENTITY` with its sequence's options.

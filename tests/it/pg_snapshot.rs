@@ -307,6 +307,30 @@ fn sigterm_stops_cleanly_and_resumes() {
     job.assert_migrated();
 }
 
+/// Extension types: the target gets CREATE EXTENSION, citext/hstore columns copy in text
+/// format, a citext primary key is split into chunks, and a trigram index is rebuilt.
+#[test]
+fn extension_types() {
+    let job = Job::with_fixture("extension_types", "extensions.sql");
+    job.run(&["--chunk-rows", "500", "--jobs", "2"])
+        .assert_success();
+    job.assert_migrated();
+    let chunks = job.status_json()["tables"][0]["chunks_total"]
+        .as_i64()
+        .unwrap_or(0);
+    assert!(
+        chunks > 1,
+        "the citext key should have been split, got {chunks} chunks"
+    );
+    assert_eq!(
+        query_one(
+            &job.target,
+            "SELECT count(*) FROM pg_extension WHERE extname IN ('citext', 'hstore', 'pg_trgm')"
+        ),
+        "3"
+    );
+}
+
 // ---- edge tables ---------------------------------------------------------------------------
 
 #[test]

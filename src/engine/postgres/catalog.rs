@@ -376,6 +376,7 @@ async fn read_columns(
             }
             _ => None,
         };
+        let element_schema: Option<String> = r.get(15);
         let type_oid: u32 = r.get(17);
         let element_oid: u32 = r.get(18);
         // OIDs below FirstNormalObjectId (16384) are built-in and identical on every server.
@@ -408,6 +409,7 @@ async fn read_columns(
             identity,
             collation: r.get(8),
             comment: r.get(9),
+            type_schema: Some(element_schema.unwrap_or(typnamespace)).filter(|s| s != "pg_catalog"),
         });
     }
     // Domains over composites or over arrays of user types are rare; the per-type check below

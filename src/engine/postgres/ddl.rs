@@ -680,6 +680,7 @@ mod tests {
             identity: None,
             collation: None,
             comment: None,
+            type_schema: None,
         }
     }
 

@@ -38,6 +38,10 @@ pub enum Chunking {
     Key {
         columns: Vec<String>,
         types: Vec<String>,
+        /// Schemas to search for the key types' comparison operators (empty for built-in
+        /// types). Without them `citext_col >= 'x'::public.citext` would compare as text.
+        #[serde(default)]
+        search_path: Vec<String>,
     },
     /// Ranges of heap pages (tables without a primary key).
     Pages,
@@ -175,9 +179,16 @@ pub async fn plan_chunks(
                 .unwrap_or_default()
         })
         .collect();
+    let mut search_path: Vec<String> = pk
+        .columns
+        .iter()
+        .filter_map(|c| table.column(c).and_then(|c| c.type_schema.clone()))
+        .collect();
+    search_path.dedup();
     let chunking = Chunking::Key {
         columns: pk.columns.clone(),
         types: types.clone(),
+        search_path,
     };
     let integer = pk.columns.len() == 1
         && table.column(&pk.columns[0]).is_some_and(|c| {
@@ -264,6 +275,20 @@ pub async fn plan_chunks(
     Ok((chunking, ranges(bounds), rows))
 }
 
+/// `SET search_path` for comparing key values, or `None` when only built-in types are involved.
+fn set_search_path(schemas: &[String]) -> Option<String> {
+    (!schemas.is_empty()).then(|| {
+        format!(
+            "SET search_path = {}",
+            schemas
+                .iter()
+                .map(|s| quote_ident(s))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })
+}
+
 /// Chunks are only disjoint and complete if their bounds strictly increase in the server's own
 /// ordering of the key; ask the server rather than trust the text round trip.
 async fn check_increasing(
@@ -272,11 +297,20 @@ async fn check_increasing(
     chunking: &Chunking,
     bounds: &[Vec<String>],
 ) -> Result<()> {
-    let Chunking::Key { types, .. } = chunking else {
+    let Chunking::Key {
+        types, search_path, ..
+    } = chunking
+    else {
         return Ok(());
     };
     if bounds.len() < 2 {
         return Ok(());
+    }
+    if let Some(set) = set_search_path(search_path) {
+        client
+            .batch_execute(&set)
+            .await
+            .ctx(|| "setting search_path".into())?;
     }
     let tuple = |values: &[String]| {
         let inner = values
@@ -291,7 +325,7 @@ async fn check_increasing(
         .windows(2)
         .map(|w| format!("{} < {}", tuple(&w[0]), tuple(&w[1])))
         .collect::<Vec<_>>();
-    let ok: Option<bool> = client
+    let checked = client
         .query_one(&format!("SELECT {}", checks.join(" AND ")), &[])
         .await
         .ctx(|| {
@@ -299,8 +333,15 @@ async fn check_increasing(
                 "checking the chunk boundaries of {}",
                 table.name.display_name()
             )
-        })?
-        .get(0);
+        })
+        .map(|row| row.get::<_, Option<bool>>(0));
+    if !search_path.is_empty() {
+        client
+            .batch_execute("SET search_path = ''")
+            .await
+            .ctx(|| "resetting search_path".into())?;
+    }
+    let ok = checked?;
     if ok != Some(true) {
         return Err(Error::Definite(format!(
             "the primary key of {} does not order consistently through its text form, so it cannot be split into chunks; use --chunk-rows larger than the table to copy it whole",
@@ -329,7 +370,7 @@ pub fn chunk_condition(chunking: &Chunking, range: &ChunkRange) -> Option<String
     let mut parts = Vec::new();
     match chunking {
         Chunking::Whole => return None,
-        Chunking::Key { columns, types } => {
+        Chunking::Key { columns, types, .. } => {
             let tuple = |values: &[String]| {
                 values
                     .iter()
@@ -522,6 +563,14 @@ pub async fn copy_chunk(
         .await
         .ctx(|| format!("importing the snapshot to read {}", name.display_name()))?;
     let result = async {
+        if let Chunking::Key { search_path, .. } = chunking
+            && let Some(set) = set_search_path(search_path)
+        {
+            source
+                .batch_execute(&set.replacen("SET", "SET LOCAL", 1))
+                .await
+                .ctx(|| format!("setting search_path to read {}", name.display_name()))?;
+        }
         let copy_out = match &condition {
             None => format!("COPY {name} ({columns}) TO STDOUT {}", format.option()),
             Some(c) => format!(
@@ -612,6 +661,7 @@ mod tests {
         let chunking = Chunking::Key {
             columns: vec!["a".into(), "B".into()],
             types: vec!["integer".into(), "text".into()],
+            search_path: vec![],
         };
         let r = ranges(vec![
             vec!["1".into(), "x'y".into()],
@@ -633,12 +683,18 @@ mod tests {
         let single = Chunking::Key {
             columns: vec!["id".into()],
             types: vec!["bigint".into()],
+            search_path: vec![],
         };
         assert_eq!(
             chunk_condition(&single, &r[0]).unwrap(),
             "\"id\" < '1'::bigint"
         );
         assert_eq!(chunk_condition(&Chunking::Whole, &r[1]), None);
+        assert_eq!(set_search_path(&[]), None);
+        assert_eq!(
+            set_search_path(&["public".into(), "ext s".into()]).unwrap(),
+            "SET search_path = \"public\", \"ext s\""
+        );
         let pages = ranges(vec![vec!["10".into()]]);
         assert_eq!(
             chunk_condition(&Chunking::Pages, &pages[1]).unwrap(),
