@@ -654,7 +654,8 @@ async fn copy_tables(
             ))
         })?;
         let mut chunks = store.chunks(rec.id)?;
-        let table_key = table.name.display_name();
+        // Quoted: `"a.b"."c"` and `"a"."b.c"` must not share markers.
+        let table_key = table.name.to_string();
         // The target is the record of what committed; the state store may be behind (a crash
         // between COMMIT and its update) or ahead (a target that lost commits).
         for c in chunks.iter_mut() {

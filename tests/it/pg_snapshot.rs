@@ -331,6 +331,48 @@ fn extension_types() {
     );
 }
 
+/// The connection holding the exported snapshot dies mid-copy (as when the source restarts):
+/// kuaka stops with a message saying to rerun, and the rerun finishes with the source's data.
+#[test]
+fn lost_snapshot_connection_stops_clearly_and_resumes() {
+    let job = Job::with_fixture("lost_snapshot", "crash_source.sql");
+    let mut args = CRASH_ARGS.to_vec();
+    args.extend(["--max-rows-per-sec", "20000"]);
+    let mut background = Background::spawn(job.run_command(&args));
+    wait_until(
+        "some rows to reach the target",
+        Duration::from_secs(60),
+        || {
+            assert!(
+                background.is_running(),
+                "kuaka exited too early:\n{}",
+                background.stderr()
+            );
+            job.target_row_count() > 0
+        },
+    );
+    let terminated = query_one(
+        &job.source,
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE application_name = 'kuaka snapshot coordinator' AND datname = current_database()",
+    );
+    assert_eq!(
+        terminated, "1",
+        "the coordinator connection should have been found"
+    );
+    let stopped = background.wait(Duration::from_secs(60));
+    assert_eq!(stopped.status.code(), Some(2), "{}", stopped.all_output());
+    assert!(
+        stopped
+            .stderr
+            .contains("run the same command again to resume"),
+        "{}",
+        stopped.stderr
+    );
+    job.run(CRASH_ARGS).assert_success();
+    job.assert_migrated();
+}
+
 // ---- edge tables ---------------------------------------------------------------------------
 
 #[test]

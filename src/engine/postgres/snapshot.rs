@@ -467,7 +467,7 @@ pub struct ChunkOutcome {
 #[derive(Debug, Clone)]
 pub struct ChunkMarker {
     pub job_id: String,
-    /// `schema.table`, unquoted.
+    /// `"schema"."table"`, quoted.
     pub table: String,
     pub chunk_no: i64,
 }
@@ -561,7 +561,16 @@ pub async fn copy_chunk(
             quote_literal(snapshot_id)
         ))
         .await
-        .ctx(|| format!("importing the snapshot to read {}", name.display_name()))?;
+        .map_err(|e| {
+            if e.code().map(|c| c.code()) == Some("22023") {
+                Error::Definite(format!(
+                    "the source snapshot is gone (the source restarted or kuaka's connection holding it dropped) while reading {}; run the same command again to resume",
+                    name.display_name()
+                ))
+            } else {
+                Error::query(format!("importing the snapshot to read {}", name.display_name()), e)
+            }
+        })?;
     let result = async {
         if let Chunking::Key { search_path, .. } = chunking
             && let Some(set) = set_search_path(search_path)
