@@ -127,7 +127,11 @@ async fn run_phases(
     let snapshot = ExportedSnapshot::export(source).await?;
     let lsn: String = snapshot
         .client
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        // A hot standby has no current WAL position of its own; use what it has replayed.
+        .query_one(
+            "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END::text",
+            &[],
+        )
         .await
         .ctx(|| "reading the source WAL position".into())?
         .get(0);
@@ -254,9 +258,10 @@ async fn run_phases(
 async fn check_versions(source: &Client, target: &Client) -> Result<()> {
     let s = postgres::server_version(source).await?;
     let t = postgres::server_version(target).await?;
-    if s < 100000 || t < 120000 {
+    // The catalog queries use columns that appeared in PostgreSQL 13 (pg_trigger.tgparentid).
+    if s < 130000 || t < 130000 {
         return Err(Error::Definite(format!(
-            "kuaka needs PostgreSQL 10 or newer as source and 12 or newer as target (source is {}, target is {})",
+            "kuaka needs PostgreSQL 13 or newer on both sides (source is {}, target is {}); for an older source, copy it with pg_dump into a PostgreSQL 13+ server first",
             s / 10000,
             t / 10000
         )));

@@ -373,6 +373,38 @@ fn lost_snapshot_connection_stops_clearly_and_resumes() {
     job.assert_migrated();
 }
 
+/// A hot standby as the source (it spares the primary): the snapshot is exported on the standby
+/// and the copy equals the primary's data.
+#[test]
+fn hot_standby_as_source() {
+    let job = Job::with_fixture("standby", "crash_source.sql");
+    let standby_port = pg().start_standby();
+    let standby_source = job
+        .source
+        .replace(&format!(":{}/", pg().port), &format!(":{standby_port}/"));
+    assert_eq!(
+        query_one(&standby_source, "SELECT pg_is_in_recovery()"),
+        "t"
+    );
+    let state = tempfile::tempdir().expect("state");
+    let mut command = kuaka();
+    command
+        .args([
+            "run",
+            "--snapshot-only",
+            "--source",
+            &standby_source,
+            "--target",
+            &job.target,
+        ])
+        .arg("--state")
+        .arg(state.path())
+        .args(["--chunk-rows", "5000", "--jobs", "2"]);
+    run(command).assert_success();
+    assert_same_data(&job.source, &job.target);
+    assert_same_schema(&job.source, &job.target);
+}
+
 // ---- edge tables ---------------------------------------------------------------------------
 
 #[test]

@@ -207,6 +207,80 @@ impl PgServer {
         }
     }
 
+    /// A hot standby of this server (`pg_basebackup -R`, streaming), on its own port; stopped
+    /// and removed when the test process ends. Returns its port.
+    pub fn start_standby(&self) -> u16 {
+        let dir = tempfile::Builder::new()
+            .prefix("kuaka-it-standby-")
+            .tempdir()
+            .expect("temp dir for the standby")
+            .keep();
+        let data = dir.join("data");
+        let port = free_port();
+        let stop = self.as_postgres_shell(&format!(
+            "{} -D {} -m immediate -w -t 30 stop",
+            bin("pg_ctl"),
+            shell_quote(&data.to_string_lossy())
+        ));
+        spawn_watchdog(&format!(
+            "if [ -f {pid} ]; then {stop} >/dev/null 2>&1; fi; rm -rf {dir}",
+            pid = shell_quote(&data.join("postmaster.pid").to_string_lossy()),
+            dir = shell_quote(&dir.to_string_lossy()),
+        ));
+        if self.as_root {
+            run_checked(
+                Command::new("chown")
+                    .args(["-R", "postgres:postgres"])
+                    .arg(&dir),
+                "chown the standby dir",
+            );
+        }
+        run_checked(
+            self.as_postgres(&bin("pg_basebackup"))
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &self.port.to_string(),
+                    "-U",
+                    SUPERUSER,
+                ])
+                .arg("-D")
+                .arg(&data)
+                .args(["-R", "-X", "stream", "--no-sync", "--checkpoint=fast"]),
+            "pg_basebackup for the standby",
+        );
+        append(
+            &data.join("postgresql.conf"),
+            &format!(
+                "\n# standby\nport = {port}\nunix_socket_directories = '{}'\nhot_standby = on\n",
+                dir.display()
+            ),
+        );
+        run_checked(
+            self.as_postgres(&bin("pg_ctl"))
+                .arg("-D")
+                .arg(&data)
+                .arg("-l")
+                .arg(dir.join("standby.log"))
+                .args(["-w", "-t", "60", "start"]),
+            "pg_ctl start (standby)",
+        );
+        let url = format!("postgres://{SUPERUSER}@127.0.0.1:{port}/postgres");
+        wait_until(
+            "the standby to accept connections",
+            Duration::from_secs(30),
+            || {
+                Command::new(bin("psql"))
+                    .args(["-X", "-At", "-c", "SELECT pg_is_in_recovery()", &url])
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "t")
+                    .unwrap_or(false)
+            },
+        );
+        port
+    }
+
     /// The test CA that signed the server certificate (valid for the name `localhost` only).
     pub fn ca_file(&self) -> PathBuf {
         self.dir.join("tls").join("ca.pem")
