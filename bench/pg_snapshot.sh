@@ -26,7 +26,8 @@
 #            same as kuaka's default chunk size) so that pgcopydb too can copy
 #            one big table (pgbench_accounts) with several workers.
 #   pg_dump | psql is serial by nature (plain format has no parallel mode).
-# Before each run the previous target is dropped and a CHECKPOINT is taken.
+# Before each run the previous target is dropped, a CHECKPOINT is taken and the OS
+# writes back dirty pages (sync), so one run's I/O does not spill into the next.
 #
 # Measures, per tool:
 #   seconds     wall time of the whole command (schema, data, indexes, ...);
@@ -334,6 +335,8 @@ run_tool() {
     done
     fresh_target "$dst"
     q postgres "checkpoint" >/dev/null
+    # Let the OS write back the previous run's files so they do not slow this one.
+    sync
     sync
 
     # GNU time reports the max RSS over timeout and the tool it waits for.

@@ -18,6 +18,7 @@ use crate::engine::postgres::snapshot::{
     RateLimiter, SOURCE_SESSION_SETUP, TARGET_BOOKKEEPING, TARGET_SESSION_SETUP, chunk_committed,
     committed_chunks, copy_chunk, forget_all_chunks, forget_chunks, plan_chunks,
 };
+use crate::engine::postgres::wire::WireConnection;
 use crate::engine::postgres::{self, Context, Side, catalog, ddl};
 use crate::failpoint;
 use crate::model::schema::{QualifiedName, Schema, Table, quote_literal};
@@ -878,17 +879,20 @@ impl CopyProgress for ChunkCounter<'_> {
     }
 }
 
-async fn open_worker_connections(spec: &JobSpec, worker: usize) -> Result<(Client, Client)> {
-    let source = postgres::connect(&spec.source, Side::Source, &format!("copy {worker}")).await?;
+/// A worker's pair of wire connections (the data path; see `engine::postgres::wire`).
+async fn open_worker_connections(
+    spec: &JobSpec,
+    worker: usize,
+) -> Result<(WireConnection, WireConnection)> {
+    let role = format!("copy {worker}");
+    let mut source = WireConnection::connect(&spec.source, Side::Source, &role).await?;
     source
-        .batch_execute(SOURCE_SESSION_SETUP)
-        .await
-        .ctx(|| "setting up a source session".into())?;
-    let target = postgres::connect(&spec.target, Side::Target, &format!("copy {worker}")).await?;
+        .simple_query(SOURCE_SESSION_SETUP, "setting up a source session")
+        .await?;
+    let mut target = WireConnection::connect(&spec.target, Side::Target, &role).await?;
     target
-        .batch_execute(TARGET_SESSION_SETUP)
-        .await
-        .ctx(|| "setting up a target session".into())?;
+        .simple_query(TARGET_SESSION_SETUP, "setting up a target session")
+        .await?;
     Ok((source, target))
 }
 
@@ -916,7 +920,7 @@ async fn worker_loop(
                 if connections.is_none() {
                     connections = Some(open_worker_connections(spec, worker).await?);
                 }
-                let (source, target) = connections.as_ref().expect("connected above");
+                let (source, target) = connections.as_mut().expect("connected above");
                 // A failed attempt may have died after its COMMIT reached the target.
                 if attempt > 0
                     && let Some(rows) = chunk_committed(target, &task.marker).await?

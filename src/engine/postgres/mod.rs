@@ -16,6 +16,7 @@ pub mod catalog;
 pub mod ddl;
 pub mod snapshot;
 pub mod tls;
+pub mod wire;
 
 use std::time::Duration;
 
@@ -116,24 +117,24 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
 
 fn classify(e: &tokio_postgres::Error) -> ErrorClass {
     match e.code() {
-        Some(code) => {
-            let c = code.code();
-            if c.starts_with("08") // connection exception
-                || c == "40001" // serialization_failure
-                || c == "40P01" // deadlock_detected
-                || c == "53300" // too_many_connections
-                || c.starts_with("57P") // admin/crash shutdown, cannot connect now
-                || c == "55P03"
-            // lock_not_available
-            {
-                ErrorClass::Transient
-            } else {
-                ErrorClass::Definite
-            }
-        }
-        None if e.is_closed() => ErrorClass::Transient,
+        Some(code) => classify_sqlstate(code.code()),
         // No SQLSTATE: an I/O or protocol error, i.e. the connection.
         None => ErrorClass::Transient,
+    }
+}
+
+/// Whether a server error with this SQLSTATE may go away on retry.
+pub fn classify_sqlstate(c: &str) -> ErrorClass {
+    let transient = c.starts_with("08") // connection exception
+        || c == "40001" // serialization_failure
+        || c == "40P01" // deadlock_detected
+        || c == "53300" // too_many_connections
+        || c.starts_with("57P") // admin/crash shutdown, cannot connect now
+        || c == "55P03"; // lock_not_available
+    if transient {
+        ErrorClass::Transient
+    } else {
+        ErrorClass::Definite
     }
 }
 

@@ -14,19 +14,18 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
-use futures_util::{SinkExt, StreamExt, pin_mut};
 use serde::{Deserialize, Serialize};
 use tokio_postgres::Client;
 
+use super::wire::WireConnection;
 use super::{Context, Error, Result};
 use crate::model::schema::{DataType, Table, quote_ident, quote_literal};
 
-/// Bytes gathered from the source before one write to the target (fewer, larger messages).
-const BATCH_BYTES: usize = 256 * 1024;
-
 /// Tables up to this size are counted exactly when never analysed (no `reltuples`).
 const EXACT_COUNT_MAX_BYTES: i64 = 256 * 1024 * 1024;
+
+/// Reads of the source (up to about 256 KiB each) buffered between reader and writer.
+const COPY_QUEUE_DEPTH: usize = 8;
 
 /// How a table is split.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -511,15 +510,25 @@ pub async fn forget_all_chunks(target: &Client, job_id: &str) -> Result<()> {
 }
 
 /// Rows of one chunk if its marker committed on the target.
-pub async fn chunk_committed(target: &Client, marker: &ChunkMarker) -> Result<Option<i64>> {
-    let row = target
-        .query_opt(
-            "SELECT rows FROM kuaka.snapshot_chunks WHERE job_id = $1 AND table_name = $2 AND chunk_no = $3",
-            &[&marker.job_id, &marker.table, &(marker.chunk_no as i32)],
+pub async fn chunk_committed(
+    target: &mut WireConnection,
+    marker: &ChunkMarker,
+) -> Result<Option<i64>> {
+    let rows = target
+        .simple_query(
+            &format!(
+                "SELECT rows FROM kuaka.snapshot_chunks WHERE job_id = {} AND table_name = {} AND chunk_no = {}",
+                quote_literal(&marker.job_id),
+                quote_literal(&marker.table),
+                marker.chunk_no
+            ),
+            &format!("looking up a chunk of {} on the target", marker.table),
         )
-        .await
-        .ctx(|| format!("looking up a chunk of {} on the target", marker.table))?;
-    Ok(row.map(|r| r.get(0)))
+        .await?;
+    Ok(rows
+        .first()
+        .and_then(|r| r.first().cloned().flatten())
+        .and_then(|v| v.parse().ok()))
 }
 
 /// Forget a table's committed chunks (the table is being emptied and copied again), in the
@@ -537,11 +546,13 @@ pub async fn forget_chunks(target: &Client, job_id: &str, table: &str) -> Result
 
 /// Copy one chunk: source COPY TO piped into target COPY FROM, committed on the target together
 /// with its [`ChunkMarker`]. `before_commit` runs after the rows are sent and before COMMIT
-/// (failpoints).
+/// (failpoints). The source's framed CopyData messages go to the target as they are (see
+/// [`super::wire`]). After an error both connections are in an unknown state: drop them (the
+/// servers roll back their transactions).
 #[allow(clippy::too_many_arguments)]
 pub async fn copy_chunk(
-    source: &Client,
-    target: &Client,
+    source: &mut WireConnection,
+    target: &mut WireConnection,
     snapshot_id: &str,
     table: &Table,
     format: CopyFormat,
@@ -553,112 +564,99 @@ pub async fn copy_chunk(
     before_commit: &(dyn Fn() + Sync),
 ) -> Result<ChunkOutcome> {
     let name = &table.name;
+    let label = name.display_name();
     let columns = column_list(table);
     let condition = chunk_condition(chunking, range);
+    let mut begin = format!(
+        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+        quote_literal(snapshot_id)
+    );
+    if let Chunking::Key { search_path, .. } = chunking
+        && let Some(set) = set_search_path(search_path)
+    {
+        begin.push_str(&format!("; {}", set.replacen("SET", "SET LOCAL", 1)));
+    }
     source
-        .batch_execute(&format!(
-            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
-            quote_literal(snapshot_id)
-        ))
+        .simple_query(&begin, &format!("importing the snapshot to read {label}"))
         .await
         .map_err(|e| {
-            if e.code().map(|c| c.code()) == Some("22023") {
+            if e.sqlstate() == Some("22023") {
                 Error::Definite(format!(
-                    "the source snapshot is gone (the source restarted or kuaka's connection holding it dropped) while reading {}; run the same command again to resume",
-                    name.display_name()
+                    "the source snapshot is gone (the source restarted or kuaka's connection holding it dropped) while reading {label}; run the same command again to resume"
                 ))
             } else {
-                Error::query(format!("importing the snapshot to read {}", name.display_name()), e)
+                e
             }
         })?;
-    let result = async {
-        if let Chunking::Key { search_path, .. } = chunking
-            && let Some(set) = set_search_path(search_path)
-        {
-            source
-                .batch_execute(&set.replacen("SET", "SET LOCAL", 1))
-                .await
-                .ctx(|| format!("setting search_path to read {}", name.display_name()))?;
-        }
-        let copy_out = match &condition {
-            None => format!("COPY {name} ({columns}) TO STDOUT {}", format.option()),
-            Some(c) => format!(
-                "COPY (SELECT {columns} FROM ONLY {name} WHERE {c}) TO STDOUT {}",
-                format.option()
-            ),
-        };
-        target
-            .batch_execute("BEGIN")
-            .await
-            .ctx(|| format!("starting the load of {}", name.display_name()))?;
-        let stream = source
-            .copy_out(copy_out.as_str())
-            .await
-            .ctx(|| format!("reading {}", name.display_name()))?;
-        let sink = target
-            .copy_in::<_, Bytes>(
-                format!("COPY {name} ({columns}) FROM STDIN {}", format.option()).as_str(),
-            )
-            .await
-            .ctx(|| format!("writing {}", name.display_name()))?;
-        pin_mut!(stream);
-        pin_mut!(sink);
-        let mut batch = BytesMut::with_capacity(BATCH_BYTES);
-        let mut batch_rows = 0u64;
-        let mut bytes = 0u64;
-        // Each CopyData message from the server is one row (plus header/trailer in binary).
-        // Rows are batched into large writes; the last batch goes out when the stream ends.
-        loop {
-            let next = stream.next().await;
-            let end = next.is_none();
-            if let Some(message) = next {
-                let message = message.ctx(|| format!("reading {}", name.display_name()))?;
-                batch.extend_from_slice(&message);
-                batch_rows += 1;
-            }
-            if !batch.is_empty() && (end || batch.len() >= BATCH_BYTES) {
-                if let Some(l) = limiter {
-                    l.acquire(batch_rows).await;
-                }
-                bytes += batch.len() as u64;
-                progress.add(batch_rows, batch.len() as u64);
-                sink.send(batch.split().freeze())
-                    .await
-                    .ctx(|| format!("writing {}", name.display_name()))?;
-                batch_rows = 0;
-            }
-            if end {
+    let copy_out = match &condition {
+        None => format!("COPY {name} ({columns}) TO STDOUT {}", format.option()),
+        Some(c) => format!(
+            "COPY (SELECT {columns} FROM ONLY {name} WHERE {c}) TO STDOUT {}",
+            format.option()
+        ),
+    };
+    let reading = format!("reading {label}");
+    let writing = format!("writing {label}");
+    target
+        .simple_query("BEGIN", &format!("starting the load of {label}"))
+        .await?;
+    source.copy_out(&copy_out, &reading).await?;
+    target
+        .copy_in(
+            &format!("COPY {name} ({columns}) FROM STDIN {}", format.option()),
+            &writing,
+        )
+        .await?;
+    // Runs of whole CopyData messages (one per row, plus the binary header and trailer) go
+    // from the source's read buffer to the target without being parsed. Reading and writing
+    // overlap through a small bounded queue, so neither server waits for the other's socket.
+    let (queue, mut received) =
+        tokio::sync::mpsc::channel::<(bytes::BytesMut, u64)>(COPY_QUEUE_DEPTH);
+    let reader = async {
+        while let Some(item) = source.copy_out_next(&reading).await? {
+            if queue.send(item).await.is_err() {
                 break;
             }
         }
-        let rows = sink
-            .as_mut()
-            .finish()
-            .await
-            .ctx(|| format!("finishing the load of {}", name.display_name()))?;
-        target
-            .execute(
-                "INSERT INTO kuaka.snapshot_chunks (job_id, table_name, chunk_no, rows) VALUES ($1, $2, $3, $4)",
-                &[&marker.job_id, &marker.table, &(marker.chunk_no as i32), &(rows as i64)],
-            )
-            .await
-            .ctx(|| format!("recording a chunk of {} on the target", name.display_name()))?;
-        before_commit();
-        target
-            .batch_execute("COMMIT")
-            .await
-            .ctx(|| format!("committing a chunk of {}", name.display_name()))?;
-        Ok::<_, Error>(ChunkOutcome { rows, bytes })
-    }
-    .await;
-    // The read transaction only ever reads; end it either way.
-    let end = source.batch_execute("COMMIT").await;
-    if result.is_err() {
-        let _ = target.batch_execute("ROLLBACK").await;
-    }
-    let outcome = result?;
-    end.ctx(|| format!("ending the read of {}", name.display_name()))?;
-    Ok(outcome)
+        drop(queue);
+        Ok::<_, Error>(())
+    };
+    let writer = async {
+        let mut bytes = 0u64;
+        while let Some((framed, messages)) = received.recv().await {
+            if let Some(l) = limiter {
+                l.acquire(messages).await;
+            }
+            target.copy_in_raw(&framed, &writing).await?;
+            bytes += framed.len() as u64;
+            progress.add(messages, framed.len() as u64);
+        }
+        Ok::<_, Error>(bytes)
+    };
+    let ((), bytes) = tokio::try_join!(reader, writer)?;
+    let rows = target
+        .copy_in_finish(&format!("finishing the load of {label}"))
+        .await?;
+    target
+        .simple_query(
+            &format!(
+                "INSERT INTO kuaka.snapshot_chunks (job_id, table_name, chunk_no, rows) VALUES ({}, {}, {}, {rows})",
+                quote_literal(&marker.job_id),
+                quote_literal(&marker.table),
+                marker.chunk_no
+            ),
+            &format!("recording a chunk of {label} on the target"),
+        )
+        .await?;
+    before_commit();
+    target
+        .simple_query("COMMIT", &format!("committing a chunk of {label}"))
+        .await?;
+    // The read transaction only ever read.
+    source
+        .simple_query("COMMIT", &format!("ending the read of {label}"))
+        .await?;
+    Ok(ChunkOutcome { rows, bytes })
 }
 
 #[cfg(test)]

@@ -103,6 +103,11 @@ fn roots(root_cert: Option<&Path>) -> Result<RootCertStore> {
 
 /// A connector for `mode`, or `None` when TLS is disabled.
 pub fn connector(mode: SslMode, root_cert: Option<&Path>) -> Result<Option<MakeRustlsConnect>> {
+    Ok(client_config(mode, root_cert)?.map(MakeRustlsConnect::new))
+}
+
+/// The rustls configuration for `mode`, or `None` when TLS is disabled.
+pub fn client_config(mode: SslMode, root_cert: Option<&Path>) -> Result<Option<ClientConfig>> {
     let provider = provider();
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -134,7 +139,7 @@ pub fn connector(mode: SslMode, root_cert: Option<&Path>) -> Result<Option<MakeR
             }))
             .with_no_client_auth()
     };
-    Ok(Some(MakeRustlsConnect::new(config)))
+    Ok(Some(config))
 }
 
 /// `prefer`/`require`: encryption without authenticating the server (libpq's behaviour).
