@@ -2,7 +2,7 @@
 //! a throwaway CA for the name `localhost` only, and the role `kuaka_tls` is admitted only over
 //! TLS (`hostssl` + `hostnossl ... reject`), so a successful copy proves the connection used TLS.
 
-use crate::support::postgres::TLS_ROLE;
+use crate::support::postgres::{MD5_ROLE, PASSWORD_ROLE_PASSWORD, TLS_ROLE};
 use crate::support::{assert_same_data, kuaka, pg, psql, run};
 
 struct TlsJob {
@@ -112,4 +112,25 @@ fn tls_modes_that_should_refuse_do() {
     ));
     out.assert_exit_code(2);
     assert!(out.stderr.contains("/nonexistent/ca.pem"), "{}", out.stderr);
+}
+
+/// The data path has its own protocol client: MD5 password authentication (pre-SCRAM servers'
+/// default) must work there too, with and without TLS.
+#[test]
+fn md5_password_authentication() {
+    let job = setup("md5_auth");
+    for params in ["?sslmode=disable", "?sslmode=require"] {
+        let source = format!(
+            "postgres://{MD5_ROLE}:{PASSWORD_ROLE_PASSWORD}@127.0.0.1:{}/{}{params}",
+            pg().port,
+            job.source_db
+        );
+        let out = job.copy(&source);
+        out.assert_success();
+        assert!(!out.all_output().contains(PASSWORD_ROLE_PASSWORD));
+        assert_same_data(
+            &job.source_url("127.0.0.1", "?sslmode=require"),
+            &job.target,
+        );
+    }
 }

@@ -16,6 +16,8 @@ pub const SUPERUSER: &str = "postgres";
 /// A role that logs in with a password over TCP (scram-sha-256), for password tests.
 pub const PASSWORD_ROLE: &str = "kuaka_pw";
 pub const PASSWORD_ROLE_PASSWORD: &str = "s3cret-pw";
+/// A role that logs in with an MD5 password hash (older servers' default), for the wire client.
+pub const MD5_ROLE: &str = "kuaka_md5";
 /// A role that pg_hba admits only over TLS (`hostssl`), for TLS tests.
 pub const TLS_ROLE: &str = "kuaka_tls";
 
@@ -142,6 +144,7 @@ impl PgServer {
                  hostssl all {TLS_ROLE} 127.0.0.1/32 trust\n\
                  hostnossl all {TLS_ROLE} 127.0.0.1/32 reject\n\
                  host all {PASSWORD_ROLE} 127.0.0.1/32 scram-sha-256\n\
+                 host all {MD5_ROLE} 127.0.0.1/32 md5\n\
                  host replication {PASSWORD_ROLE} 127.0.0.1/32 scram-sha-256\n\
                  host all all 127.0.0.1/32 trust\n\
                  host replication all 127.0.0.1/32 trust\n"
@@ -176,7 +179,9 @@ impl PgServer {
             &admin,
             &format!(
                 "CREATE ROLE {PASSWORD_ROLE} LOGIN SUPERUSER REPLICATION \
-                 PASSWORD '{PASSWORD_ROLE_PASSWORD}'; CREATE ROLE {TLS_ROLE} LOGIN SUPERUSER;"
+                 PASSWORD '{PASSWORD_ROLE_PASSWORD}'; CREATE ROLE {TLS_ROLE} LOGIN SUPERUSER; \
+                 SET password_encryption = 'md5'; \
+                 CREATE ROLE {MD5_ROLE} LOGIN SUPERUSER PASSWORD '{PASSWORD_ROLE_PASSWORD}';"
             ),
         );
         eprintln!(
