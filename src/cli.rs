@@ -115,12 +115,13 @@ pub struct StatusArgs {
     pub json: bool,
 }
 
-/// Workers default to the machine's cores, at least 2 (one reads while another writes).
+/// Workers default to the machine's cores, at least 2 and at most 8: each worker holds a
+/// connection on both databases, and a big host should not open dozens of them unasked.
 fn default_jobs() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2)
-        .max(2)
+        .clamp(2, 8)
 }
 
 fn password_from_env(field: &str, var: Option<&str>) -> Result<Option<Secret>, ConfigError> {
