@@ -405,6 +405,32 @@ fn hot_standby_as_source() {
     assert_same_schema(&job.source, &job.target);
 }
 
+/// Objects kuaka does not recreate are named up front, by kind, with what to do.
+#[test]
+fn objects_not_copied_are_reported() {
+    let job = Job::new("not_copied", |url| {
+        psql(
+            url,
+            "CREATE TABLE t (a int PRIMARY KEY, b int); \
+             CREATE STATISTICS t_ab ON a, b FROM t; \
+             CREATE FUNCTION lt(int, int) RETURNS boolean LANGUAGE sql AS 'SELECT $1 < $2'; \
+             CREATE OPERATOR <<< (LEFTARG = int, RIGHTARG = int, FUNCTION = lt); \
+             CREATE POLICY p ON t USING (a > 0);",
+        );
+    });
+    let output = job.run(&[]);
+    output.assert_success();
+    let all = output.all_output();
+    for expected in [
+        "extended statistics public.t_ab is not copied",
+        "operator public.<<< is not copied",
+        "row-level security policy \"p\" on public.t is not copied",
+    ] {
+        assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
+    }
+    assert_same_data(&job.source, &job.target);
+}
+
 // ---- edge tables ---------------------------------------------------------------------------
 
 #[test]

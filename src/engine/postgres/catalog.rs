@@ -944,6 +944,33 @@ async fn read_unsupported(
             r.get::<_, String>(0)
         ));
     }
+    // Objects in the copied schemas that kuaka does not recreate, by kind.
+    let others = format!(
+        "SELECT 'foreign table ' || format('%I.%I', n.nspname, c.relname) FROM pg_class c \
+           JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind = 'f' AND n.nspname = ANY($1) \
+         UNION ALL SELECT 'extended statistics ' || format('%I.%I', n.nspname, s.stxname) FROM pg_statistic_ext s \
+           JOIN pg_namespace n ON n.oid = s.stxnamespace WHERE n.nspname = ANY($1) \
+         UNION ALL SELECT 'operator ' || format('%I.%s', n.nspname, o.oprname) FROM pg_operator o \
+           JOIN pg_namespace n ON n.oid = o.oprnamespace WHERE n.nspname = ANY($1) AND {} \
+         UNION ALL SELECT 'operator class ' || format('%I.%I', n.nspname, o.opcname) FROM pg_opclass o \
+           JOIN pg_namespace n ON n.oid = o.opcnamespace WHERE n.nspname = ANY($1) AND {} \
+         UNION ALL SELECT 'cast ' || format_type(c.castsource, NULL) || ' -> ' || format_type(c.casttarget, NULL) \
+           FROM pg_cast c WHERE c.oid >= 16384 AND {} \
+         ORDER BY 1",
+        not_extension_member("pg_operator", "o.oid"),
+        not_extension_member("pg_opclass", "o.oid"),
+        not_extension_member("pg_cast", "c.oid"),
+    );
+    let rows = client
+        .query(&others, &[&schemas])
+        .await
+        .ctx(|| "looking for objects kuaka does not copy".into())?;
+    for r in &rows {
+        notes.push(format!(
+            "{} is not copied; create it on the target yourself (pg_dump --schema-only shows its definition)",
+            r.get::<_, String>(0)
+        ));
+    }
     let row = client
         .query_one("SELECT count(*) FROM pg_largeobject_metadata", &[])
         .await
