@@ -13,19 +13,28 @@ use crate::support::{
     psql, psql_file, query_one, run, wait_until,
 };
 
-/// pagila from the shared datasets: `shared/` sits beside the checkout (`KUAKA_SHARED_DIR`
-/// overrides it).
+/// pagila from the shared datasets: `KUAKA_SHARED_DIR`, else `shared/` beside the checkout (as
+/// CI lays it out), else this workplace's `/work/shared`.
 fn pagila_dir() -> std::path::PathBuf {
-    let shared = std::env::var_os("KUAKA_SHARED_DIR")
+    let candidates = std::env::var_os("KUAKA_SHARED_DIR")
         .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"));
-    let dir = shared.join("datasets/pagila");
-    assert!(
-        dir.join("pagila-schema.sql").exists(),
-        "pagila not found in {}; set KUAKA_SHARED_DIR to the shared/ folder",
-        dir.display()
-    );
-    dir
+        .into_iter()
+        .chain([
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"),
+            std::path::PathBuf::from("/work/shared"),
+        ]);
+    let mut tried = Vec::new();
+    for shared in candidates {
+        let dir = shared.join("datasets/pagila");
+        if dir.join("pagila-schema.sql").exists() {
+            return dir;
+        }
+        tried.push(dir.display().to_string());
+    }
+    panic!(
+        "pagila not found (tried {}); set KUAKA_SHARED_DIR to the shared/ folder",
+        tried.join(", ")
+    )
 }
 
 /// Gunzip a file into a temp file (the `gzip` binary; no extra dev-dependency).
