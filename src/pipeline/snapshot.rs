@@ -226,8 +226,10 @@ async fn run_phases(
     drop(snapshot);
 
     failpoint::hit("snapshot.before_post_data");
-    create_post_data(spec, store, &schema, &target, ui, cancel).await?;
+    drop(target);
+    create_post_data(spec, store, &schema, ui, cancel).await?;
 
+    let target = postgres::connect(&spec.target, Side::Target, "schema").await?;
     target
         .execute(
             "UPDATE kuaka.jobs SET snapshot_done_at = now() WHERE job_id = $1",
@@ -1005,7 +1007,6 @@ async fn create_post_data(
     spec: &JobSpec,
     store: &StateStore,
     schema: &Schema,
-    target: &Client,
     ui: &Ui,
     cancel: &CancellationToken,
 ) -> Result<()> {
@@ -1032,15 +1033,13 @@ async fn create_post_data(
     if let Some(b) = &bar {
         b.set_position((total - remaining) as u64);
     }
+    // Fresh connections: the one that created the schema may have died with a target restart
+    // during the copy, which the copy workers survived by reconnecting.
     let mut clients = vec![];
     let workers = spec.jobs.max(1);
     for i in 0..workers {
-        let c = if i == 0 {
-            None
-        } else {
-            Some(postgres::connect(&spec.target, Side::Target, &format!("index {i}")).await?)
-        };
-        let client_ref = c.as_ref().unwrap_or(target);
+        let c = postgres::connect(&spec.target, Side::Target, &format!("index {i}")).await?;
+        let client_ref = &c;
         client_ref
             .batch_execute(TARGET_SESSION_SETUP)
             .await
@@ -1054,10 +1053,7 @@ async fn create_post_data(
             .ctx(|| "setting maintenance_work_mem on the target".into())?;
         clients.push(c);
     }
-    let clients: Vec<&Client> = clients
-        .iter()
-        .map(|c| c.as_ref().unwrap_or(target))
-        .collect();
+    let clients: Vec<&Client> = clients.iter().collect();
     for (steps, parallel) in todo {
         let parallel = if parallel { clients.len() } else { 1 };
         let queue = std::sync::Mutex::new(VecDeque::from(steps));

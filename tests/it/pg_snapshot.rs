@@ -7,10 +7,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::support::job::Job;
-use crate::support::postgres::{PASSWORD_ROLE_PASSWORD, query_rows};
+use crate::support::postgres::{PASSWORD_ROLE_PASSWORD, PgServer, query_rows};
 use crate::support::{
-    Background, assert_same_data, assert_same_schema, free_port, kuaka, pg, pg_table_checksums,
-    psql, psql_file, query_one, run, wait_until,
+    Background, assert_same_data, assert_same_schema, fixture, free_port, kuaka, pg,
+    pg_table_checksums, psql, psql_file, query_one, run, wait_until,
 };
 
 /// pagila from the shared datasets: `KUAKA_SHARED_DIR`, else `shared/` beside the checkout (as
@@ -438,6 +438,64 @@ fn objects_not_copied_are_reported() {
         assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
     }
     assert_same_data(&job.source, &job.target);
+}
+
+/// The target restarts in the middle of the copy: workers reconnect, ask the target which chunks
+/// committed, copy the rest, and the run finishes without a rerun.
+#[test]
+fn target_restart_during_the_copy() {
+    let target_server = PgServer::start_private();
+    let source = pg().create_db("target_restart_src");
+    psql_file(&source, &fixture("crash_source.sql"));
+    let target = target_server.create_db("target_restart_dst");
+    let state = tempfile::tempdir().expect("state");
+    let mut command = kuaka();
+    command
+        .args([
+            "run",
+            "--snapshot-only",
+            "--source",
+            &source,
+            "--target",
+            &target,
+        ])
+        .arg("--state")
+        .arg(state.path())
+        .args([
+            "--chunk-rows",
+            "1000",
+            "--jobs",
+            "2",
+            "--max-rows-per-sec",
+            "15000",
+        ]);
+    let mut background = Background::spawn(command);
+    wait_until(
+        "some rows to reach the target",
+        Duration::from_secs(60),
+        || {
+            assert!(
+                background.is_running(),
+                "kuaka exited too early:\n{}",
+                background.stderr()
+            );
+            pg_table_checksums(&target)
+                .values()
+                .map(|(n, _)| n)
+                .sum::<i64>()
+                > 0
+        },
+    );
+    target_server.restart();
+    let finished = background.wait(Duration::from_secs(120));
+    finished.assert_success();
+    assert!(
+        finished.stderr.contains("retrying"),
+        "the restart should have interrupted a chunk:\n{}",
+        finished.stderr
+    );
+    assert_same_data(&source, &target);
+    assert_same_schema(&source, &target);
 }
 
 // ---- edge tables ---------------------------------------------------------------------------

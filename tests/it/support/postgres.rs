@@ -212,6 +212,24 @@ impl PgServer {
         }
     }
 
+    /// A server of this test's own (not the shared one), for tests that restart it.
+    pub fn start_private() -> PgServer {
+        PgServer::start()
+    }
+
+    /// Restart the server (fast shutdown: sessions are cut, open transactions roll back).
+    pub fn restart(&self) {
+        run_checked(
+            self.as_postgres(&bin("pg_ctl"))
+                .arg("-D")
+                .arg(self.dir.join("data"))
+                .arg("-l")
+                .arg(self.dir.join("postgres.log"))
+                .args(["-m", "fast", "-w", "-t", "60", "restart"]),
+            "pg_ctl restart",
+        );
+    }
+
     /// A hot standby of this server (`pg_basebackup -R`, streaming), on its own port; stopped
     /// and removed when the test process ends. Returns its port.
     pub fn start_standby(&self) -> u16 {
