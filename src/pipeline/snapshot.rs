@@ -218,8 +218,24 @@ async fn run_phases(
     }
 
     let copy_started = Instant::now();
-    let (rows, bytes) =
-        copy_tables(spec, store, &schema, &snapshot, &target, job_id, ui, cancel).await?;
+    let mut snapshot = snapshot;
+    let mut renewals = 0;
+    let (rows, bytes) = loop {
+        match copy_tables(spec, store, &schema, &snapshot, &target, job_id, ui, cancel).await {
+            // The source restarted (or the connection holding the snapshot broke): resume
+            // from the target's chunk markers under a new snapshot, as a rerun would.
+            Err(Error::Postgres(postgres::Error::SnapshotLost { .. }))
+                if renewals < MAX_SNAPSHOT_RENEWALS =>
+            {
+                renewals += 1;
+                tracing::warn!(
+                    "the source snapshot was lost (source restart?); continuing with a new snapshot: chunks copied from now on see a later instant than the ones before"
+                );
+                snapshot = renew_snapshot(spec, cancel).await?;
+            }
+            other => break other?,
+        }
+    };
     let copy_seconds = copy_started.elapsed().as_secs_f64();
     // All chunks are in: the exported snapshot is no longer needed.
     let _ = snapshot.client.batch_execute("COMMIT").await;
@@ -256,6 +272,32 @@ async fn run_phases(
         copy_seconds,
         ..Summary::default()
     })
+}
+
+/// How often one run replaces a lost snapshot before giving up.
+const MAX_SNAPSHOT_RENEWALS: usize = 3;
+
+/// Connect to the source again (it may still be starting) and export a new snapshot.
+async fn renew_snapshot(spec: &JobSpec, cancel: &CancellationToken) -> Result<ExportedSnapshot> {
+    let mut attempt = 0;
+    loop {
+        let result = async {
+            let client =
+                postgres::connect(&spec.source, Side::Source, "snapshot coordinator").await?;
+            Ok::<_, Error>(ExportedSnapshot::export(client).await?)
+        }
+        .await;
+        match result {
+            Ok(s) => return Ok(s),
+            Err(e) => match retry_delay(&e, attempt) {
+                Some(delay) if !cancel.is_cancelled() => {
+                    attempt += 1;
+                    tokio::time::sleep(delay).await;
+                }
+                _ => return Err(e),
+            },
+        }
+    }
 }
 
 async fn check_versions(source: &Client, target: &Client) -> Result<()> {
@@ -966,6 +1008,9 @@ async fn worker_loop(
                         attempt += 1;
                         connections = None;
                         tokio::time::sleep(delay).await;
+                    }
+                    None if matches!(e, Error::Postgres(postgres::Error::SnapshotLost { .. })) => {
+                        return Err(e);
                     }
                     None => {
                         let message = format!("copying {} failed: {e}", run.name);

@@ -340,10 +340,10 @@ fn extension_types() {
     );
 }
 
-/// The connection holding the exported snapshot dies mid-copy (as when the source restarts):
-/// kuaka stops with a message saying to rerun, and the rerun finishes with the source's data.
+/// The connection holding the exported snapshot dies mid-copy: kuaka exports a new snapshot and
+/// carries on from the target's chunk markers, within the same run.
 #[test]
-fn lost_snapshot_connection_stops_clearly_and_resumes() {
+fn lost_snapshot_connection_is_renewed() {
     let job = Job::with_fixture("lost_snapshot", "crash_source.sql");
     let mut args = CRASH_ARGS.to_vec();
     args.extend(["--max-rows-per-sec", "20000"]);
@@ -369,17 +369,72 @@ fn lost_snapshot_connection_stops_clearly_and_resumes() {
         terminated, "1",
         "the coordinator connection should have been found"
     );
-    let stopped = background.wait(Duration::from_secs(60));
-    assert_eq!(stopped.status.code(), Some(2), "{}", stopped.all_output());
+    let finished = background.wait(Duration::from_secs(60));
+    finished.assert_success();
     assert!(
-        stopped
-            .stderr
-            .contains("run the same command again to resume"),
+        finished.stderr.contains("continuing with a new snapshot"),
         "{}",
-        stopped.stderr
+        finished.stderr
     );
-    job.run(CRASH_ARGS).assert_success();
     job.assert_migrated();
+}
+
+/// The source restarts in the middle of the copy: workers reconnect, the snapshot is renewed,
+/// and the run finishes with the source's data without a rerun.
+#[test]
+fn source_restart_during_the_copy() {
+    let source_server = PgServer::start_private();
+    let source = source_server.create_db("source_restart_src");
+    psql_file(&source, &fixture("crash_source.sql"));
+    let target = pg().create_db("source_restart_dst");
+    let state = tempfile::tempdir().expect("state");
+    let mut command = kuaka();
+    command
+        .args([
+            "run",
+            "--snapshot-only",
+            "--source",
+            &source,
+            "--target",
+            &target,
+        ])
+        .arg("--state")
+        .arg(state.path())
+        .args([
+            "--chunk-rows",
+            "1000",
+            "--jobs",
+            "2",
+            "--max-rows-per-sec",
+            "15000",
+        ]);
+    let mut background = Background::spawn(command);
+    wait_until(
+        "some rows to reach the target",
+        Duration::from_secs(60),
+        || {
+            assert!(
+                background.is_running(),
+                "kuaka exited too early:\n{}",
+                background.stderr()
+            );
+            pg_table_checksums(&target)
+                .values()
+                .map(|(n, _)| n)
+                .sum::<i64>()
+                > 0
+        },
+    );
+    source_server.restart();
+    let finished = background.wait(Duration::from_secs(120));
+    finished.assert_success();
+    assert!(
+        finished.stderr.contains("continuing with a new snapshot"),
+        "{}",
+        finished.stderr
+    );
+    assert_same_data(&source, &target);
+    assert_same_schema(&source, &target);
 }
 
 /// A hot standby as the source (it spares the primary): the snapshot is exported on the standby

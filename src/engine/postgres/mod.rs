@@ -52,13 +52,20 @@ pub enum Error {
     },
     #[error("{0}")]
     Definite(String),
+    /// The exported snapshot no longer exists (its connection ended, e.g. a source restart).
+    #[error(
+        "the source snapshot is gone (the source restarted or kuaka's connection holding it dropped) while reading {table}; run the same command again to resume"
+    )]
+    SnapshotLost { table: String },
 }
 
 impl Error {
     pub fn class(&self) -> ErrorClass {
         match self {
             Error::Connect { class, .. } | Error::Query { class, .. } => *class,
-            Error::Auth { .. } | Error::Definite(_) => ErrorClass::Definite,
+            Error::Auth { .. } | Error::Definite(_) | Error::SnapshotLost { .. } => {
+                ErrorClass::Definite
+            }
         }
     }
 

@@ -581,9 +581,9 @@ pub async fn copy_chunk(
         .await
         .map_err(|e| {
             if e.sqlstate() == Some("22023") {
-                Error::Definite(format!(
-                    "the source snapshot is gone (the source restarted or kuaka's connection holding it dropped) while reading {label}; run the same command again to resume"
-                ))
+                Error::SnapshotLost {
+                    table: label.clone(),
+                }
             } else {
                 e
             }
