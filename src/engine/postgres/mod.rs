@@ -14,6 +14,8 @@
 
 pub mod catalog;
 pub mod ddl;
+pub mod decode;
+pub mod replication;
 pub mod snapshot;
 pub mod tls;
 pub mod wire;

@@ -97,6 +97,16 @@ impl WireConnection {
         side: Side,
         role: &str,
     ) -> Result<WireConnection, Error> {
+        Self::connect_with(endpoint, side, role, &[]).await
+    }
+
+    /// [`connect`](Self::connect) with extra startup parameters (`replication=database`).
+    pub async fn connect_with(
+        endpoint: &Endpoint,
+        side: Side,
+        role: &str,
+        extra: &[(&str, &str)],
+    ) -> Result<WireConnection, Error> {
         let where_ = format!("{} ({})", endpoint.redacted(), side.name());
         let connect_error = |message: String, class| Error::Connect {
             endpoint: where_.clone(),
@@ -162,6 +172,7 @@ impl WireConnection {
         if let Some(options) = endpoint.param("options") {
             params.push(("options", options));
         }
+        params.extend_from_slice(extra);
         frontend::startup_message(params.iter().copied(), &mut conn.write)
             .map_err(|e| connect_error(e.to_string(), ErrorClass::Definite))?;
         conn.flush().await?;
@@ -419,6 +430,74 @@ impl WireConnection {
             }
             self.fill(context).await?;
         }
+    }
+
+    /// Start a command answered with CopyBothResponse (`START_REPLICATION`).
+    pub async fn copy_both(&mut self, sql: &str, context: &str) -> Result<(), Error> {
+        frontend::query(sql, &mut self.write).map_err(|e| io_error(context, e))?;
+        self.flush().await?;
+        loop {
+            // postgres-protocol has no CopyBothResponse ('W'): recognise and skip it here.
+            while self.read.len() < 5 {
+                self.fill(context).await?;
+            }
+            if self.read[0] == b'W' {
+                let len =
+                    u32::from_be_bytes([self.read[1], self.read[2], self.read[3], self.read[4]])
+                        as usize;
+                while self.read.len() < 1 + len {
+                    self.fill(context).await?;
+                }
+                self.read.advance(1 + len);
+                return Ok(());
+            }
+            match self.read_message(context).await? {
+                Message::ErrorResponse(body) => {
+                    let e = server_error(context, &mut body.fields());
+                    self.until_ready(context).await?;
+                    return Err(e);
+                }
+                Message::NoticeResponse(_) | Message::ParameterStatus(_) => {}
+                _ => return Err(protocol_error(context, "instead of CopyBothResponse")),
+            }
+        }
+    }
+
+    /// The next CopyData payload of a COPY BOTH stream; `None` when the server ends it.
+    pub async fn copy_both_next(&mut self, context: &str) -> Result<Option<bytes::Bytes>, Error> {
+        loop {
+            match self.read_message(context).await? {
+                Message::CopyData(body) => return Ok(Some(body.into_bytes())),
+                Message::CopyDone => return Ok(None),
+                Message::ErrorResponse(body) => {
+                    return Err(server_error(context, &mut body.fields()));
+                }
+                Message::NoticeResponse(_) | Message::ParameterStatus(_) => {}
+                _ => return Err(protocol_error(context, "during COPY BOTH")),
+            }
+        }
+    }
+
+    /// Send one CopyData message carrying `payload`.
+    pub async fn send_copy_data(&mut self, payload: &[u8], context: &str) -> Result<(), Error> {
+        self.write.extend_from_slice(b"d");
+        self.write
+            .extend_from_slice(&((payload.len() + 4) as u32).to_be_bytes());
+        self.write.extend_from_slice(payload);
+        self.flush().await.map_err(|e| match e {
+            Error::Query {
+                message,
+                class,
+                sqlstate,
+                ..
+            } => Error::Query {
+                context: context.to_owned(),
+                message,
+                class,
+                sqlstate,
+            },
+            other => other,
+        })
     }
 
     /// Start `COPY ... FROM STDIN`.
