@@ -196,6 +196,15 @@ impl Endpoint {
         }
     }
 
+    /// `connect_timeout` in seconds, 15 when not given.
+    pub fn connect_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(
+            self.param("connect_timeout")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(15),
+        )
+    }
+
     pub fn param(&self, name: &str) -> Option<&str> {
         self.params
             .iter()

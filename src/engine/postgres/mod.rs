@@ -24,8 +24,6 @@ use std::time::Duration;
 
 use tokio_postgres::{Client, NoTls};
 
-use self::tls::SslMode;
-
 use crate::config::Endpoint;
 use crate::engine::ErrorClass;
 
@@ -172,12 +170,7 @@ pub async fn connect(endpoint: &Endpoint, side: Side, role: &str) -> Result<Clie
         .user(&endpoint.user)
         .dbname(&endpoint.database)
         .application_name(format!("kuaka {role}"))
-        .connect_timeout(Duration::from_secs(
-            endpoint
-                .param("connect_timeout")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(15),
-        ))
+        .connect_timeout(endpoint.connect_timeout())
         .keepalives(true)
         .keepalives_idle(Duration::from_secs(30));
     if let Some(options) = endpoint.param("options") {
@@ -186,12 +179,7 @@ pub async fn connect(endpoint: &Endpoint, side: Side, role: &str) -> Result<Clie
     if let Some(password) = &endpoint.password {
         config.password(password.expose());
     }
-    let mode = match endpoint.param("sslmode") {
-        Some(v) => {
-            SslMode::parse(v).ok_or_else(|| Error::Definite(format!("unknown sslmode {v:?}")))?
-        }
-        None => SslMode::Prefer,
-    };
+    let mode = tls::mode_of(endpoint)?;
     config.ssl_mode(mode.negotiation());
     let connector = tls::connector(
         mode,
@@ -241,17 +229,13 @@ pub async fn connect(endpoint: &Endpoint, side: Side, role: &str) -> Result<Clie
                 });
             }
             let message = describe(&e);
-            let message = if message.contains("UnknownIssuer") {
-                format!(
-                    "{message}; the server certificate is not signed by a root this machine trusts: pass ?sslrootcert=/path/to/ca.pem"
-                )
-            } else if message.contains("password missing") {
+            let message = if message.contains("password missing") {
                 format!(
                     "the server asks for a password and none was given; put it in the URL or use --{}-password-env",
                     side.name()
                 )
             } else {
-                message
+                tls::with_trust_hint(message)
             };
             return Err(Error::Connect {
                 endpoint: format!("{} ({})", endpoint.redacted(), side.name()),

@@ -56,6 +56,27 @@ impl SslMode {
     }
 }
 
+/// The endpoint's `sslmode` (libpq's default, `prefer`, when not given).
+pub fn mode_of(endpoint: &crate::config::Endpoint) -> Result<SslMode> {
+    match endpoint.param("sslmode") {
+        Some(v) => {
+            SslMode::parse(v).ok_or_else(|| Error::Definite(format!("unknown sslmode {v:?}")))
+        }
+        None => Ok(SslMode::Prefer),
+    }
+}
+
+/// Add what to do when the server's certificate chain leads to no trusted root.
+pub fn with_trust_hint(message: String) -> String {
+    if message.contains("UnknownIssuer") {
+        format!(
+            "{message}; the server certificate is not signed by a root this machine trusts: pass ?sslrootcert=/path/to/ca.pem"
+        )
+    } else {
+        message
+    }
+}
+
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }

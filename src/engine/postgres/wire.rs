@@ -113,17 +113,8 @@ impl WireConnection {
             message,
             class,
         };
-        let timeout = Duration::from_secs(
-            endpoint
-                .param("connect_timeout")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(15),
-        );
-        let mode = match endpoint.param("sslmode") {
-            Some(v) => SslMode::parse(v)
-                .ok_or_else(|| Error::Definite(format!("unknown sslmode {v:?}")))?,
-            None => SslMode::Prefer,
-        };
+        let timeout = endpoint.connect_timeout();
+        let mode = tls::mode_of(endpoint)?;
         let tls = tls::client_config(
             mode,
             endpoint.param("sslrootcert").map(std::path::Path::new),
@@ -366,18 +357,25 @@ impl WireConnection {
 
     /// Start `COPY ... TO STDOUT`.
     pub async fn copy_out(&mut self, sql: &str, context: &str) -> Result<(), Error> {
+        self.start_copy(sql, context, false).await
+    }
+
+    /// Send a COPY statement and wait for the server's CopyOutResponse (`to_server` false) or
+    /// CopyInResponse (`to_server` true).
+    async fn start_copy(&mut self, sql: &str, context: &str, to_server: bool) -> Result<(), Error> {
         frontend::query(sql, &mut self.write).map_err(|e| io_error(context, e))?;
         self.flush().await?;
         loop {
             match self.read_message(context).await? {
-                Message::CopyOutResponse(_) => return Ok(()),
+                Message::CopyOutResponse(_) if !to_server => return Ok(()),
+                Message::CopyInResponse(_) if to_server => return Ok(()),
                 Message::ErrorResponse(body) => {
                     let e = server_error(context, &mut body.fields());
                     self.until_ready(context).await?;
                     return Err(e);
                 }
                 Message::NoticeResponse(_) | Message::ParameterStatus(_) => {}
-                _ => return Err(protocol_error(context, "instead of CopyOutResponse")),
+                _ => return Err(protocol_error(context, "instead of the COPY response")),
             }
         }
     }
@@ -502,20 +500,7 @@ impl WireConnection {
 
     /// Start `COPY ... FROM STDIN`.
     pub async fn copy_in(&mut self, sql: &str, context: &str) -> Result<(), Error> {
-        frontend::query(sql, &mut self.write).map_err(|e| io_error(context, e))?;
-        self.flush().await?;
-        loop {
-            match self.read_message(context).await? {
-                Message::CopyInResponse(_) => return Ok(()),
-                Message::ErrorResponse(body) => {
-                    let e = server_error(context, &mut body.fields());
-                    self.until_ready(context).await?;
-                    return Err(e);
-                }
-                Message::NoticeResponse(_) | Message::ParameterStatus(_) => {}
-                _ => return Err(protocol_error(context, "instead of CopyInResponse")),
-            }
-        }
+        self.start_copy(sql, context, true).await
     }
 
     /// Send complete, framed `CopyData` messages as they are.
@@ -609,15 +594,10 @@ async fn negotiate_tls(
                 .connect(name, tcp)
                 .await
                 .map_err(|e| {
-                    let message = format!("error performing TLS handshake: {e}");
-                    let message = if message.contains("UnknownIssuer") {
-                        format!(
-                            "{message}; the server certificate is not signed by a root this machine trusts: pass ?sslrootcert=/path/to/ca.pem"
-                        )
-                    } else {
-                        message
-                    };
-                    (message, ErrorClass::Definite)
+                    (
+                        tls::with_trust_hint(format!("error performing TLS handshake: {e}")),
+                        ErrorClass::Definite,
+                    )
                 })?;
             Ok(Box::pin(tls))
         }
