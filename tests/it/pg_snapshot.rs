@@ -10,7 +10,7 @@ use crate::support::job::Job;
 use crate::support::postgres::{PASSWORD_ROLE_PASSWORD, PgServer, query_rows};
 use crate::support::{
     Background, assert_same_data, assert_same_schema, fixture, free_port, kuaka, pg,
-    pg_table_checksums, psql, psql_file, query_one, run, wait_until,
+    pg_table_checksums, psql, psql_file, query_one, run, spawn_until_rows_arrive, wait_until,
 };
 
 /// pagila from the shared datasets: `KUAKA_SHARED_DIR`, else `shared/` beside the checkout (as
@@ -251,19 +251,7 @@ fn crash_by_external_sigkill() {
     // 55k rows at 20k rows/s: about 3 s of copying, long enough to be killed in the middle.
     let mut args = CRASH_ARGS.to_vec();
     args.extend(["--max-rows-per-sec", "20000"]);
-    let mut background = Background::spawn(job.run_command(&args));
-    wait_until(
-        "some rows to reach the target",
-        Duration::from_secs(60),
-        || {
-            assert!(
-                background.is_running(),
-                "kuaka exited before it could be killed; stderr:\n{}",
-                background.stderr()
-            );
-            job.target_row_count() > 0
-        },
-    );
+    let background = spawn_until_rows_arrive(job.run_command(&args), &job.target);
     let killed = background.kill();
     assert_eq!(
         std::os::unix::process::ExitStatusExt::signal(&killed.status),
@@ -283,19 +271,7 @@ fn sigterm_stops_cleanly_and_resumes() {
     let job = Job::with_fixture("sigterm", "crash_source.sql");
     let mut args = CRASH_ARGS.to_vec();
     args.extend(["--max-rows-per-sec", "20000"]);
-    let mut background = Background::spawn(job.run_command(&args));
-    wait_until(
-        "some rows to reach the target",
-        Duration::from_secs(60),
-        || {
-            assert!(
-                background.is_running(),
-                "kuaka exited too early:\n{}",
-                background.stderr()
-            );
-            job.target_row_count() > 0
-        },
-    );
+    let background = spawn_until_rows_arrive(job.run_command(&args), &job.target);
     let status = Command::new("kill")
         .args(["-TERM", &background.pid().to_string()])
         .status()
@@ -347,19 +323,7 @@ fn lost_snapshot_connection_is_renewed() {
     let job = Job::with_fixture("lost_snapshot", "crash_source.sql");
     let mut args = CRASH_ARGS.to_vec();
     args.extend(["--max-rows-per-sec", "20000"]);
-    let mut background = Background::spawn(job.run_command(&args));
-    wait_until(
-        "some rows to reach the target",
-        Duration::from_secs(60),
-        || {
-            assert!(
-                background.is_running(),
-                "kuaka exited too early:\n{}",
-                background.stderr()
-            );
-            job.target_row_count() > 0
-        },
-    );
+    let background = spawn_until_rows_arrive(job.run_command(&args), &job.target);
     let terminated = query_one(
         &job.source,
         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
@@ -408,23 +372,7 @@ fn source_restart_during_the_copy() {
             "--max-rows-per-sec",
             "15000",
         ]);
-    let mut background = Background::spawn(command);
-    wait_until(
-        "some rows to reach the target",
-        Duration::from_secs(60),
-        || {
-            assert!(
-                background.is_running(),
-                "kuaka exited too early:\n{}",
-                background.stderr()
-            );
-            pg_table_checksums(&target)
-                .values()
-                .map(|(n, _)| n)
-                .sum::<i64>()
-                > 0
-        },
-    );
+    let background = spawn_until_rows_arrive(command, &target);
     source_server.restart();
     let finished = background.wait(Duration::from_secs(120));
     finished.assert_success();
@@ -524,23 +472,7 @@ fn target_restart_during_the_copy() {
             "--max-rows-per-sec",
             "15000",
         ]);
-    let mut background = Background::spawn(command);
-    wait_until(
-        "some rows to reach the target",
-        Duration::from_secs(60),
-        || {
-            assert!(
-                background.is_running(),
-                "kuaka exited too early:\n{}",
-                background.stderr()
-            );
-            pg_table_checksums(&target)
-                .values()
-                .map(|(n, _)| n)
-                .sum::<i64>()
-                > 0
-        },
-    );
+    let background = spawn_until_rows_arrive(command, &target);
     target_server.restart();
     let finished = background.wait(Duration::from_secs(120));
     finished.assert_success();

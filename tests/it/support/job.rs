@@ -3,10 +3,7 @@
 use std::process::Command;
 
 use super::postgres::{query_rows, replication_slot_count};
-use super::{
-    RunOutput, assert_same_data, assert_same_schema, fixture, kuaka, pg, pg_table_checksums,
-    psql_file, run,
-};
+use super::{RunOutput, assert_same_data, assert_same_schema, fixture, kuaka, pg, psql_file, run};
 
 /// One test's source and target databases and its own state dir.
 pub struct Job {
@@ -87,10 +84,7 @@ impl Job {
 
     /// Total committed rows in the target's user tables (0 while nothing was copied yet).
     pub fn target_row_count(&self) -> i64 {
-        pg_table_checksums(&self.target)
-            .values()
-            .map(|(count, _)| count)
-            .sum()
+        super::total_rows(&self.target)
     }
 
     pub fn status_json(&self) -> serde_json::Value {

@@ -80,6 +80,33 @@ pub fn spawn_watchdog(cleanup: &str) {
         .expect("spawn watchdog sh");
 }
 
+/// Rows in all user tables of a database (0 while nothing was copied yet).
+pub fn total_rows(url: &str) -> i64 {
+    pg_table_checksums(url)
+        .values()
+        .map(|(count, _)| count)
+        .sum()
+}
+
+/// Start kuaka in the background and return once some rows have reached `target`; the run must
+/// be slow enough (`--max-rows-per-sec`) to still be going, so the test can act mid-copy.
+pub fn spawn_until_rows_arrive(command: Command, target: &str) -> Background {
+    let mut background = Background::spawn(command);
+    wait_until(
+        "some rows to reach the target",
+        Duration::from_secs(60),
+        || {
+            assert!(
+                background.is_running(),
+                "kuaka exited before the test could act:\n{}",
+                background.stderr()
+            );
+            total_rows(target) > 0
+        },
+    );
+    background
+}
+
 /// Poll `condition` until it holds; panic naming `what` after `timeout`.
 pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
