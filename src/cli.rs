@@ -38,6 +38,53 @@ pub enum Command {
     Plan(PlanArgs),
     /// Show the progress of the job in a state directory.
     Status(StatusArgs),
+    /// Remove a job: drop its replication slot and publication on the source, its positions
+    /// on the target, and its state directory.
+    Clean(CleanArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CleanArgs {
+    #[arg(long, env = "KUAKA_STATE", default_value = "./kuaka-state")]
+    pub state: PathBuf,
+    /// Source URL with credentials (default: the job's, with the password from
+    /// --source-password-env or PGPASSWORD).
+    #[arg(long, hide_env_values = true)]
+    pub source: Option<String>,
+    /// Target URL with credentials (default: the job's, as for the source).
+    #[arg(long, hide_env_values = true)]
+    pub target: Option<String>,
+    #[arg(long, value_name = "VAR")]
+    pub source_password_env: Option<String>,
+    #[arg(long, value_name = "VAR")]
+    pub target_password_env: Option<String>,
+    /// Keep the state directory (only drop the slot, publication and target positions).
+    #[arg(long)]
+    pub keep_state: bool,
+}
+
+impl CleanArgs {
+    /// The job's endpoints: given URLs, else the stored (password-less) ones, with passwords
+    /// from the environment.
+    pub fn endpoints(
+        &self,
+        stored_source: &str,
+        stored_target: &str,
+    ) -> Result<(Endpoint, Endpoint), Vec<ConfigError>> {
+        EndpointArgs {
+            source: self
+                .source
+                .clone()
+                .unwrap_or_else(|| stored_source.to_owned()),
+            target: self
+                .target
+                .clone()
+                .unwrap_or_else(|| stored_target.to_owned()),
+            source_password_env: self.source_password_env.clone(),
+            target_password_env: self.target_password_env.clone(),
+        }
+        .resolve()
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -78,6 +125,17 @@ pub struct RunArgs {
     /// Copy a consistent snapshot and stop (no change capture).
     #[arg(long)]
     pub snapshot_only: bool,
+    /// Return once this is reached instead of streaming until stopped (`caught-up`: the
+    /// target is consistent and holds every change committed before that moment).
+    #[arg(long, value_enum, value_name = "WHEN")]
+    pub until: Option<crate::config::Until>,
+    /// How captured changes are applied: in source commit order (`transactional`) or in
+    /// parallel by key (`per-key`, order kept per key, eventually consistent between rows).
+    #[arg(long, value_enum, default_value_t = crate::config::ApplyMode::Transactional)]
+    pub apply_mode: crate::config::ApplyMode,
+    /// Workers for `--apply-mode per-key` (fixed when the job starts).
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub apply_workers: usize,
     /// Parallel copy workers (each holds one source and one target connection).
     #[arg(long, default_value_t = default_jobs())]
     pub jobs: usize,
@@ -216,6 +274,15 @@ impl RunArgs {
                 "must look like 512MB, 2GB or 65536kB",
             ));
         }
+        if self.apply_workers == 0 || self.apply_workers > 64 {
+            errors.push(invalid("--apply-workers", "must be between 1 and 64"));
+        }
+        if self.snapshot_only && self.until.is_some() {
+            errors.push(invalid(
+                "--until",
+                "applies to change capture; a --snapshot-only run always ends after the copy",
+            ));
+        }
         if self.max_rows_per_sec == Some(0) {
             errors.push(invalid("--max-rows-per-sec", "must be at least 1"));
         }
@@ -240,6 +307,9 @@ impl RunArgs {
                 max_rows_per_sec: self.max_rows_per_sec,
                 target_exists: self.target_exists,
                 index_memory: self.index_memory.clone(),
+                apply_mode: self.apply_mode,
+                apply_workers: self.apply_workers,
+                until: self.until,
             }),
             _ => Err(errors),
         }

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::{Cli, Command, PlanArgs, RunArgs, StatusArgs};
+use crate::cli::{CleanArgs, Cli, Command, PlanArgs, RunArgs, StatusArgs};
 use crate::config::ConfigError;
 use crate::engine::postgres::snapshot::{CopyFormat, ExportedSnapshot, plan_chunks};
 use crate::engine::postgres::{self, Context, Side, catalog, ddl};
@@ -24,6 +24,7 @@ pub async fn dispatch(cli: Cli, writer: &LogWriter, cancel: &CancellationToken) 
         Command::Run(args) => run(&args, &ui, cancel).await,
         Command::Plan(args) => plan(&args).await,
         Command::Status(args) => status(&args),
+        Command::Clean(args) => clean(&args).await,
     }
 }
 
@@ -39,12 +40,6 @@ async fn run(args: &RunArgs, ui: &Ui, cancel: &CancellationToken) -> u8 {
         Ok(s) => s,
         Err(errors) => return config_errors(errors),
     };
-    if !spec.snapshot_only {
-        eprintln!(
-            "kuaka: change capture (keeping the target in sync after the copy) is not available in this version; pass --snapshot-only to copy a consistent snapshot"
-        );
-        return EXIT_ERROR;
-    }
     tracing::info!(source = %spec.source, target = %spec.target, jobs = spec.jobs, "starting the snapshot");
     match pipeline::snapshot::run(&spec, &args.state, ui, cancel).await {
         Ok(summary) if summary.already_done => {
@@ -56,6 +51,19 @@ async fn run(args: &RunArgs, ui: &Ui, cancel: &CancellationToken) -> u8 {
         }
         Ok(summary) => {
             let secs = summary.copy_seconds.max(0.001);
+            if let Some(stream) = &summary.stream {
+                if summary.tables > 0 {
+                    eprintln!(
+                        "kuaka: snapshot: {} tables, {} rows in {:.1}s",
+                        summary.tables, summary.rows, summary.copy_seconds
+                    );
+                }
+                eprintln!(
+                    "kuaka: caught up: the target holds every change committed on the source up to {} ({} transactions, {} changes applied by this run; capture started at {}, consistent from {})",
+                    stream.applied, stream.transactions, stream.changes, stream.p0, stream.p1
+                );
+                return EXIT_OK;
+            }
             eprintln!(
                 "kuaka: snapshot complete{}: {} tables, {} rows, {}; this run copied {} rows, {} in {:.1}s ({:.0} rows/s, {}/s); total {:.1}s",
                 if summary.resumed { " (resumed)" } else { "" },
@@ -301,6 +309,95 @@ fn describe_phase(phase: &str) -> &str {
         "planned" => "planned (schema being created)",
         "copying" => "copying data",
         "done" => "snapshot complete",
+        "snapshot" => "snapshot (changes are captured meanwhile)",
+        "catching_up" => "catching up (the target is not consistent until apply passes P1)",
+        "streaming" => "streaming (the target is consistent and follows the source)",
         other => other,
     }
+}
+
+async fn clean(args: &CleanArgs) -> u8 {
+    let store = match StateStore::open_locked(&args.state) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("kuaka: {e}");
+            return EXIT_ERROR;
+        }
+    };
+    let job = match store.job() {
+        Ok(Some(j)) => j,
+        Ok(None) => {
+            eprintln!("kuaka: no job in {}", args.state.display());
+            return EXIT_ERROR;
+        }
+        Err(e) => {
+            eprintln!("kuaka: {e}");
+            return EXIT_ERROR;
+        }
+    };
+    let (source, target) = match args.endpoints(&job.source, &job.target) {
+        Ok(e) => e,
+        Err(errors) => return config_errors(errors),
+    };
+    let slot = store.meta("slot").ok().flatten();
+    let publication = store.meta("publication").ok().flatten();
+    let result = async {
+        if slot.is_some() || publication.is_some() {
+            let client = postgres::connect(&source, Side::Source, "clean").await?;
+            let done = postgres::capture::drop_slot_and_publication(
+                &client,
+                slot.as_deref().unwrap_or(""),
+                publication.as_deref().unwrap_or(""),
+            )
+            .await?;
+            for d in done {
+                eprintln!("kuaka: {d} on {source}");
+            }
+        }
+        let client = postgres::connect(&target, Side::Target, "clean").await?;
+        let removed = client
+            .query_one(
+                "SELECT (SELECT count(*) FROM pg_tables WHERE schemaname = 'kuaka' AND tablename = 'apply_position')::int",
+                &[],
+            )
+            .await
+            .ctx(|| "looking for kuaka's bookkeeping on the target".into())?;
+        if removed.get::<_, i32>(0) > 0 {
+            client
+                .execute("DELETE FROM kuaka.apply_position WHERE job_id = $1", &[&job.job_id])
+                .await
+                .ctx(|| "removing the job's positions from kuaka.apply_position".into())?;
+        }
+        client
+            .batch_execute(&format!(
+                "DELETE FROM kuaka.snapshot_chunks WHERE job_id = {0}; DELETE FROM kuaka.jobs WHERE job_id = {0}",
+                crate::model::schema::quote_literal(&job.job_id)
+            ))
+            .await
+            .ok();
+        Ok::<_, postgres::Error>(())
+    }
+    .await;
+    if let Err(e) = result {
+        eprintln!("kuaka: {e}");
+        return EXIT_ERROR;
+    }
+    if args.keep_state {
+        let _ = store.set_phase("cleaned");
+        eprintln!(
+            "kuaka: job {} cleaned; state kept in {}",
+            job.job_id,
+            args.state.display()
+        );
+        return EXIT_OK;
+    }
+    drop(store);
+    let dir = &args.state;
+    let _ = std::fs::remove_dir_all(pipeline::cdc::log_dir(dir));
+    for f in ["state.db", "state.db-wal", "state.db-shm", "lock"] {
+        let _ = std::fs::remove_file(dir.join(f));
+    }
+    let _ = std::fs::remove_dir(dir);
+    eprintln!("kuaka: job {} removed", job.job_id);
+    EXIT_OK
 }

@@ -3,6 +3,7 @@
 //! Data flow and module map: see `ARCHITECTURE.md`. `main.rs` only parses the command line and
 //! calls [`commands`].
 
+pub mod changelog;
 pub mod cli;
 pub mod commands;
 pub mod config;

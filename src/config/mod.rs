@@ -31,6 +31,26 @@ pub enum TargetExists {
     Truncate,
 }
 
+/// How captured changes are applied to the target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ApplyMode {
+    /// Source transactions in commit order, several per target transaction.
+    #[default]
+    Transactional,
+    /// Parallel workers by (table, key) hash, order kept per key.
+    PerKey,
+}
+
+/// When a streaming run returns by itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Until {
+    /// Once the target is consistent and holds every change committed on the source before
+    /// that moment.
+    CaughtUp,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("invalid {field}: {message}")]
@@ -54,6 +74,18 @@ pub struct JobSpec {
     /// `maintenance_work_mem` for index builds on the target (each parallel build may use it).
     #[serde(default = "default_index_memory")]
     pub index_memory: String,
+    #[serde(default)]
+    pub apply_mode: ApplyMode,
+    /// Workers of `--apply-mode per-key` (fixed for the life of the job: keys are routed by it).
+    #[serde(default = "default_apply_workers")]
+    pub apply_workers: usize,
+    /// Not stored with the job: a property of one run.
+    #[serde(skip)]
+    pub until: Option<Until>,
+}
+
+fn default_apply_workers() -> usize {
+    4
 }
 
 fn default_index_memory() -> String {

@@ -38,6 +38,12 @@ pub struct Summary {
     pub total_seconds: f64,
     pub resumed: bool,
     pub already_done: bool,
+    /// The whole copy saw the replication slot's snapshot: consistent as soon as it is in.
+    pub exact: bool,
+    /// Source position after the last chunk was read (P1 when the copy is not exact).
+    pub copy_end_lsn: Option<crate::model::PgLsn>,
+    /// Change capture and apply, when the job streams.
+    pub stream: Option<super::cdc::StreamSummary>,
 }
 
 pub async fn run(
@@ -69,7 +75,18 @@ pub async fn run(
                     state_dir.display()
                 )));
             }
-            if job.phase == "done" {
+            if stored.get("snapshot_only").and_then(|v| v.as_bool()) != Some(spec.snapshot_only) {
+                return Err(Error::Definite(format!(
+                    "state directory {} holds a job {} --snapshot-only; rerun it the same way or use another --state directory",
+                    state_dir.display(),
+                    if spec.snapshot_only {
+                        "started without"
+                    } else {
+                        "started with"
+                    }
+                )));
+            }
+            if job.phase == "done" && spec.snapshot_only {
                 tracing::info!(
                     "the snapshot of this job finished at {}; nothing to do",
                     job.updated_at
@@ -94,7 +111,11 @@ pub async fn run(
         }
     };
     let run_id = store.start_run()?;
-    let result = run_phases(spec, &store, &job_id, resumed, ui, cancel).await;
+    let result = if spec.snapshot_only {
+        run_phases(spec, &store, &job_id, resumed, ui, cancel, None).await
+    } else {
+        super::cdc::run(spec, &store, state_dir, &job_id, resumed, ui, cancel).await
+    };
     let outcome = match &result {
         Ok(_) => "ok".to_owned(),
         Err(e) => {
@@ -109,13 +130,17 @@ pub async fn run(
     Ok(summary)
 }
 
-async fn run_phases(
+/// The snapshot phases. With change capture, `slot_snapshot` is the replication slot's
+/// snapshot on a first run (the copy then sees exactly the slot's start), and the summary
+/// tells the source position after the last chunk was read.
+pub(crate) async fn run_phases(
     spec: &JobSpec,
     store: &Arc<StateStore>,
     job_id: &str,
     resumed: bool,
     ui: &Ui,
     cancel: &CancellationToken,
+    slot_snapshot: Option<ExportedSnapshot>,
 ) -> Result<Summary> {
     let source = postgres::connect(&spec.source, Side::Source, "snapshot coordinator").await?;
     let target = postgres::connect(&spec.target, Side::Target, "schema").await?;
@@ -125,7 +150,11 @@ async fn run_phases(
         .ctx(|| "setting up the target session".into())?;
     check_versions(&source, &target).await?;
 
-    let snapshot = ExportedSnapshot::export(source).await?;
+    let from_slot = slot_snapshot.is_some();
+    let snapshot = match slot_snapshot {
+        Some(s) => s,
+        None => ExportedSnapshot::export(source).await?,
+    };
     let lsn: String = snapshot
         .client
         // A hot standby has no current WAL position of its own; use what it has replayed.
@@ -211,7 +240,7 @@ async fn run_phases(
             });
         }
         store.save_plan(&plan)?;
-    } else if resumed {
+    } else if resumed && spec.snapshot_only {
         tracing::warn!(
             "resuming a snapshot-only copy: chunks copied before the interruption come from the earlier snapshot, the rest from a new one"
         );
@@ -237,6 +266,16 @@ async fn run_phases(
         }
     };
     let copy_seconds = copy_started.elapsed().as_secs_f64();
+    // Every chunk has been read: changes committed after this position are not in the copy.
+    let copy_end: String = snapshot
+        .client
+        .query_one(
+            "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END::text",
+            &[],
+        )
+        .await
+        .ctx(|| "reading the source WAL position after the copy".into())?
+        .get(0);
     // All chunks are in: the exported snapshot is no longer needed.
     let _ = snapshot.client.batch_execute("COMMIT").await;
     drop(snapshot);
@@ -253,7 +292,9 @@ async fn run_phases(
         )
         .await
         .ctx(|| "recording the finished snapshot on the target".into())?;
-    store.set_phase("done")?;
+    if spec.snapshot_only {
+        store.set_phase("done")?;
+    }
     let tables = store.tables()?;
     Ok(Summary {
         tables: schema.tables.len(),
@@ -270,6 +311,8 @@ async fn run_phases(
             .sum::<u64>()
             .max(bytes),
         copy_seconds,
+        exact: from_slot && renewals == 0,
+        copy_end_lsn: copy_end.parse().ok(),
         ..Summary::default()
     })
 }

@@ -93,7 +93,7 @@ fn slot_snapshot_and_pgoutput_stream() {
                     wal_end,
                 } => {
                     stream
-                        .send_status(wal_end, slot.consistent_point, slot.consistent_point)
+                        .send_status(wal_end, slot.consistent_point, slot.consistent_point, false)
                         .await
                         .expect("feedback");
                 }
@@ -101,7 +101,7 @@ fn slot_snapshot_and_pgoutput_stream() {
             }
         }
         stream
-            .send_status(last_end, last_end, last_end)
+            .send_status(last_end, last_end, last_end, false)
             .await
             .expect("feedback");
         let relation = messages

@@ -12,6 +12,8 @@
 //!   text format (still pass-through) instead.
 //!   <https://www.postgresql.org/docs/15/sql-copy.html#id-1.9.3.55.9.4>
 
+pub mod apply;
+pub mod capture;
 pub mod catalog;
 pub mod ddl;
 pub mod decode;

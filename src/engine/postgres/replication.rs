@@ -10,7 +10,6 @@
 //! [`ReplicationConnection::start`] is called. Feedback must only acknowledge positions whose
 //! changes are durably stored: the server may recycle WAL up to the flushed position.
 //!
-//! Groundwork for change capture (issue 3): not wired into `kuaka run` yet.
 
 use bytes::Bytes;
 
@@ -190,6 +189,7 @@ impl ReplicationStream {
         written: PgLsn,
         flushed: PgLsn,
         applied: PgLsn,
+        reply_requested: bool,
     ) -> Result<()> {
         let now_us = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -202,7 +202,7 @@ impl ReplicationStream {
         payload.extend(flushed.0.to_be_bytes());
         payload.extend(applied.0.to_be_bytes());
         payload.extend(now_us.to_be_bytes());
-        payload.push(0);
+        payload.push(u8::from(reply_requested));
         self.wire
             .send_copy_data(&payload, "sending replication feedback")
             .await

@@ -112,6 +112,30 @@ impl ExportedSnapshot {
             client,
         })
     }
+
+    /// Hold a snapshot exported elsewhere (a replication slot's, which lives only until its
+    /// connection's next command) and export it again from a transaction this process owns.
+    pub async fn import(client: Client, id: &str) -> Result<ExportedSnapshot> {
+        client
+            .batch_execute(SOURCE_SESSION_SETUP)
+            .await
+            .ctx(|| "setting up the source session".into())?;
+        client
+            .batch_execute(&format!(
+                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+                quote_literal(id)
+            ))
+            .await
+            .ctx(|| "importing the replication slot's snapshot".into())?;
+        let row = client
+            .query_one("SELECT pg_export_snapshot()", &[])
+            .await
+            .ctx(|| "exporting the slot's snapshot again (pg_export_snapshot)".into())?;
+        Ok(ExportedSnapshot {
+            id: row.get(0),
+            client,
+        })
+    }
 }
 
 fn column_list(table: &Table) -> String {
