@@ -198,6 +198,24 @@ pub async fn run(
     }
     tracing::info!(p0 = %p0, p1 = %p1, mode = ?spec.apply_mode, "applying captured changes to the target");
 
+    // The apply mode is fixed for the life of the job: per-key workers own positions of the
+    // keys routed to them, and another count or mode would route keys elsewhere.
+    let mode = match spec.apply_mode {
+        ApplyMode::Transactional => "transactional".to_owned(),
+        ApplyMode::PerKey => format!("per-key:{}", spec.apply_workers.max(1)),
+    };
+    match store.meta("apply_mode")? {
+        Some(stored) if stored != mode => {
+            stop.cancel();
+            let _ = capture_task.await;
+            let shown = stored.replace(':', " with --apply-workers ");
+            return Err(Error::Definite(format!(
+                "this job applies changes with --apply-mode {shown}; the apply mode and worker count cannot change during a job (rerun with them, or start a new job)"
+            )));
+        }
+        Some(_) => {}
+        None => store.set_meta("apply_mode", &mode)?,
+    }
     let apply_progress = Arc::new(ApplyProgress::default());
     let ctx = ApplyContext {
         target: spec.target.clone(),
@@ -212,7 +230,7 @@ pub async fn run(
         },
     };
     let apply_stop = stop.clone();
-    let mut apply_task: JoinHandle<Result<()>> =
+    let apply_task: JoinHandle<Result<()>> =
         tokio::spawn(async move { apply_loop(ctx, apply_stop).await });
 
     let result = supervise(
@@ -221,8 +239,8 @@ pub async fn run(
         p1,
         &capture_progress,
         &apply_progress,
-        &mut capture_task,
-        &mut apply_task,
+        &capture_task,
+        &apply_task,
         cancel,
         &dir,
     )
@@ -231,9 +249,9 @@ pub async fn run(
     let capture_result = join_error(capture_task.await);
     let apply_result = join_error(apply_task.await);
     write_status(store, &capture_progress, &apply_progress, None);
-    let caught_up = result?;
     capture_result?;
     apply_result?;
+    let caught_up = result?;
     summary.stream = Some(StreamSummary {
         p0,
         p1,
@@ -264,8 +282,8 @@ async fn supervise(
     p1: PgLsn,
     capture: &Arc<CaptureProgress>,
     apply: &Arc<ApplyProgress>,
-    capture_task: &mut JoinHandle<Result<()>>,
-    apply_task: &mut JoinHandle<Result<()>>,
+    capture_task: &JoinHandle<Result<()>>,
+    apply_task: &JoinHandle<Result<()>>,
     cancel: &CancellationToken,
     dir: &Path,
 ) -> Result<bool> {
@@ -281,15 +299,17 @@ async fn supervise(
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return Ok(false),
-            r = &mut *capture_task => {
-                join_error(r)?;
-                return if cancel.is_cancelled() { Ok(false) } else { Err(Error::Definite("change capture stopped unexpectedly".into())) };
-            }
-            r = &mut *apply_task => {
-                join_error(r)?;
-                return if cancel.is_cancelled() { Ok(false) } else { Err(Error::Definite("apply stopped unexpectedly".into())) };
-            }
             _ = tick.tick() => {}
+        }
+        // A task that ended tells why when the caller joins it.
+        if capture_task.is_finished() || apply_task.is_finished() {
+            return if cancel.is_cancelled() {
+                Ok(false)
+            } else {
+                Err(Error::Definite(
+                    "change capture or apply stopped unexpectedly".into(),
+                ))
+            };
         }
         let applied = apply.applied.load(Ordering::Relaxed);
         // The goal: every transaction committed before `goal` is applied.

@@ -68,7 +68,18 @@ pub async fn run(
                     spec.target
                 )));
             }
-            let stored: serde_json::Value = serde_json::from_str(&job.spec).unwrap_or_default();
+            let mut stored: serde_json::Value =
+                serde_json::from_str(&job.spec).unwrap_or_default();
+            // A job that stopped before doing anything (refused by a check) may be rerun with
+            // other settings: it starts over with them.
+            let untouched = job.phase == "planned"
+                && store.tables()?.is_empty()
+                && store.meta("capture_start")?.is_none()
+                && !store.step_done("phase:pre_data")?;
+            if untouched {
+                store.set_job_spec(&spec_json)?;
+                stored = serde_json::from_str(&spec_json).unwrap_or_default();
+            }
             if stored.get("selection") != serde_json::to_value(&spec.selection).ok().as_ref() {
                 return Err(Error::Definite(format!(
                     "state directory {} holds a job with a different table selection (--tables/--exclude); rerun with the original selection or use another --state directory",

@@ -278,6 +278,18 @@ impl StateStore {
         })
     }
 
+    /// Replace the stored job spec (only before the job has done anything).
+    pub fn set_job_spec(&self, spec: &str) -> Result<()> {
+        let t = now();
+        self.with(|c| {
+            c.execute(
+                "UPDATE job SET spec = ?1, updated_at = ?2 WHERE id = 1",
+                params![spec, t],
+            )
+            .map(|_| ())
+        })
+    }
+
     pub fn set_phase(&self, phase: &str) -> Result<()> {
         let t = now();
         self.with(|c| {

@@ -3,6 +3,7 @@
 //!
 //! Run with `cargo test --test it`; a single test with `cargo test --test it -- <name> --nocapture`.
 
+mod pg_cdc;
 mod pg_replication;
 mod pg_snapshot;
 mod pg_snapshot_more;

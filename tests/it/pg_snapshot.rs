@@ -719,29 +719,6 @@ fn errors_are_clear_concurrent_run_refused() {
     first.kill();
 }
 
-#[test]
-fn run_without_snapshot_only_is_refused() {
-    let job = Job::new("no_snapshot_only", |url| {
-        psql(
-            url,
-            "CREATE TABLE t (id integer PRIMARY KEY); INSERT INTO t VALUES (1);",
-        );
-    });
-    let output = run({
-        let mut command = kuaka();
-        command
-            .args(["run", "--source", &job.source, "--target", &job.target])
-            .args(["--state", job.state_dir()]);
-        command
-    });
-    output.assert_exit_code(2);
-    let message = output.all_output().to_lowercase();
-    assert!(
-        message.contains("not implemented") || message.contains("snapshot-only"),
-        "the refusal does not explain that change capture is missing:\n{message}"
-    );
-}
-
 // ---- plan ----------------------------------------------------------------------------------
 
 #[test]

@@ -514,11 +514,15 @@ impl Capture {
                         } => {
                             let key = format!("{namespace}.{name}");
                             let new_shape = shape_of(columns);
-                            let Some(old_shape) = self.shapes.get(&key).cloned() else {
-                                return Err(Error::Definite(format!(
-                                    "the source sent changes of table {key}, which is not part of this job"
-                                )));
-                            };
+                            if !self.shapes.contains_key(&key) {
+                                // Some changes of a partition arrive under its own name
+                                // (e.g. a row moved between partitions); the target has the
+                                // same partitions, so they apply there as they are.
+                                self.check_partition(namespace, name).await?;
+                                self.shapes.insert(key.clone(), new_shape.clone());
+                                pending_shapes = Some(self.shapes.clone());
+                            }
+                            let old_shape = self.shapes.get(&key).cloned().unwrap_or_default();
                             if old_shape != new_shape {
                                 let added = shape_change(&old_shape, &new_shape).map_err(|what| {
                                     Error::Definite(format!(
@@ -615,6 +619,30 @@ impl Capture {
                     reply_due = false;
                 }
             }
+        }
+    }
+
+    /// A relation not in the job must be a partition of one of its tables.
+    async fn check_partition(&self, namespace: &str, name: &str) -> Result<()> {
+        let client =
+            super::connect(&self.endpoint, super::Side::Source, "partition check").await?;
+        let table = QualifiedName::new(namespace, name);
+        let root: Option<String> = client
+            .query_opt(
+                "SELECT n.nspname || '.' || c.relname FROM pg_class c \
+                 JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE c.oid = pg_partition_root($1::text::regclass)",
+                &[&table.to_string()],
+            )
+            .await
+            .ctx(|| format!("looking up the partition root of {}", table.display_name()))?
+            .map(|r| r.get(0));
+        match root {
+            Some(root) if self.shapes.contains_key(&root) => Ok(()),
+            _ => Err(Error::Definite(format!(
+                "the source sent changes of table {}, which is not part of this job",
+                table.display_name()
+            ))),
         }
     }
 

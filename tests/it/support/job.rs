@@ -35,6 +35,20 @@ impl Job {
         }
     }
 
+    /// A job between databases made elsewhere (e.g. on a private server).
+    pub fn between(source_db: &str, source: String, target_db: &str, target: String) -> Job {
+        Job {
+            source_db: source_db.to_owned(),
+            target_db: target_db.to_owned(),
+            source,
+            target,
+            state: tempfile::Builder::new()
+                .prefix("kuaka-it-state-")
+                .tempdir()
+                .expect("state"),
+        }
+    }
+
     pub fn with_fixture(name: &str, fixture_name: &str) -> Job {
         Job::new(name, |url| psql_file(url, &fixture(fixture_name)))
     }
@@ -51,6 +65,79 @@ impl Job {
             .args(["--state", self.state_dir(), "--snapshot-only"])
             .args(extra);
         command
+    }
+
+    /// `kuaka run` with change capture (no `--snapshot-only`).
+    pub fn stream_command(&self, extra: &[&str]) -> Command {
+        let mut command = kuaka();
+        command
+            .args(["run", "--source", &self.source, "--target", &self.target])
+            .args(["--state", self.state_dir()])
+            .args(extra);
+        command
+    }
+
+    /// `kuaka run --until caught-up <extra>`: must succeed.
+    pub fn sync(&self, extra: &[&str]) -> RunOutput {
+        let output = run({
+            let mut c = self.stream_command(&["--until", "caught-up"]);
+            c.args(extra);
+            c
+        });
+        output.assert_success();
+        output
+    }
+
+    /// Start a streaming run in the background and wait until its target is consistent.
+    pub fn stream_in_background(&self, extra: &[&str]) -> super::Background {
+        let mut background = super::Background::spawn(self.stream_command(extra));
+        super::wait_until(
+            "the streaming run to reach the streaming phase",
+            std::time::Duration::from_secs(120),
+            || {
+                assert!(
+                    background.is_running(),
+                    "kuaka exited early:\n{}",
+                    background.stderr()
+                );
+                self.phase() == "streaming"
+            },
+        );
+        background
+    }
+
+    /// The job's phase from `kuaka status --json` ("" before the job exists).
+    pub fn phase(&self) -> String {
+        let output = {
+            let mut command = kuaka();
+            command.args(["status", "--state", self.state_dir(), "--json"]);
+            command.output().expect("kuaka status")
+        };
+        serde_json::from_slice::<serde_json::Value>(&output.stdout)
+            .ok()
+            .and_then(|v| v["phase"].as_str().map(str::to_owned))
+            .unwrap_or_default()
+    }
+
+    /// `kuaka clean`: the slot and publication are gone afterwards.
+    pub fn clean(&self) {
+        run({
+            let mut command = kuaka();
+            command.args(["clean", "--state", self.state_dir()]);
+            command.args(["--source", &self.source, "--target", &self.target]);
+            command
+        })
+        .assert_success();
+        self.assert_no_slot_left();
+        assert_eq!(
+            query_rows(
+                &self.source,
+                "SELECT pubname FROM pg_publication WHERE pubname LIKE 'kuaka%'"
+            )
+            .len(),
+            0,
+            "kuaka clean left a publication on the source"
+        );
     }
 
     pub fn run(&self, extra: &[&str]) -> RunOutput {
