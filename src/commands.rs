@@ -214,9 +214,14 @@ fn status(args: &StatusArgs) -> u8 {
         let positions = store.positions()?;
         let post_done = store.steps_done("post_data")?;
         let runs = store.run_count()?;
-        Ok::<_, crate::state::StateError>((job, tables, positions, post_done, runs))
+        let counts: std::collections::BTreeMap<String, postgres::apply::TableCounts> = store
+            .meta("apply_counts")?
+            .and_then(|j| serde_json::from_str(&j).ok())
+            .unwrap_or_default();
+        let slot = store.meta("slot")?;
+        Ok::<_, crate::state::StateError>((job, tables, positions, post_done, runs, counts, slot))
     })();
-    let (job, tables, positions, post_done, runs) = match result {
+    let (job, tables, positions, post_done, runs, counts, slot) = match result {
         Ok(r) => r,
         Err(e) => {
             eprintln!("kuaka: {e}");
@@ -244,6 +249,8 @@ fn status(args: &StatusArgs) -> u8 {
             "rows_copied": rows_total,
             "post_data_steps_done": post_done,
             "positions": positions.iter().map(|(n, v, at)| serde_json::json!({"name": n, "value": v, "recorded_at": at})).collect::<Vec<_>>(),
+            "replication_slot": slot,
+            "applied_changes_by_table": counts,
             "tables": tables.iter().map(|t| serde_json::json!({
                 "schema": t.schema,
                 "table": t.name,
@@ -300,6 +307,36 @@ fn status(args: &StatusArgs) -> u8 {
             }
         }
         println!("total rows copied: {rows_total}; post-data steps done: {post_done}");
+    }
+    if let Some(slot) = &slot {
+        println!("change capture: replication slot {slot} on the source");
+        let value = |name: &str| {
+            positions
+                .iter()
+                .find(|(n, _, _)| n == name)
+                .map(|(_, v, _)| v.as_str())
+                .unwrap_or("-")
+        };
+        println!(
+            "  captured {}  applied {}  source now {}  lag {} bytes, {} s",
+            value("captured"),
+            value("applied"),
+            value("source_current"),
+            value("lag_bytes"),
+            value("lag_seconds")
+        );
+        if !counts.is_empty() {
+            println!(
+                "{:<40} {:>12} {:>12} {:>12} {:>9}",
+                "table (changes applied)", "upserts", "updates", "deletes", "truncates"
+            );
+            for (t, c) in &counts {
+                println!(
+                    "{:<40} {:>12} {:>12} {:>12} {:>9}",
+                    t, c.upserts, c.updates, c.deletes, c.truncates
+                );
+            }
+        }
     }
     EXIT_OK
 }

@@ -3,7 +3,8 @@
 //! variable a hit is one atomic load.
 //!
 //! Names: `snapshot.after_schema`, `snapshot.chunk.before_commit`, `snapshot.chunk.after_commit`,
-//! `snapshot.before_post_data`, `snapshot.post_data.after_step`.
+//! `snapshot.before_post_data`, `snapshot.post_data.after_step`, `apply.before_commit` (an apply
+//! transaction's changes and position are written, COMMIT not sent), `apply.after_commit`.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};

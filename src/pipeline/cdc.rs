@@ -415,11 +415,13 @@ fn write_status(
     ];
     if let Some(s) = source_lsn {
         values.push(("source_current", format!("pg:{s}")));
-        values.push((
-            "lag_bytes",
-            s.0.saturating_sub(applied.max(captured.min(applied)))
-                .to_string(),
-        ));
+        // Caught up with everything captured: what is left is WAL the stream has not shown yet.
+        let done_through = if applied >= captured {
+            applied.max(capture.complete_through.load(Ordering::Relaxed))
+        } else {
+            applied
+        };
+        values.push(("lag_bytes", s.0.saturating_sub(done_through).to_string()));
     }
     for (k, v) in values {
         let _ = store.set_position(k, &v);
@@ -584,11 +586,11 @@ async fn apply_session(
                         m @ (PgOutput::Insert { .. }
                         | PgOutput::Update { .. }
                         | PgOutput::Delete { .. }
-                        | PgOutput::Truncate { .. }) => {
-                            if !skip {
-                                for change in apply::resolve(m, &relations)? {
-                                    batch.add(change);
-                                }
+                        | PgOutput::Truncate { .. })
+                            if !skip =>
+                        {
+                            for change in apply::resolve(m, &relations)? {
+                                batch.add(change);
                             }
                         }
                         _ => {}
@@ -822,11 +824,11 @@ mod per_key {
                     m @ (PgOutput::Insert { .. }
                     | PgOutput::Update { .. }
                     | PgOutput::Delete { .. }
-                    | PgOutput::Truncate { .. }) => {
-                        if !skip_all {
-                            for c in apply::resolve(m, &relations)? {
-                                pending.push(Work::Change(c));
-                            }
+                    | PgOutput::Truncate { .. })
+                        if !skip_all =>
+                    {
+                        for c in apply::resolve(m, &relations)? {
+                            pending.push(Work::Change(c));
                         }
                     }
                     _ => {}

@@ -68,8 +68,7 @@ pub async fn run(
                     spec.target
                 )));
             }
-            let mut stored: serde_json::Value =
-                serde_json::from_str(&job.spec).unwrap_or_default();
+            let mut stored: serde_json::Value = serde_json::from_str(&job.spec).unwrap_or_default();
             // A job that stopped before doing anything (refused by a check) may be rerun with
             // other settings: it starts over with them.
             let untouched = job.phase == "planned"

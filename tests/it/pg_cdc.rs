@@ -114,7 +114,10 @@ fn assert_applied_once(target: &str) {
     let seen: i64 = query_one(target, "SELECT count(*) FROM kuaka.it_audit")
         .parse()
         .expect("count");
-    assert!(seen > 0, "the audit saw no applied change; the check proves nothing");
+    assert!(
+        seen > 0,
+        "the audit saw no applied change; the check proves nothing"
+    );
 }
 
 fn positions(status: &serde_json::Value) -> std::collections::BTreeMap<String, String> {
@@ -156,8 +159,18 @@ fn cdc_type_matrix_before_and_after_the_snapshot() {
     let status = job.status_json();
     assert_eq!(status["phase"], "streaming", "{status}");
     let p = positions(&status);
-    for name in ["applied", "captured", "confirmed", "lag_seconds", "p0", "p1"] {
-        assert!(p.contains_key(name), "status has no position {name}: {status}");
+    for name in [
+        "applied",
+        "captured",
+        "confirmed",
+        "lag_seconds",
+        "p0",
+        "p1",
+    ] {
+        assert!(
+            p.contains_key(name),
+            "status has no position {name}: {status}"
+        );
     }
     assert_eq!(p["applied"], p["captured"], "{status}");
     job.clean();
@@ -270,7 +283,10 @@ fn cdc_sigkill_during_the_snapshot() {
     let mut command = job.stream_command(&["--chunk-rows", "4000", "--jobs", "2"]);
     command.env("KUAKA_FAILPOINT", "snapshot.chunk.after_commit:3");
     run(command).assert_killed_by_sigkill();
-    psql(&job.source, "UPDATE bulk SET v = 'after the kill' WHERE id % 50 = 0;");
+    psql(
+        &job.source,
+        "UPDATE bulk SET v = 'after the kill' WHERE id % 50 = 0;",
+    );
     job.sync(&["--chunk-rows", "4000"]);
     writer.join().expect("writer");
     job.sync(&[]);
@@ -329,7 +345,12 @@ fn cdc_server_restarts_during_streaming() {
     let source = server.create_db("cdc_restart_src");
     let target = server.create_db("cdc_restart_dst");
     psql(&source, LIVE_SCHEMA);
-    let job = Job::between("cdc_restart_src", source.clone(), "cdc_restart_dst", target.clone());
+    let job = Job::between(
+        "cdc_restart_src",
+        source.clone(),
+        "cdc_restart_dst",
+        target.clone(),
+    );
     let background = job.stream_in_background(&[]);
     install_audit(&target);
     let writer = {
@@ -339,7 +360,10 @@ fn cdc_server_restarts_during_streaming() {
                 psql_tolerant(&source, &counter_updates(20));
                 psql_tolerant(
                     &source,
-                    &format!("INSERT INTO scratch VALUES ({}, 'round {round}') ON CONFLICT DO NOTHING", 1000 + round),
+                    &format!(
+                        "INSERT INTO scratch VALUES ({}, 'round {round}') ON CONFLICT DO NOTHING",
+                        1000 + round
+                    ),
                 );
                 thread::sleep(Duration::from_millis(50));
             }
@@ -371,7 +395,10 @@ fn cdc_server_restarts_during_streaming() {
 #[test]
 fn cdc_dropped_slot_is_a_definite_error() {
     let job = Job::new("cdc_slot_gone", |url| {
-        psql(url, "CREATE TABLE t (id integer PRIMARY KEY); INSERT INTO t VALUES (1);");
+        psql(
+            url,
+            "CREATE TABLE t (id integer PRIMARY KEY); INSERT INTO t VALUES (1);",
+        );
     });
     let background = job.stream_in_background(&[]);
     wait_until("the slot to be dropped", Duration::from_secs(60), || {
@@ -379,15 +406,14 @@ fn cdc_dropped_slot_is_a_definite_error() {
             &job.source,
             "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name LIKE 'kuaka%' AND active_pid IS NOT NULL;",
         );
-        let dropped = Command::new("psql")
+        Command::new("psql")
             .args([&job.source, "-X", "-q", "-c"])
             .arg("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name LIKE 'kuaka%' AND database = current_database()")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
             .map(|s| s.success())
-            .unwrap_or(false);
-        dropped
+            .unwrap_or(false)
     });
     psql(&job.source, "INSERT INTO t VALUES (2);");
     let output = background.wait(Duration::from_secs(120));
@@ -399,7 +425,11 @@ fn cdc_dropped_slot_is_a_definite_error() {
     );
     let rerun = run(job.stream_command(&["--until", "caught-up"]));
     rerun.assert_exit_code(2);
-    assert!(rerun.stderr.contains("no longer exists"), "{}", rerun.stderr);
+    assert!(
+        rerun.stderr.contains("no longer exists"),
+        "{}",
+        rerun.stderr
+    );
     job.clean();
 }
 

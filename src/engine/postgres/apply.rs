@@ -170,7 +170,7 @@ pub fn resolve(
         })
     };
     let check_key = |rel: &Relation, key: &[Cell]| {
-        if rel.key.is_empty() || key.iter().any(|c| *c == Cell::Unchanged) {
+        if rel.key.is_empty() || key.contains(&Cell::Unchanged) {
             Err(Error::Definite(format!(
                 "a change of {} carries no usable key (no replica identity, or an unchanged TOASTed key)",
                 rel.name.display_name()

@@ -624,8 +624,7 @@ impl Capture {
 
     /// A relation not in the job must be a partition of one of its tables.
     async fn check_partition(&self, namespace: &str, name: &str) -> Result<()> {
-        let client =
-            super::connect(&self.endpoint, super::Side::Source, "partition check").await?;
+        let client = super::connect(&self.endpoint, super::Side::Source, "partition check").await?;
         let table = QualifiedName::new(namespace, name);
         let root: Option<String> = client
             .query_opt(
