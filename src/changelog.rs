@@ -637,10 +637,10 @@ mod tests {
         let mut log = ChangeLog::open(dir.path(), 100, 200).unwrap();
         log.append(RecordKind::PgOutput, 1, b"R\0\0\0\x05rel")
             .unwrap();
+        assert!(read_all(dir.path(), 100, &log).is_empty(), "unpublished");
         for c in 1..=10 {
             txn(&mut log, 100 + c * 100, 3);
         }
-        assert!(read_all(dir.path(), 100, &log).is_empty(), "unpublished");
         log.sync().unwrap();
         let all = read_all(dir.path(), 100, &log);
         let commits: Vec<u64> = all

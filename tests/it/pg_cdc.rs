@@ -511,3 +511,81 @@ fn cdc_keyless_table_is_refused_up_front() {
     job.clean();
     let _ = pg();
 }
+
+/// A quiet job does not hold WAL: while only other databases write, the slot's confirmed
+/// position still moves past their WAL (keepalives are answered with the server's position).
+#[test]
+fn cdc_idle_slot_still_advances() {
+    let job = Job::new("cdc_idle", |url| {
+        psql(
+            url,
+            "CREATE TABLE t (id integer PRIMARY KEY); INSERT INTO t VALUES (1);",
+        );
+    });
+    let background = job.stream_in_background(&[]);
+    let other = pg().create_db("cdc_idle_other");
+    psql(
+        &other,
+        "CREATE TABLE noise (id integer, v text);
+         INSERT INTO noise SELECT g, md5(g::text) FROM generate_series(1, 50000) g;",
+    );
+    let written = query_one(&other, "SELECT pg_current_wal_lsn()");
+    wait_until(
+        "the idle slot to confirm WAL written by another database",
+        Duration::from_secs(60),
+        || {
+            query_one(
+                &job.source,
+                &format!(
+                    "SELECT confirmed_flush_lsn >= '{written}'::pg_lsn FROM pg_replication_slots \
+                     WHERE slot_name LIKE 'kuaka%' AND database = current_database()"
+                ),
+            ) == "t"
+        },
+    );
+    sigterm(background);
+    job.clean();
+}
+
+/// The source invalidates the slot (its WAL was removed past `max_slot_wal_keep_size` while
+/// kuaka was stopped): the next run fails with a definite error naming the slot.
+#[test]
+fn cdc_invalidated_slot_is_a_definite_error() {
+    let server = PgServer::start_private();
+    let source = server.create_db("cdc_lost_src");
+    let target = server.create_db("cdc_lost_dst");
+    psql(
+        &source,
+        "CREATE TABLE t (id integer PRIMARY KEY); INSERT INTO t VALUES (1);",
+    );
+    let job = Job::between("cdc_lost_src", source.clone(), "cdc_lost_dst", target);
+    job.sync(&[]);
+    psql(
+        &source,
+        "ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'; SELECT pg_reload_conf();",
+    );
+    // Enough WAL, over several segments and checkpoints, that the slot's WAL is removed.
+    wait_until(
+        "the slot to be invalidated",
+        Duration::from_secs(120),
+        || {
+            psql(
+                &source,
+                "CREATE TABLE IF NOT EXISTS filler (v text);
+             INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, 20000);
+             SELECT pg_switch_wal(); CHECKPOINT;",
+            );
+            query_one(
+                &source,
+                "SELECT coalesce(string_agg(wal_status, ','), '') FROM pg_replication_slots WHERE slot_name LIKE 'kuaka%'",
+            ) == "lost"
+        },
+    );
+    let output = run(job.stream_command(&["--until", "caught-up"]));
+    output.assert_exit_code(2);
+    assert!(
+        output.stderr.contains("invalidated") || output.stderr.contains("cannot stream"),
+        "{}",
+        output.stderr
+    );
+}
