@@ -118,6 +118,7 @@ pub async fn run(
             (created.consistent_point, Some(snapshot))
         }
     };
+    let streaming = postgres::server_version(&source).await? >= 140_000;
     drop(source);
     let shapes: Shapes = store
         .meta("shapes")?
@@ -148,6 +149,7 @@ pub async fn run(
             }
         }),
         progress: capture_progress.clone(),
+        streaming,
     };
     let capture_stop = stop.clone();
     let mut capture_task: JoinHandle<Result<()>> =

@@ -67,7 +67,12 @@ fn slot_snapshot_and_pgoutput_stream() {
             "UPDATE t SET id = 10 WHERE id = 1; DELETE FROM t WHERE id = 2;",
         );
         let mut stream = conn
-            .start(&slot.name, slot.consistent_point, &["kuaka_it_pub".into()])
+            .start(
+                &slot.name,
+                slot.consistent_point,
+                &["kuaka_it_pub".into()],
+                false,
+            )
             .await
             .expect("start");
         let mut messages = Vec::new();

@@ -12,7 +12,9 @@
 //!   goes into the log ahead of the new relation description); anything else stops the capture
 //!   with an error naming the table and the change, leaving the log and the target as they were.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -376,6 +378,8 @@ pub struct Capture {
     /// Called with the new shapes once they are durable in the log (persist them).
     pub on_shapes: Box<dyn Fn(&Shapes) + Send + Sync>,
     pub progress: Arc<CaptureProgress>,
+    /// Ask for big in-progress transactions to be streamed (PostgreSQL 14+, protocol 2).
+    pub streaming: bool,
 }
 
 impl Capture {
@@ -423,7 +427,12 @@ impl Capture {
         // The server resumes at the slot's confirmed position; anything older it resends is
         // skipped below by commit position.
         let mut stream = conn
-            .start(&self.slot, PgLsn(0), std::slice::from_ref(&self.publication))
+            .start(
+                &self.slot,
+                PgLsn(0),
+                std::slice::from_ref(&self.publication),
+                self.streaming,
+            )
             .await
             .map_err(|e| match e.sqlstate() {
                 Some("42704") => Error::Definite(format!(
@@ -453,6 +462,11 @@ impl Capture {
         let mut unsynced: u64 = 0;
         let mut idle_end = PgLsn(0);
         let mut pending_shapes: Option<Shapes> = None;
+        // Transactions streamed before their commit (protocol 2), by top-level xid. The server
+        // sends them again after a reconnect, so spools never outlive this connection.
+        let mut spools: HashMap<u32, Spool> = HashMap::new();
+        let mut in_stream: Option<u32> = None;
+        Spool::remove_leftovers(log.dir());
         let mut reply_due = false;
         loop {
             let event = tokio::select! {
@@ -475,12 +489,49 @@ impl Capture {
                     wal_start,
                     wal_end,
                     data,
-                }) => {
+                }) => 'msg: {
                     progress.received.fetch_max(wal_end.0, Ordering::Relaxed);
+                    unsynced += data.len() as u64;
+                    if let Some(control) = decode::decode_stream_control(&data) {
+                        let control = control.map_err(|e| {
+                            Error::Definite(format!(
+                                "the source sent a message kuaka cannot read: {e}"
+                            ))
+                        })?;
+                        if let Some(end) = self
+                            .stream_control(
+                                log,
+                                &mut spools,
+                                &mut in_stream,
+                                control,
+                                &mut pending_shapes,
+                            )
+                            .await?
+                        {
+                            commit_end = commit_end.max(end);
+                        }
+                        break 'msg;
+                    }
+                    if let Some(top) = in_stream {
+                        // A change of a transaction still in progress: spool it aside until
+                        // its commit (or abort) arrives.
+                        let (xid, v1) = decode::strip_stream_xid(&data).map_err(|e| {
+                            Error::Definite(format!(
+                                "the source sent a message kuaka cannot read: {e}"
+                            ))
+                        })?;
+                        let spool = match spools.entry(top) {
+                            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                            std::collections::hash_map::Entry::Vacant(e) => {
+                                e.insert(Spool::create(log.dir(), top).map_err(log_error)?)
+                            }
+                        };
+                        spool.add(xid, wal_start.0, &v1).map_err(log_error)?;
+                        break 'msg;
+                    }
                     let message = decode::decode(&data).map_err(|e| {
                         Error::Definite(format!("the source sent a change kuaka cannot read: {e}"))
                     })?;
-                    unsynced += data.len() as u64;
                     match message {
                         PgOutput::Begin { final_lsn, .. } => {
                             skipping = final_lsn.0 <= log.last_commit();
@@ -506,48 +557,10 @@ impl Capture {
                             commit_end = commit_end.max(end_lsn);
                             skipping = false;
                         }
-                        PgOutput::Relation {
-                            ref namespace,
-                            ref name,
-                            ref columns,
-                            ..
-                        } => {
-                            let key = format!("{namespace}.{name}");
-                            let new_shape = shape_of(columns);
-                            if !self.shapes.contains_key(&key) {
-                                // Some changes of a partition arrive under its own name
-                                // (e.g. a row moved between partitions); the target has the
-                                // same partitions, so they apply there as they are.
-                                self.check_partition(namespace, name).await?;
-                                self.shapes.insert(key.clone(), new_shape.clone());
+                        PgOutput::Relation { .. } => {
+                            if self.relation(log, wal_start.0, &data, &message).await? {
                                 pending_shapes = Some(self.shapes.clone());
                             }
-                            let old_shape = self.shapes.get(&key).cloned().unwrap_or_default();
-                            if old_shape != new_shape {
-                                let added = shape_change(&old_shape, &new_shape).map_err(|what| {
-                                    Error::Definite(format!(
-                                        "the columns of source table {key} changed while the job ran: {what}. kuaka follows only added nullable columns without a default; the target is consistent up to {} and was left as it is. Make the same change on the target, then restart the job from a new state directory (or restore the column)",
-                                        PgLsn(log.last_commit())
-                                    ))
-                                })?;
-                                let table = QualifiedName::new(namespace.clone(), name.clone());
-                                for column in &added {
-                                    let type_sql =
-                                        self.check_added_column(&table, &column.name).await?;
-                                    let record = KuakaRecord::AddColumn {
-                                        table: table.clone(),
-                                        column: column.name.clone(),
-                                        type_sql,
-                                    };
-                                    let json = serde_json::to_vec(&record).unwrap_or_default();
-                                    log.append(RecordKind::Kuaka, wal_start.0, &json)
-                                        .map_err(log_error)?;
-                                    tracing::info!(table = %key, column = %column.name, "following a column added on the source");
-                                }
-                                self.shapes.insert(key.clone(), new_shape);
-                                pending_shapes = Some(self.shapes.clone());
-                            }
-                            append(log, wal_start.0, &data)?;
                         }
                         PgOutput::Insert { .. }
                         | PgOutput::Update { .. }
@@ -568,7 +581,7 @@ impl Capture {
                     reply_requested,
                 }) => {
                     progress.received.fetch_max(wal_end.0, Ordering::Relaxed);
-                    if !log.in_transaction() {
+                    if !log.in_transaction() && spools.is_empty() {
                         idle_end = idle_end.max(wal_end);
                     }
                     reply_due |= reply_requested;
@@ -597,7 +610,7 @@ impl Capture {
                 // Everything up to the last commit is durable; outside a transaction, so is
                 // everything the server has passed (keepalive position).
                 let mut to = commit_end.max(confirmed);
-                if !log.in_transaction() {
+                if !log.in_transaction() && spools.is_empty() && in_stream.is_none() {
                     to = to.max(idle_end);
                     progress
                         .complete_through
@@ -620,6 +633,131 @@ impl Capture {
                 }
             }
         }
+    }
+
+    /// A relation description: check it against the table's known shape, log the columns to
+    /// add (if any) and the description. `true` when the shapes changed.
+    async fn relation(
+        &mut self,
+        log: &mut ChangeLog,
+        pos: u64,
+        data: &[u8],
+        message: &PgOutput,
+    ) -> Result<bool> {
+        let PgOutput::Relation {
+            namespace,
+            name,
+            columns,
+            ..
+        } = message
+        else {
+            return Ok(false);
+        };
+        let mut changed = false;
+        let key = format!("{namespace}.{name}");
+        let new_shape = shape_of(columns);
+        if !self.shapes.contains_key(&key) {
+            // Some changes of a partition arrive under its own name (e.g. a row moved between
+            // partitions); the target has the same partitions, so they apply there as they are.
+            self.check_partition(namespace, name).await?;
+            self.shapes.insert(key.clone(), new_shape.clone());
+            changed = true;
+        }
+        let old_shape = self.shapes.get(&key).cloned().unwrap_or_default();
+        if old_shape != new_shape {
+            let added = shape_change(&old_shape, &new_shape).map_err(|what| {
+                Error::Definite(format!(
+                    "the columns of source table {key} changed while the job ran: {what}. kuaka follows only added nullable columns without a default; the target is consistent up to {} and was left as it is. Make the same change on the target, then restart the job from a new state directory (or restore the column)",
+                    PgLsn(log.last_commit())
+                ))
+            })?;
+            let table = QualifiedName::new(namespace.clone(), name.clone());
+            for column in &added {
+                let type_sql = self.check_added_column(&table, &column.name).await?;
+                let record = KuakaRecord::AddColumn {
+                    table: table.clone(),
+                    column: column.name.clone(),
+                    type_sql,
+                };
+                let json = serde_json::to_vec(&record).unwrap_or_default();
+                log.append(RecordKind::Kuaka, pos, &json)
+                    .map_err(log_error)?;
+                tracing::info!(table = %key, column = %column.name, "following a column added on the source");
+            }
+            self.shapes.insert(key, new_shape);
+            changed = true;
+        }
+        append(log, pos, data)?;
+        Ok(changed)
+    }
+
+    /// Handle a stream control message; a streamed transaction that commits is written to the
+    /// log whole, as if it had arrived at once. Returns the commit's end position.
+    async fn stream_control(
+        &mut self,
+        log: &mut ChangeLog,
+        spools: &mut HashMap<u32, Spool>,
+        in_stream: &mut Option<u32>,
+        control: decode::StreamControl,
+        pending_shapes: &mut Option<Shapes>,
+    ) -> Result<Option<PgLsn>> {
+        use decode::StreamControl;
+        match control {
+            StreamControl::Start { xid, .. } => *in_stream = Some(xid),
+            StreamControl::Stop => *in_stream = None,
+            StreamControl::Abort { xid, subxid } => {
+                if xid == subxid {
+                    spools.remove(&xid);
+                } else if let Some(spool) = spools.get_mut(&xid) {
+                    spool.abort_subtransaction(subxid).map_err(log_error)?;
+                }
+            }
+            StreamControl::Commit {
+                xid,
+                commit_lsn,
+                end_lsn,
+                commit_time_us,
+            } => {
+                let Some(mut spool) = spools.remove(&xid) else {
+                    return Ok(Some(end_lsn));
+                };
+                if commit_lsn.0 > log.last_commit() {
+                    append(
+                        log,
+                        commit_lsn.0,
+                        &decode::encode_begin(commit_lsn, commit_time_us, xid),
+                    )?;
+                    let records = spool.records().map_err(log_error)?;
+                    for record in records {
+                        let (pos, data) = record.map_err(log_error)?;
+                        if data.first() == Some(&b'R') {
+                            let message = decode::decode(&data).map_err(|e| {
+                                Error::Definite(format!("a spooled change cannot be read: {e}"))
+                            })?;
+                            if self.relation(log, pos, &data, &message).await? {
+                                *pending_shapes = Some(self.shapes.clone());
+                            }
+                        } else {
+                            append(log, pos, &data)?;
+                            self.progress.changes.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    append(
+                        log,
+                        commit_lsn.0,
+                        &decode::encode_commit(commit_lsn, end_lsn, commit_time_us),
+                    )?;
+                    log.publish().map_err(log_error)?;
+                    let p = &self.progress;
+                    p.last_commit.store(commit_lsn.0, Ordering::Relaxed);
+                    p.last_commit_time_us
+                        .store(commit_time_us, Ordering::Relaxed);
+                    p.transactions.fetch_add(1, Ordering::Relaxed);
+                }
+                return Ok(Some(end_lsn));
+            }
+        }
+        Ok(None)
     }
 
     /// A relation not in the job must be a partition of one of its tables.
@@ -674,6 +812,129 @@ impl Capture {
             )));
         }
         Ok(type_sql)
+    }
+}
+
+/// The changes of one streamed transaction so far, in a file beside the change log:
+/// `pos u64 | len u32 | message` each. Removed when dropped.
+struct Spool {
+    path: PathBuf,
+    file: BufWriter<std::fs::File>,
+    offset: u64,
+    /// Offset of the first change of each subtransaction (an abort cuts the spool there:
+    /// nothing of the parent can follow a subtransaction before it ends).
+    subtransactions: HashMap<u32, u64>,
+    top: u32,
+}
+
+impl Spool {
+    fn create(dir: &Path, xid: u32) -> crate::changelog::Result<Spool> {
+        let path = dir.join(format!("stream-{xid}.spool"));
+        let io = |source| crate::changelog::LogError::Io {
+            path: path.clone(),
+            source,
+        };
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io)?;
+        Ok(Spool {
+            file: BufWriter::with_capacity(1 << 20, file),
+            path,
+            offset: 0,
+            subtransactions: HashMap::new(),
+            top: xid,
+        })
+    }
+
+    fn remove_leftovers(dir: &Path) {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().ends_with(".spool") {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+
+    fn io(&self) -> impl FnOnce(std::io::Error) -> crate::changelog::LogError + '_ {
+        move |source| crate::changelog::LogError::Io {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn add(&mut self, xid: u32, pos: u64, data: &[u8]) -> crate::changelog::Result<()> {
+        if xid != self.top {
+            self.subtransactions.entry(xid).or_insert(self.offset);
+        }
+        let mut header = [0u8; 12];
+        header[..8].copy_from_slice(&pos.to_be_bytes());
+        header[8..].copy_from_slice(&(data.len() as u32).to_be_bytes());
+        let r = self
+            .file
+            .write_all(&header)
+            .and_then(|_| self.file.write_all(data));
+        r.map_err(self.io())?;
+        self.offset += 12 + data.len() as u64;
+        Ok(())
+    }
+
+    fn abort_subtransaction(&mut self, subxid: u32) -> crate::changelog::Result<()> {
+        let Some(at) = self.subtransactions.remove(&subxid) else {
+            return Ok(());
+        };
+        self.file.flush().map_err(self.io())?;
+        self.file.get_ref().set_len(at).map_err(self.io())?;
+        self.file.seek(SeekFrom::Start(at)).map_err(self.io())?;
+        self.offset = at;
+        self.subtransactions.retain(|_, o| *o < at);
+        Ok(())
+    }
+
+    /// The spooled changes, in order.
+    fn records(
+        &mut self,
+    ) -> crate::changelog::Result<
+        impl Iterator<Item = crate::changelog::Result<(u64, Vec<u8>)>> + use<>,
+    > {
+        self.file.flush().map_err(self.io())?;
+        let mut reader =
+            BufReader::with_capacity(1 << 20, std::fs::File::open(&self.path).map_err(self.io())?);
+        let path = self.path.clone();
+        let mut left = self.offset;
+        Ok(std::iter::from_fn(move || {
+            if left == 0 {
+                return None;
+            }
+            let io = |source| crate::changelog::LogError::Io {
+                path: path.clone(),
+                source,
+            };
+            let mut header = [0u8; 12];
+            if let Err(e) = reader.read_exact(&mut header) {
+                left = 0;
+                return Some(Err(io(e)));
+            }
+            let pos = u64::from_be_bytes(header[..8].try_into().unwrap_or_default());
+            let len = u32::from_be_bytes(header[8..].try_into().unwrap_or_default()) as usize;
+            let mut data = vec![0u8; len];
+            if let Err(e) = reader.read_exact(&mut data) {
+                left = 0;
+                return Some(Err(io(e)));
+            }
+            left = left.saturating_sub(12 + len as u64);
+            Some(Ok((pos, data)))
+        }))
+    }
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 

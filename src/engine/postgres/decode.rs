@@ -193,6 +193,105 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// Protocol version 2: the control messages of transactions streamed before they commit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StreamControl {
+    Start {
+        xid: u32,
+        first_segment: bool,
+    },
+    Stop,
+    Commit {
+        xid: u32,
+        commit_lsn: PgLsn,
+        end_lsn: PgLsn,
+        commit_time_us: i64,
+    },
+    /// `subxid == xid` aborts the whole transaction, else one subtransaction.
+    Abort {
+        xid: u32,
+        subxid: u32,
+    },
+}
+
+/// A stream control message (`S`, `E`, `c`, `A`), or `None` for any other message.
+pub fn decode_stream_control(buf: &[u8]) -> Option<Result<StreamControl, DecodeError>> {
+    let tag = *buf.first()?;
+    if !matches!(tag, b'S' | b'E' | b'c' | b'A') {
+        return None;
+    }
+    let mut r = Reader {
+        buf,
+        at: 1,
+        tag: tag as char,
+    };
+    let result = (|| {
+        let message = match tag {
+            b'S' => StreamControl::Start {
+                xid: r.u32("xid")?,
+                first_segment: r.u8("first segment")? == 1,
+            },
+            b'E' => StreamControl::Stop,
+            b'c' => {
+                let xid = r.u32("xid")?;
+                r.u8("flags")?;
+                StreamControl::Commit {
+                    xid,
+                    commit_lsn: r.lsn("commit lsn")?,
+                    end_lsn: r.lsn("end lsn")?,
+                    commit_time_us: r.u64("commit time")? as i64,
+                }
+            }
+            _ => {
+                let xid = r.u32("xid")?;
+                let subxid = r.u32("subxid")?;
+                // Later servers may append the abort's position and time.
+                r.at = r.buf.len();
+                StreamControl::Abort { xid, subxid }
+            }
+        };
+        r.done()?;
+        Ok(message)
+    })();
+    Some(result)
+}
+
+/// A change inside a streamed transaction carries the (sub)transaction id after its tag;
+/// return it and the message in its version 1 form.
+pub fn strip_stream_xid(buf: &[u8]) -> Result<(u32, Vec<u8>), DecodeError> {
+    let tag = buf.first().copied().unwrap_or(b'?');
+    if buf.len() < 5 {
+        return Err(DecodeError {
+            tag: tag as char,
+            offset: buf.len(),
+            what: "streamed message without xid",
+        });
+    }
+    let xid = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
+    let mut v1 = Vec::with_capacity(buf.len() - 4);
+    v1.push(tag);
+    v1.extend_from_slice(&buf[5..]);
+    Ok((xid, v1))
+}
+
+/// Encode a Begin message (for a streamed transaction written to the log at its commit).
+pub fn encode_begin(final_lsn: PgLsn, commit_time_us: i64, xid: u32) -> Vec<u8> {
+    let mut v = vec![b'B'];
+    v.extend(final_lsn.0.to_be_bytes());
+    v.extend(commit_time_us.to_be_bytes());
+    v.extend(xid.to_be_bytes());
+    v
+}
+
+/// Encode a Commit message.
+pub fn encode_commit(commit_lsn: PgLsn, end_lsn: PgLsn, commit_time_us: i64) -> Vec<u8> {
+    let mut v = vec![b'C', 0];
+    v.extend(commit_lsn.0.to_be_bytes());
+    v.extend(end_lsn.0.to_be_bytes());
+    v.extend(commit_time_us.to_be_bytes());
+    v
+}
+
 /// Decode one pgoutput message (the payload of one XLogData).
 pub fn decode(buf: &[u8]) -> Result<PgOutput, DecodeError> {
     let tag = *buf.first().ok_or(DecodeError {
@@ -328,6 +427,48 @@ pub fn decode(buf: &[u8]) -> Result<PgOutput, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn encoded_begin_and_commit_decode_back() {
+        assert_eq!(
+            decode(&encode_begin(PgLsn(77), -5, 9)).unwrap(),
+            PgOutput::Begin {
+                final_lsn: PgLsn(77),
+                commit_time_us: -5,
+                xid: 9
+            }
+        );
+        assert_eq!(
+            decode(&encode_commit(PgLsn(77), PgLsn(88), 12)).unwrap(),
+            PgOutput::Commit {
+                flags: 0,
+                commit_lsn: PgLsn(77),
+                end_lsn: PgLsn(88),
+                commit_time_us: 12
+            }
+        );
+        let mut streamed = vec![b'I'];
+        streamed.extend(42u32.to_be_bytes());
+        streamed.extend(7u32.to_be_bytes());
+        streamed.extend(b"N\0\0");
+        let (xid, v1) = strip_stream_xid(&streamed).unwrap();
+        assert_eq!(xid, 42);
+        assert_eq!(
+            decode(&v1).unwrap(),
+            PgOutput::Insert {
+                relation: 7,
+                new: vec![]
+            }
+        );
+        let mut abort = vec![b'A'];
+        abort.extend(5u32.to_be_bytes());
+        abort.extend(6u32.to_be_bytes());
+        assert_eq!(
+            decode_stream_control(&abort).unwrap().unwrap(),
+            StreamControl::Abort { xid: 5, subxid: 6 }
+        );
+        assert!(decode_stream_control(b"I").is_none());
+    }
 
     fn tuple(values: &[Option<&[u8]>]) -> Vec<u8> {
         let mut b = (values.len() as i16).to_be_bytes().to_vec();

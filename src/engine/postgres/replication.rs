@@ -128,11 +128,14 @@ impl ReplicationConnection {
     }
 
     /// Stream the slot's changes for `publications` from `start` (pgoutput protocol version 1).
+    /// With `streaming`, protocol version 2: transactions too big for the server's
+    /// `logical_decoding_work_mem` are streamed before they commit (PostgreSQL 14+).
     pub async fn start(
         mut self,
         slot: &str,
         start: PgLsn,
         publications: &[String],
+        streaming: bool,
     ) -> Result<ReplicationStream> {
         let names = publications
             .iter()
@@ -140,9 +143,11 @@ impl ReplicationConnection {
             .collect::<Vec<_>>()
             .join(",");
         let sql = format!(
-            "START_REPLICATION SLOT {} LOGICAL {start} (proto_version '1', publication_names {})",
+            "START_REPLICATION SLOT {} LOGICAL {start} (proto_version '{}', publication_names {}{})",
             quote_ident(slot),
-            quote_literal(&names)
+            if streaming { 2 } else { 1 },
+            quote_literal(&names),
+            if streaming { ", streaming 'on'" } else { "" }
         );
         self.wire.copy_both(&sql, "starting replication").await?;
         Ok(ReplicationStream { wire: self.wire })
