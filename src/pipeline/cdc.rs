@@ -771,6 +771,11 @@ mod per_key {
         let mut relations: HashMap<u32, Arc<Relation>> = HashMap::new();
         let mut skip_all = false;
         let mut pending: Vec<Work> = Vec::new();
+        // The commit position of the transaction being read, and whether it grew too big to
+        // hold: then every worker commits what it has and worker 0 takes the transaction as
+        // it streams in (memory stays bounded; it is applied like a barrier).
+        let mut current = 0u64;
+        let mut big = false;
         loop {
             let record = tokio::select! {
                 _ = cancel.cancelled() => break,
@@ -797,13 +802,25 @@ mod per_key {
                     PgOutput::Begin { final_lsn, .. } => {
                         // Workers past this commit get none of it; if all are, skip it here.
                         skip_all = final_lsn.0 <= start;
+                        current = final_lsn.0;
                     }
                     PgOutput::Commit {
                         commit_lsn,
                         commit_time_us,
                         ..
                     } => {
-                        if !skip_all {
+                        if big {
+                            stream_to_first(&senders, &positions, &mut pending, current).await?;
+                            for (i, s) in senders.iter().enumerate() {
+                                if positions[i] < commit_lsn.0 {
+                                    s.send(Work::Commit(commit_lsn.0, commit_time_us))
+                                        .await
+                                        .map_err(|_| worker_gone())?;
+                                }
+                            }
+                            flush_all(&senders).await?;
+                            big = false;
+                        } else if !skip_all {
                             dispatch(
                                 &senders,
                                 &positions,
@@ -832,6 +849,13 @@ mod per_key {
                         for c in apply::resolve(m, &relations)? {
                             pending.push(Work::Change(c));
                         }
+                        if !big && pending.len() >= PER_KEY_TRANSACTION_LIMIT {
+                            flush_all(&senders).await?;
+                            big = true;
+                        }
+                        if big && pending.len() >= 1_000 {
+                            stream_to_first(&senders, &positions, &mut pending, current).await?;
+                        }
                     }
                     _ => {}
                 },
@@ -843,6 +867,41 @@ mod per_key {
                 Ok(r) => r?,
                 Err(e) => return Err(Error::Definite(format!("an apply worker failed: {e}"))),
             }
+        }
+        Ok(())
+    }
+
+    /// A per-key transaction bigger than this is not held in memory (see `big` above).
+    const PER_KEY_TRANSACTION_LIMIT: usize = 20_000;
+
+    fn worker_gone() -> Error {
+        Error::Definite("an apply worker is gone".into())
+    }
+
+    /// Every worker commits what it holds (complete transactions only).
+    async fn flush_all(senders: &[mpsc::Sender<Work>]) -> Result<()> {
+        for s in senders {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            s.send(Work::Flush(tx)).await.map_err(|_| worker_gone())?;
+            rx.await.map_err(|_| worker_gone())??;
+        }
+        Ok(())
+    }
+
+    /// Hand the changes read so far of a big transaction to worker 0 (unless it applied the
+    /// transaction before a restart).
+    async fn stream_to_first(
+        senders: &[mpsc::Sender<Work>],
+        positions: &[u64],
+        pending: &mut Vec<Work>,
+        commit: u64,
+    ) -> Result<()> {
+        if positions[0] >= commit {
+            pending.clear();
+            return Ok(());
+        }
+        for w in pending.drain(..) {
+            senders[0].send(w).await.map_err(|_| worker_gone())?;
         }
         Ok(())
     }

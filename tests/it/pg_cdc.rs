@@ -683,3 +683,36 @@ fn cdc_streamed_transactions_with_savepoints_and_aborts() {
     );
     job.clean();
 }
+
+/// Per-key apply of a transaction too big to hold: every worker commits first, then one
+/// worker applies it as it streams in; a crash in the middle of it resumes exactly.
+#[test]
+fn cdc_per_key_big_transaction_and_crash() {
+    let job = Job::new("cdc_per_key_big", |url| {
+        psql(url, LIVE_SCHEMA);
+        psql(
+            url,
+            "CREATE TABLE big (id bigint PRIMARY KEY, v integer NOT NULL);",
+        );
+    });
+    let args = ["--apply-mode", "per-key", "--apply-workers", "3"];
+    job.sync(&args);
+    install_audit(&job.target);
+    psql(
+        &job.source,
+        &format!(
+            "{}INSERT INTO big SELECT g, g % 7 FROM generate_series(1, 100000) g;\n{}",
+            counter_updates(200),
+            counter_updates(200)
+        ),
+    );
+    let mut command = job.stream_command(&args);
+    command.env("KUAKA_FAILPOINT", "apply.before_commit:2");
+    Background::spawn(command)
+        .wait(Duration::from_secs(120))
+        .assert_killed_by_sigkill();
+    job.sync(&args);
+    assert_same_data(&job.source, &job.target);
+    assert_applied_once(&job.target);
+    job.clean();
+}
