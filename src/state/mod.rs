@@ -537,15 +537,31 @@ impl From<rusqlite::Error> for MigrateError {
     }
 }
 
+/// Bring the store's schema up to date. Another process (a `status` next to a starting `run`)
+/// may be doing the same: the version is read under the write lock, so only one creates.
 fn migrate(conn: &Connection) -> std::result::Result<(), MigrateError> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if version > SCHEMA_VERSION {
         return Err(MigrateError::TooNew(version));
     }
-    if version < 1 {
+    if version == SCHEMA_VERSION {
+        return Ok(());
+    }
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let version: i64 = match conn.query_row("PRAGMA user_version", [], |r| r.get(0)) {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            return Err(e.into());
+        }
+    };
+    if version >= 1 {
+        conn.execute_batch("COMMIT")?;
+        return Ok(());
+    }
+    {
         conn.execute_batch(
-            "BEGIN;
-             CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+            "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
              CREATE TABLE job (
                  id INTEGER PRIMARY KEY CHECK (id = 1),
                  job_id TEXT NOT NULL, source TEXT NOT NULL, target TEXT NOT NULL, spec TEXT NOT NULL,
@@ -567,7 +583,10 @@ fn migrate(conn: &Connection) -> std::result::Result<(), MigrateError> {
                                 pid INTEGER NOT NULL, outcome TEXT);
              PRAGMA user_version = 1;
              COMMIT;",
-        )?;
+        )
+        .inspect_err(|_| {
+            let _ = conn.execute_batch("ROLLBACK");
+        })?;
     }
     Ok(())
 }
@@ -575,6 +594,24 @@ fn migrate(conn: &Connection) -> std::result::Result<(), MigrateError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn concurrent_first_opens_create_the_schema_once() {
+        // A `status` polling next to a starting `run` used to race on CREATE TABLE.
+        for _ in 0..20 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("state.db");
+            let threads: Vec<_> = (0..6)
+                .map(|_| {
+                    let path = path.clone();
+                    std::thread::spawn(move || StateStore::open_at(&path).map(|_| ()))
+                })
+                .collect();
+            for t in threads {
+                t.join().unwrap().expect("open");
+            }
+        }
+    }
 
     #[test]
     fn second_open_of_a_locked_directory_is_refused() {
