@@ -178,6 +178,11 @@ pub async fn run(
                     return Err(e);
                 }
             };
+            if let Err(e) = copied_tables_are_published(store) {
+                stop.cancel();
+                let _ = capture_task.await;
+                return Err(e);
+            }
             let p1 = if s.exact {
                 p0
             } else {
@@ -266,6 +271,34 @@ pub async fn run(
         return Err(Error::Interrupted);
     }
     Ok(summary)
+}
+
+/// Every table the snapshot copied must be in the publication (its columns were recorded
+/// when the publication was made); a table created in between would silently miss its changes.
+fn copied_tables_are_published(store: &StateStore) -> Result<()> {
+    let schema: Option<crate::model::schema::Schema> = store
+        .meta("schema")?
+        .and_then(|j| serde_json::from_str(&j).ok());
+    let shapes: Shapes = store
+        .meta("shapes")?
+        .and_then(|j| serde_json::from_str(&j).ok())
+        .unwrap_or_default();
+    let missing: Vec<String> = schema
+        .map(|s| s.tables)
+        .unwrap_or_default()
+        .iter()
+        .filter(|t| t.partitioning.partition_of.is_none())
+        .map(|t| t.name.display_name())
+        .filter(|n| !shapes.contains_key(n))
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Definite(format!(
+            "tables created on the source while the job started are not in its publication, so their changes would be missed: {}; run `kuaka clean` and start the job again",
+            missing.join(", ")
+        )))
+    }
 }
 
 fn join_error(r: std::result::Result<Result<()>, tokio::task::JoinError>) -> Result<()> {
