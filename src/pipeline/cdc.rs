@@ -489,14 +489,18 @@ enum SessionEnd {
 /// Apply with reconnects: a target restart or a dropped connection resumes from the target's
 /// recorded position.
 async fn apply_loop(ctx: ApplyContext, cancel: CancellationToken) -> Result<()> {
-    if ctx.workers > 1 {
-        return per_key::run(ctx, cancel).await;
-    }
     let mut attempt = 0usize;
     let mut strict_until = 0u64;
     loop {
         let before = ctx.progress.applied.load(Ordering::Relaxed);
-        match apply_session(&ctx, strict_until, &cancel).await {
+        let result = if ctx.workers > 1 {
+            per_key::session(&ctx, &cancel)
+                .await
+                .map(|()| SessionEnd::Stopped)
+        } else {
+            apply_session(&ctx, strict_until, &cancel).await
+        };
+        match result {
             Ok(SessionEnd::Stopped) => return Ok(()),
             Ok(SessionEnd::Conflict(at)) => {
                 tracing::warn!(
@@ -739,36 +743,7 @@ mod per_key {
         (h.finish() % workers as u64) as usize
     }
 
-    pub(super) async fn run(ctx: ApplyContext, cancel: CancellationToken) -> Result<()> {
-        let mut attempt = 0usize;
-        loop {
-            let before = ctx.progress.applied.load(Ordering::Relaxed);
-            match session(&ctx, &cancel).await {
-                Ok(()) => return Ok(()),
-                Err(e) if e.class() == ErrorClass::Transient && !cancel.is_cancelled() => {
-                    if ctx.progress.applied.load(Ordering::Relaxed) > before {
-                        attempt = 0;
-                    }
-                    let delay = super::super::RETRY_DELAYS_MS
-                        .get(attempt.min(super::super::RETRY_DELAYS_MS.len() - 1))
-                        .copied()
-                        .unwrap_or(15_000);
-                    attempt += 1;
-                    if attempt > 40 {
-                        return Err(e);
-                    }
-                    tracing::warn!("apply (per-key): {e}; reconnecting in {delay} ms");
-                    tokio::select! {
-                        _ = cancel.cancelled() => return Ok(()),
-                        _ = tokio::time::sleep(Duration::from_millis(delay)) => {}
-                    }
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
-    async fn session(ctx: &ApplyContext, cancel: &CancellationToken) -> Result<()> {
+    pub(super) async fn session(ctx: &ApplyContext, cancel: &CancellationToken) -> Result<()> {
         let n = ctx.workers;
         let mut positions = Vec::with_capacity(n);
         let mut clients = Vec::with_capacity(n);

@@ -337,24 +337,20 @@ fn cdc_sigkill_during_capture_and_before_apply_commit() {
     job.clean();
 }
 
-/// The database server restarts (source and target at once: they share it) twice while kuaka
-/// streams under writes: capture and apply reconnect and resume on their own.
-#[test]
-fn cdc_server_restarts_during_streaming() {
-    let server = PgServer::start_private();
-    let source = server.create_db("cdc_restart_src");
-    let target = server.create_db("cdc_restart_dst");
-    psql(&source, LIVE_SCHEMA);
+/// Stream from `source` to `target` under writes while `restarts` restarts servers; then the
+/// target catches up by itself, equals the source, and applied no row version twice.
+fn streaming_survives_restarts(source: &str, target: &str, restarts: impl FnOnce()) {
+    psql(source, LIVE_SCHEMA);
     let job = Job::between(
-        "cdc_restart_src",
-        source.clone(),
-        "cdc_restart_dst",
-        target.clone(),
+        "restart_src",
+        source.to_owned(),
+        "restart_dst",
+        target.to_owned(),
     );
     let background = job.stream_in_background(&[]);
-    install_audit(&target);
+    install_audit(target);
     let writer = {
-        let source = source.clone();
+        let source = source.to_owned();
         thread::spawn(move || {
             for round in 0..60 {
                 psql_tolerant(&source, &counter_updates(20));
@@ -370,24 +366,36 @@ fn cdc_server_restarts_during_streaming() {
         })
     };
     thread::sleep(Duration::from_millis(800));
-    server.restart();
-    thread::sleep(Duration::from_millis(1500));
-    server.restart();
+    restarts();
     writer.join().expect("writer");
-    psql(&source, &counter_updates(50));
+    psql(source, &counter_updates(50));
     wait_until(
         "apply to catch up after the restarts",
         Duration::from_secs(120),
         || {
-            query_one(&source, "SELECT sum(n) FROM counter")
-                == query_one(&target, "SELECT sum(n) FROM counter")
+            query_one(source, "SELECT sum(n) FROM counter")
+                == query_one(target, "SELECT sum(n) FROM counter")
         },
     );
     sigterm(background);
     job.sync(&[]);
-    assert_same_data(&source, &target);
-    assert_applied_once(&target);
+    assert_same_data(source, target);
+    assert_applied_once(target);
     job.clean();
+}
+
+/// The database server restarts (source and target at once: they share it) twice while kuaka
+/// streams under writes: capture and apply reconnect and resume on their own.
+#[test]
+fn cdc_server_restarts_during_streaming() {
+    let server = PgServer::start_private();
+    let source = server.create_db("restart_src");
+    let target = server.create_db("restart_dst");
+    streaming_survives_restarts(&source, &target, || {
+        server.restart();
+        thread::sleep(Duration::from_millis(1500));
+        server.restart();
+    });
 }
 
 /// The slot is dropped under a running job: a definite error naming the slot, never a silent
@@ -724,38 +732,11 @@ fn cdc_per_key_big_transaction_and_crash() {
 fn cdc_source_and_target_restart_separately() {
     let source_server = PgServer::start_private();
     let target_server = PgServer::start_private();
-    let source = source_server.create_db("cdc_sep_src");
-    let target = target_server.create_db("cdc_sep_dst");
-    psql(&source, LIVE_SCHEMA);
-    let job = Job::between("cdc_sep_src", source.clone(), "cdc_sep_dst", target.clone());
-    let background = job.stream_in_background(&[]);
-    install_audit(&target);
-    let writer = {
-        let source = source.clone();
-        thread::spawn(move || {
-            for _ in 0..80 {
-                psql_tolerant(&source, &counter_updates(20));
-                thread::sleep(Duration::from_millis(40));
-            }
-        })
-    };
-    thread::sleep(Duration::from_millis(700));
-    target_server.restart();
-    thread::sleep(Duration::from_millis(1200));
-    source_server.restart();
-    writer.join().expect("writer");
-    psql(&source, &counter_updates(50));
-    wait_until(
-        "apply to catch up after the restarts",
-        Duration::from_secs(120),
-        || {
-            query_one(&source, "SELECT sum(n) FROM counter")
-                == query_one(&target, "SELECT sum(n) FROM counter")
-        },
-    );
-    sigterm(background);
-    job.sync(&[]);
-    assert_same_data(&source, &target);
-    assert_applied_once(&target);
-    job.clean();
+    let source = source_server.create_db("restart_src");
+    let target = target_server.create_db("restart_dst");
+    streaming_survives_restarts(&source, &target, || {
+        target_server.restart();
+        thread::sleep(Duration::from_millis(1200));
+        source_server.restart();
+    });
 }
