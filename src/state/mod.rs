@@ -215,11 +215,29 @@ impl StateStore {
             .map_err(err)?;
         // WAL + NORMAL: a killed process loses nothing committed; only power loss can drop the
         // last transactions, and every chunk is safe to redo.
-        conn.execute_batch(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;",
-        )
-        .map_err(err)?;
-        migrate(&conn).map_err(|e| match e {
+        // Switching to WAL and creating the schema take locks for which SQLite may answer
+        // "busy" at once, without waiting, when another process opens the same new store (a
+        // `status` beside a starting `run`): retry for a while.
+        let mut attempt = 0;
+        let setup = loop {
+            let result = conn
+                .execute_batch(
+                    "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;",
+                )
+                .map_err(MigrateError::Sqlite)
+                .and_then(|()| migrate(&conn));
+            match result {
+                Err(MigrateError::Sqlite(e))
+                    if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy)
+                        && attempt < 200 =>
+                {
+                    attempt += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(25));
+                }
+                other => break other,
+            }
+        };
+        setup.map_err(|e| match e {
             MigrateError::Sqlite(source) => StateError::Sqlite {
                 path: p.clone(),
                 source,
