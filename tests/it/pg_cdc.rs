@@ -412,7 +412,7 @@ fn cdc_dropped_slot_is_a_definite_error() {
     wait_until("the slot to be dropped", Duration::from_secs(60), || {
         psql(
             &job.source,
-            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name LIKE 'kuaka%' AND active_pid IS NOT NULL;",
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name LIKE 'kuaka%' AND database = current_database() AND active_pid IS NOT NULL;",
         );
         Command::new("psql")
             .args([&job.source, "-X", "-q", "-c"])
@@ -681,7 +681,9 @@ fn cdc_streamed_transactions_with_savepoints_and_aborts() {
     assert_same_data(&job.source, &job.target);
     let streamed: i64 = query_one(
         &job.source,
-        "SELECT coalesce(sum(stream_txns), 0) FROM pg_stat_replication_slots WHERE slot_name LIKE 'kuaka%'",
+        "SELECT coalesce(sum(s.stream_txns), 0) FROM pg_stat_replication_slots s \
+         JOIN pg_replication_slots r USING (slot_name) \
+         WHERE r.slot_name LIKE 'kuaka%' AND r.database = current_database()",
     )
     .parse()
     .expect("stream_txns");
