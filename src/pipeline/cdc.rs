@@ -489,7 +489,7 @@ enum SessionEnd {
 /// Apply with reconnects: a target restart or a dropped connection resumes from the target's
 /// recorded position.
 async fn apply_loop(ctx: ApplyContext, cancel: CancellationToken) -> Result<()> {
-    let mut attempt = 0usize;
+    let mut reconnect = super::Reconnect::default();
     let mut strict_until = 0u64;
     loop {
         let before = ctx.progress.applied.load(Ordering::Relaxed);
@@ -511,20 +511,10 @@ async fn apply_loop(ctx: ApplyContext, cancel: CancellationToken) -> Result<()> 
             }
             Err(e) if e.class() == ErrorClass::Transient && !cancel.is_cancelled() => {
                 if ctx.progress.applied.load(Ordering::Relaxed) > before {
-                    attempt = 0;
+                    reconnect.progressed();
                 }
-                let delay = super::RETRY_DELAYS_MS
-                    .get(attempt.min(super::RETRY_DELAYS_MS.len() - 1))
-                    .copied()
-                    .unwrap_or(15_000);
-                attempt += 1;
-                if attempt > 40 {
-                    return Err(e);
-                }
-                tracing::warn!("apply: {e}; reconnecting in {delay} ms");
-                tokio::select! {
-                    _ = cancel.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(Duration::from_millis(delay)) => {}
+                if !reconnect.wait("apply", e, &cancel).await? {
+                    return Ok(());
                 }
             }
             Err(e) => return Err(e),
@@ -588,12 +578,7 @@ async fn apply_session(
             match record.kind {
                 RecordKind::Kuaka => {
                     if !skip {
-                        let instruction: KuakaRecord = serde_json::from_slice(&record.payload)
-                            .map_err(|e| {
-                                Error::Definite(format!(
-                                    "unreadable kuaka record in the change log: {e}"
-                                ))
-                            })?;
+                        let instruction = KuakaRecord::parse(&record.payload)?;
                         batch.instruction(&instruction);
                     }
                 }
@@ -674,7 +659,6 @@ async fn apply_session(
             .store(commit_time, Ordering::Relaxed);
         p.transactions.fetch_add(txns, Ordering::Relaxed);
         p.changes.fetch_add(batch.rows as u64, Ordering::Relaxed);
-        p.batches.fetch_add(1, Ordering::Relaxed);
         p.add_counts(&batch.counts);
     }
 }
@@ -799,10 +783,7 @@ mod per_key {
             match record.kind {
                 RecordKind::Kuaka => {
                     if !skip_all {
-                        let instruction: KuakaRecord = serde_json::from_slice(&record.payload)
-                            .map_err(|e| {
-                                Error::Definite(format!("unreadable kuaka record: {e}"))
-                            })?;
+                        let instruction = KuakaRecord::parse(&record.payload)?;
                         pending.push(Work::Instruction(instruction));
                     }
                 }

@@ -44,3 +44,41 @@ pub fn retry_delay(error: &Error, attempt: usize) -> Option<std::time::Duration>
         None
     }
 }
+
+/// Backoff for tasks that run indefinitely and reconnect after transient failures (change
+/// capture, apply): the retry delays, then the longest one again, up to a cap of attempts; a
+/// task that made progress since its last failure starts over with the shortest delay.
+#[derive(Debug, Default)]
+pub struct Reconnect {
+    attempt: usize,
+}
+
+impl Reconnect {
+    /// Consecutive failures without progress after which the task gives up.
+    pub const MAX_ATTEMPTS: usize = 40;
+
+    /// The last session made progress: the next failure waits the shortest delay.
+    pub fn progressed(&mut self) {
+        self.attempt = 0;
+    }
+
+    /// Log the failure and wait before the next attempt. `Ok(true)` to retry, `Ok(false)`
+    /// when cancelled while waiting, `Err(error)` when the attempts are used up.
+    pub async fn wait<E: std::fmt::Display>(
+        &mut self,
+        what: &str,
+        error: E,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> Result<bool, E> {
+        let delay = RETRY_DELAYS_MS[self.attempt.min(RETRY_DELAYS_MS.len() - 1)];
+        self.attempt += 1;
+        if self.attempt > Self::MAX_ATTEMPTS {
+            return Err(error);
+        }
+        tracing::warn!("{what}: {error}; reconnecting in {delay} ms");
+        tokio::select! {
+            _ = cancel.cancelled() => Ok(false),
+            _ = tokio::time::sleep(std::time::Duration::from_millis(delay)) => Ok(true),
+        }
+    }
+}

@@ -504,7 +504,6 @@ pub struct ApplyProgress {
     pub applied_commit_time_us: AtomicI64,
     pub transactions: AtomicU64,
     pub changes: AtomicU64,
-    pub batches: AtomicU64,
     pub counts: std::sync::Mutex<BTreeMap<String, TableCounts>>,
 }
 

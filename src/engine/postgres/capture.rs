@@ -72,6 +72,14 @@ pub enum KuakaRecord {
     },
 }
 
+impl KuakaRecord {
+    /// Read a record's payload back from the change log.
+    pub fn parse(payload: &[u8]) -> Result<KuakaRecord> {
+        serde_json::from_slice(payload)
+            .map_err(|e| Error::Definite(format!("unreadable kuaka record in the change log: {e}")))
+    }
+}
+
 /// Capture progress, shared with apply and status.
 #[derive(Debug, Default)]
 pub struct CaptureProgress {
@@ -88,8 +96,6 @@ pub struct CaptureProgress {
     /// A position someone waits to see passed (`--until caught-up`): keepalives are requested
     /// until `complete_through` reaches it.
     pub wanted: AtomicU64,
-    pub transactions: AtomicU64,
-    pub changes: AtomicU64,
 }
 
 /// Up-front checks of the source for change capture, each failing with what to do.
@@ -386,7 +392,7 @@ impl Capture {
     /// Stream into `log` until cancelled (then sync and confirm), reconnecting after transient
     /// failures. Definite failures (slot gone, schema change) end it with the error.
     pub async fn run(mut self, mut log: ChangeLog, cancel: CancellationToken) -> Result<()> {
-        let mut attempt = 0usize;
+        let mut reconnect = crate::pipeline::Reconnect::default();
         loop {
             let started = Instant::now();
             let result = self.stream(&mut log, &cancel).await;
@@ -400,20 +406,10 @@ impl Capture {
                 Err(e) if e.class() == ErrorClass::Transient && !cancel.is_cancelled() => {
                     synced.map_err(log_error)?;
                     if started.elapsed() > Duration::from_secs(60) {
-                        attempt = 0;
+                        reconnect.progressed();
                     }
-                    let delay = crate::pipeline::RETRY_DELAYS_MS
-                        .get(attempt.min(crate::pipeline::RETRY_DELAYS_MS.len() - 1))
-                        .copied()
-                        .unwrap_or(15_000);
-                    attempt += 1;
-                    if attempt > 40 {
-                        return Err(e);
-                    }
-                    tracing::warn!("change capture: {e}; reconnecting in {delay} ms");
-                    tokio::select! {
-                        _ = cancel.cancelled() => return Ok(()),
-                        _ = tokio::time::sleep(Duration::from_millis(delay)) => {}
+                    if !reconnect.wait("change capture", e, &cancel).await? {
+                        return Ok(());
                     }
                 }
                 Err(e) => return Err(e),
@@ -552,7 +548,6 @@ impl Capture {
                                 progress
                                     .last_commit_time_us
                                     .store(commit_time_us, Ordering::Relaxed);
-                                progress.transactions.fetch_add(1, Ordering::Relaxed);
                             }
                             commit_end = commit_end.max(end_lsn);
                             skipping = false;
@@ -568,7 +563,6 @@ impl Capture {
                         | PgOutput::Truncate { .. } => {
                             if !skipping {
                                 append(log, wal_start.0, &data)?;
-                                progress.changes.fetch_add(1, Ordering::Relaxed);
                             }
                         }
                         PgOutput::Origin { .. }
@@ -739,7 +733,6 @@ impl Capture {
                             }
                         } else {
                             append(log, pos, &data)?;
-                            self.progress.changes.fetch_add(1, Ordering::Relaxed);
                         }
                     }
                     append(
@@ -752,7 +745,6 @@ impl Capture {
                     p.last_commit.store(commit_lsn.0, Ordering::Relaxed);
                     p.last_commit_time_us
                         .store(commit_time_us, Ordering::Relaxed);
-                    p.transactions.fetch_add(1, Ordering::Relaxed);
                 }
                 return Ok(Some(end_lsn));
             }
