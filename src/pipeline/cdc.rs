@@ -183,10 +183,13 @@ pub async fn run(
                 let _ = capture_task.await;
                 return Err(e);
             }
+            // Not exact: consistent once every change committed before the copy ended is
+            // applied; a barrier taken now is past all of them.
             let p1 = if s.exact {
                 p0
             } else {
-                s.copy_end_lsn.unwrap_or(p0).max(p0)
+                let client = postgres::connect(&spec.source, Side::Source, "position").await?;
+                capture::commit_barrier(&client).await?.max(p0)
             };
             store.set_meta("capture_p1", &p1.to_string())?;
             store.set_position("p1", &format!("pg:{p1}"))?;
@@ -370,14 +373,14 @@ async fn supervise(
         }
         if consistent && goal.is_none() && spec.until == Some(Until::CaughtUp) {
             // Now take the source's current position and wait to have applied up to it.
-            match current_lsn(&spec.source, &mut source).await {
+            match current_lsn(&spec.source, &mut source, true).await {
                 Ok(lsn) => goal = Some(lsn),
                 Err(e) => tracing::warn!("reading the source position: {e}"),
             }
         }
         if last_status.elapsed() >= Duration::from_secs(1) {
             last_status = Instant::now();
-            if let Ok(lsn) = current_lsn(&spec.source, &mut source).await {
+            if let Ok(lsn) = current_lsn(&spec.source, &mut source, false).await {
                 source_lsn = Some(lsn);
             }
             write_status(store, capture, apply, source_lsn);
@@ -391,14 +394,25 @@ async fn supervise(
     }
 }
 
-async fn current_lsn(endpoint: &Endpoint, client: &mut Option<Client>) -> Result<PgLsn> {
+/// The source's position; with `barrier`, one that every commit so far is before and that
+/// the stream will reach (see [`capture::commit_barrier`]).
+async fn current_lsn(
+    endpoint: &Endpoint,
+    client: &mut Option<Client>,
+    barrier: bool,
+) -> Result<PgLsn> {
     if client.as_ref().is_none_or(|c| c.is_closed()) {
         *client = Some(postgres::connect(endpoint, Side::Source, "position").await?);
     }
     let c = client
         .as_ref()
         .ok_or_else(|| Error::Definite("no source connection".into()))?;
-    match capture::current_lsn(c).await {
+    let lsn = if barrier {
+        capture::commit_barrier(c).await
+    } else {
+        capture::current_lsn(c).await
+    };
+    match lsn {
         Ok(l) => Ok(l),
         Err(e) => {
             *client = None;

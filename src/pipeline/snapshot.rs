@@ -40,8 +40,6 @@ pub struct Summary {
     pub already_done: bool,
     /// The whole copy saw the replication slot's snapshot: consistent as soon as it is in.
     pub exact: bool,
-    /// Source position after the last chunk was read (P1 when the copy is not exact).
-    pub copy_end_lsn: Option<crate::model::PgLsn>,
     /// Change capture and apply, when the job streams.
     pub stream: Option<super::cdc::StreamSummary>,
 }
@@ -276,16 +274,6 @@ pub(crate) async fn run_phases(
         }
     };
     let copy_seconds = copy_started.elapsed().as_secs_f64();
-    // Every chunk has been read: changes committed after this position are not in the copy.
-    let copy_end: String = snapshot
-        .client
-        .query_one(
-            "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END::text",
-            &[],
-        )
-        .await
-        .ctx(|| "reading the source WAL position after the copy".into())?
-        .get(0);
     // All chunks are in: the exported snapshot is no longer needed.
     let _ = snapshot.client.batch_execute("COMMIT").await;
     drop(snapshot);
@@ -322,7 +310,6 @@ pub(crate) async fn run_phases(
             .max(bytes),
         copy_seconds,
         exact: from_slot && renewals == 0,
-        copy_end_lsn: copy_end.parse().ok(),
         ..Summary::default()
     })
 }

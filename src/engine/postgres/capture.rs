@@ -531,6 +531,7 @@ impl Capture {
                     match message {
                         PgOutput::Begin { final_lsn, .. } => {
                             skipping = final_lsn.0 <= log.last_commit();
+                            tracing::debug!(commit = %final_lsn, skipping, "transaction");
                             if !skipping {
                                 append(log, wal_start.0, &data)?;
                             }
@@ -575,6 +576,7 @@ impl Capture {
                     reply_requested,
                 }) => {
                     progress.received.fetch_max(wal_end.0, Ordering::Relaxed);
+                    tracing::debug!(%wal_end, in_transaction = log.in_transaction(), reply_requested, "keepalive");
                     if !log.in_transaction() && spools.is_empty() {
                         idle_end = idle_end.max(wal_end);
                     }
@@ -619,6 +621,7 @@ impl Capture {
                     || ask
                     || now.duration_since(last_status) >= STATUS_INTERVAL
                 {
+                    tracing::debug!(flushed = %to, ask, "status update");
                     stream.send_status(to, to, to, ask).await?;
                     confirmed = to;
                     progress.confirmed.store(to.0, Ordering::Relaxed);
@@ -939,10 +942,26 @@ fn log_error(e: crate::changelog::LogError) -> Error {
     Error::Definite(e.to_string())
 }
 
-/// The source's current WAL position.
+/// The source's current WAL insert position (for lag figures).
 pub async fn current_lsn(client: &Client) -> Result<PgLsn> {
+    lsn_query(client, "SELECT pg_current_wal_insert_lsn()::text").await
+}
+
+/// A position that every transaction committed so far is before, and that the WAL sender will
+/// reach: a synchronously committed empty transaction flushes the WAL up to its commit. The
+/// write position alone is not enough: with `synchronous_commit = off` a committed change can
+/// lie past it, and a "caught up" check against it would return before the change arrived.
+pub async fn commit_barrier(client: &Client) -> Result<PgLsn> {
+    client
+        .batch_execute("SET synchronous_commit = on; BEGIN; SELECT txid_current(); COMMIT")
+        .await
+        .ctx(|| "flushing the source WAL up to now".into())?;
+    lsn_query(client, "SELECT pg_current_wal_lsn()::text").await
+}
+
+async fn lsn_query(client: &Client, sql: &str) -> Result<PgLsn> {
     let lsn: String = client
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .query_one(sql, &[])
         .await
         .ctx(|| "reading the source WAL position".into())?
         .get(0);
