@@ -4,7 +4,9 @@
 //!
 //! Names: `snapshot.after_schema`, `snapshot.chunk.before_commit`, `snapshot.chunk.after_commit`,
 //! `snapshot.before_post_data`, `snapshot.post_data.after_step`, `apply.before_commit` (an apply
-//! transaction's changes and position are written, COMMIT not sent), `apply.after_commit`.
+//! transaction's changes and position are written, COMMIT not sent), `apply.after_commit`,
+//! `capture.synced_in_transaction` (the change log was synced while a source transaction was
+//! only partly received).
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};

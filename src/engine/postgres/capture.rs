@@ -375,6 +375,26 @@ fn shape_change(old: &[ShapeColumn], new: &[ShapeColumn]) -> Result<Vec<ShapeCol
     Ok(added)
 }
 
+/// When to persist the table shapes. A shape change is logged (as a relation record and an
+/// added-column instruction) inside the transaction that first shows it; the shapes may be saved
+/// only once that transaction is complete in the log and the log is synced. Saved earlier, a
+/// crash would cut the unfinished transaction (and the instruction) from the log, and the
+/// resent relation would then match the saved shape: the column would never be added.
+#[derive(Default)]
+struct ShapeSave {
+    changed_in_transaction: bool,
+    /// Shapes whose changes are all in complete transactions, to save after the next sync.
+    durable: Option<Shapes>,
+}
+
+impl ShapeSave {
+    fn transaction_complete(&mut self, shapes: &Shapes) {
+        if std::mem::take(&mut self.changed_in_transaction) {
+            self.durable = Some(shapes.clone());
+        }
+    }
+}
+
 /// Everything the capture loop needs.
 pub struct Capture {
     pub endpoint: Endpoint,
@@ -393,9 +413,10 @@ impl Capture {
     /// failures. Definite failures (slot gone, schema change) end it with the error.
     pub async fn run(mut self, mut log: ChangeLog, cancel: CancellationToken) -> Result<()> {
         let mut reconnect = crate::pipeline::Reconnect::default();
+        let mut shapes = ShapeSave::default();
         loop {
             let started = Instant::now();
-            let result = self.stream(&mut log, &cancel).await;
+            let result = self.stream(&mut log, &mut shapes, &cancel).await;
             // Whatever happened, what was written stays: make it durable.
             let synced = log.sync();
             match result {
@@ -417,7 +438,12 @@ impl Capture {
         }
     }
 
-    async fn stream(&mut self, log: &mut ChangeLog, cancel: &CancellationToken) -> Result<()> {
+    async fn stream(
+        &mut self,
+        log: &mut ChangeLog,
+        save: &mut ShapeSave,
+        cancel: &CancellationToken,
+    ) -> Result<()> {
         let mut conn = ReplicationConnection::connect(&self.endpoint, "change capture").await?;
         conn.identify_system().await?;
         // The server resumes at the slot's confirmed position; anything older it resends is
@@ -457,7 +483,6 @@ impl Capture {
         let mut last_status = Instant::now();
         let mut unsynced: u64 = 0;
         let mut idle_end = PgLsn(0);
-        let mut pending_shapes: Option<Shapes> = None;
         // Transactions streamed before their commit (protocol 2), by top-level xid. The server
         // sends them again after a reconnect, so spools never outlive this connection.
         let mut spools: HashMap<u32, Spool> = HashMap::new();
@@ -474,6 +499,9 @@ impl Capture {
             let Some(event) = event else {
                 // Stop: make the log durable and tell the source, then leave.
                 log.sync().map_err(log_error)?;
+                if let Some(shapes) = save.durable.take() {
+                    (self.on_shapes)(&shapes);
+                }
                 if !log.in_transaction() {
                     let to = commit_end.max(idle_end).max(confirmed);
                     let _ = stream.send_status(to, to, to, false).await;
@@ -495,13 +523,7 @@ impl Capture {
                             ))
                         })?;
                         if let Some(end) = self
-                            .stream_control(
-                                log,
-                                &mut spools,
-                                &mut in_stream,
-                                control,
-                                &mut pending_shapes,
-                            )
+                            .stream_control(log, &mut spools, &mut in_stream, control, save)
                             .await?
                         {
                             commit_end = commit_end.max(end);
@@ -552,10 +574,11 @@ impl Capture {
                             }
                             commit_end = commit_end.max(end_lsn);
                             skipping = false;
+                            save.transaction_complete(&self.shapes);
                         }
                         PgOutput::Relation { .. } => {
                             if self.relation(log, wal_start.0, &data, &message).await? {
-                                pending_shapes = Some(self.shapes.clone());
+                                save.changed_in_transaction = true;
                             }
                         }
                         PgOutput::Insert { .. }
@@ -600,8 +623,11 @@ impl Capture {
                 }
                 unsynced = 0;
                 last_sync = now;
-                if let Some(shapes) = pending_shapes.take() {
+                if let Some(shapes) = save.durable.take() {
                     (self.on_shapes)(&shapes);
+                }
+                if log.in_transaction() {
+                    crate::failpoint::hit("capture.synced_in_transaction");
                 }
                 // Everything up to the last commit is durable; outside a transaction, so is
                 // everything the server has passed (keepalive position).
@@ -696,7 +722,7 @@ impl Capture {
         spools: &mut HashMap<u32, Spool>,
         in_stream: &mut Option<u32>,
         control: decode::StreamControl,
-        pending_shapes: &mut Option<Shapes>,
+        save: &mut ShapeSave,
     ) -> Result<Option<PgLsn>> {
         use decode::StreamControl;
         match control {
@@ -732,7 +758,7 @@ impl Capture {
                                 Error::Definite(format!("a spooled change cannot be read: {e}"))
                             })?;
                             if self.relation(log, pos, &data, &message).await? {
-                                *pending_shapes = Some(self.shapes.clone());
+                                save.changed_in_transaction = true;
                             }
                         } else {
                             append(log, pos, &data)?;
@@ -744,6 +770,7 @@ impl Capture {
                         &decode::encode_commit(commit_lsn, end_lsn, commit_time_us),
                     )?;
                     log.publish().map_err(log_error)?;
+                    save.transaction_complete(&self.shapes);
                     let p = &self.progress;
                     p.last_commit.store(commit_lsn.0, Ordering::Relaxed);
                     p.last_commit_time_us
@@ -948,15 +975,30 @@ pub async fn current_lsn(client: &Client) -> Result<PgLsn> {
 }
 
 /// A position that every transaction committed so far is before, and that the WAL sender will
-/// reach: a synchronously committed empty transaction flushes the WAL up to its commit. The
-/// write position alone is not enough: with `synchronous_commit = off` a committed change can
-/// lie past it, and a "caught up" check against it would return before the change arrived.
+/// reach. A transaction that writes WAL (a transactional logical message, which pgoutput does
+/// not forward) and commits with `synchronous_commit = local` flushes the WAL up to its commit;
+/// the goal is the end of the message record. Neither the write position nor an xid-only
+/// transaction will do: PostgreSQL commits a transaction that wrote no WAL asynchronously even
+/// with `synchronous_commit = on`, and with `synchronous_commit = off` (a setting many sources
+/// use) a commit that already returned to its client can lie past the write position, so a
+/// "caught up" check against it would return before that change arrived.
 pub async fn commit_barrier(client: &Client) -> Result<PgLsn> {
-    client
-        .batch_execute("SET synchronous_commit = on; BEGIN; SELECT txid_current(); COMMIT")
+    let messages = client
+        .simple_query(
+            "SET synchronous_commit = local; BEGIN; \
+             SELECT pg_logical_emit_message(true, 'kuaka.barrier', '')::text; COMMIT",
+        )
         .await
-        .ctx(|| "flushing the source WAL up to now".into())?;
-    lsn_query(client, "SELECT pg_current_wal_lsn()::text").await
+        .ctx(|| "flushing the source WAL up to now (pg_logical_emit_message)".into())?;
+    let lsn = messages
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .ok_or_else(|| Error::Definite("pg_logical_emit_message returned no position".into()))?;
+    lsn.parse()
+        .map_err(|_| Error::Definite(format!("unreadable WAL position {lsn}")))
 }
 
 async fn lsn_query(client: &Client, sql: &str) -> Result<PgLsn> {
