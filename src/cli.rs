@@ -38,9 +38,26 @@ pub enum Command {
     Plan(PlanArgs),
     /// Show the progress of the job in a state directory.
     Status(StatusArgs),
+    /// Migrate a generated shop database (SQLite → SQLite, no server needed) while a writer
+    /// keeps changing it: snapshot, capture, apply, catch up, verify.
+    Demo(DemoArgs),
     /// Remove a job: drop its replication slot and publication on the source, its positions
     /// on the target, and its state directory.
     Clean(CleanArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DemoArgs {
+    /// Where to put the source, target and state (default: a new directory under the system's
+    /// temp dir). Left in place afterwards so you can look inside.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Size of the generated shop: about 42,500 rows per unit.
+    #[arg(long, default_value_t = 8)]
+    pub scale: u32,
+    /// How long the writer keeps changing the source while kuaka streams, in seconds.
+    #[arg(long, default_value_t = 5)]
+    pub seconds: u64,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -7,6 +7,7 @@ pub mod changelog;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod demo_data;
 pub mod engine;
 pub mod failpoint;
 pub mod model;

@@ -67,9 +67,12 @@ impl Endpoint {
                 )));
             }
         };
+        if engine == EngineKind::Sqlite {
+            return Endpoint::sqlite(rest).map_err(invalid);
+        }
         if engine != EngineKind::Postgres {
             return Err(invalid(format!(
-                "{scheme}:// endpoints are not supported yet; this version moves PostgreSQL to PostgreSQL"
+                "{scheme}:// endpoints are not supported yet; this version moves PostgreSQL and SQLite"
             )));
         }
         let (rest, query) = match rest.split_once('?') {
@@ -168,8 +171,38 @@ impl Endpoint {
         })
     }
 
+    /// `sqlite:///absolute/path.db` or `sqlite://relative/path.db` (made absolute here, so a
+    /// rerun from another directory still names the same file).
+    fn sqlite(path: &str) -> Result<Endpoint, String> {
+        let path = percent_decode(path.split('?').next().unwrap_or(""));
+        if path.is_empty() {
+            return Err(
+                "the URL names no file (sqlite:///absolute/path.db or sqlite://relative/path.db)"
+                    .into(),
+            );
+        }
+        let absolute = std::path::absolute(&path)
+            .map_err(|e| format!("cannot resolve the path {path:?}: {e}"))?;
+        let database = absolute
+            .to_str()
+            .ok_or_else(|| format!("the path {path:?} is not UTF-8"))?
+            .to_owned();
+        Ok(Endpoint {
+            engine: EngineKind::Sqlite,
+            user: String::new(),
+            password: None,
+            host: String::new(),
+            port: 0,
+            database,
+            params: Vec::new(),
+        })
+    }
+
     /// Where it is, without credentials: `postgres://user@host:port/db`.
     pub fn redacted(&self) -> String {
+        if self.engine == EngineKind::Sqlite {
+            return format!("sqlite://{}", self.database);
+        }
         format!(
             "postgres://{}@{}:{}/{}",
             self.user,
@@ -287,6 +320,17 @@ mod tests {
         )
         .unwrap();
         assert_eq!(e.param("sslrootcert"), Some("/ca.pem"));
+    }
+
+    #[test]
+    fn sqlite_paths() {
+        let e = Endpoint::parse("--source", "sqlite:///var/data/app.db").unwrap();
+        assert_eq!(e.engine, EngineKind::Sqlite);
+        assert_eq!(e.database, "/var/data/app.db");
+        assert_eq!(e.to_string(), "sqlite:///var/data/app.db");
+        let e = Endpoint::parse("--source", "sqlite://data/app.db").unwrap();
+        assert!(e.database.starts_with('/') && e.database.ends_with("/data/app.db"));
+        assert!(Endpoint::parse("--source", "sqlite://").is_err());
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! `ddl` (model → statements), `snapshot` (consistent parallel reads and bulk writes).
 
 pub mod postgres;
+pub mod sqlite;
 
 /// Whether retrying can help.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -175,6 +175,9 @@ pub struct Index {
     pub unique: bool,
     /// Native `CREATE INDEX` statement.
     pub definition: String,
+    /// Indexed columns (`<expression>` for an expression), for rendering on another engine.
+    #[serde(default)]
+    pub columns: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -1,6 +1,7 @@
 //! Wiring: the phases of a job, their tasks and the retry policy. No protocol logic lives here.
 
 pub mod cdc;
+pub mod rows;
 pub mod snapshot;
 
 use crate::engine::ErrorClass;

@@ -42,6 +42,8 @@ pub struct Summary {
     pub exact: bool,
     /// Change capture and apply, when the job streams.
     pub stream: Option<super::cdc::StreamSummary>,
+    /// The same for a job whose source is SQLite.
+    pub rows_stream: Option<super::rows::RowsSummary>,
 }
 
 pub async fn run(
@@ -119,6 +121,31 @@ pub async fn run(
         }
     };
     let run_id = store.start_run()?;
+    if spec.source.engine == crate::config::EngineKind::Sqlite {
+        let result = super::rows::run(spec, &store, &job_id, ui, cancel).await;
+        let outcome = match &result {
+            Ok(_) => "ok".to_owned(),
+            Err(e) => {
+                let _ = store.set_job_error(&e.to_string());
+                format!("error: {e}")
+            }
+        };
+        let _ = store.finish_run(run_id, &outcome);
+        let (mut summary, rows) = result?;
+        summary.resumed = resumed;
+        summary.total_seconds = started.elapsed().as_secs_f64();
+        summary.rows_stream = (!spec.snapshot_only).then_some(rows);
+        return Ok(summary);
+    }
+    if spec.source.engine != crate::config::EngineKind::Postgres
+        || spec.target.engine != crate::config::EngineKind::Postgres
+    {
+        return Err(Error::Definite(format!(
+            "moving {} to {} is not supported yet: this version moves PostgreSQL to PostgreSQL, and SQLite to SQLite or PostgreSQL",
+            spec.source.redacted(),
+            spec.target.redacted()
+        )));
+    }
     let result = if spec.snapshot_only {
         run_phases(spec, &store, &job_id, resumed, ui, cancel, None).await
     } else {

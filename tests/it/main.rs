@@ -8,4 +8,5 @@ mod pg_replication;
 mod pg_snapshot;
 mod pg_snapshot_more;
 mod pg_tls;
+mod sqlite;
 mod support;

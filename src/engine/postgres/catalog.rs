@@ -539,6 +539,7 @@ async fn read_indexes(
             name: r.get(1),
             unique: r.get(3),
             definition,
+            columns: Vec::new(),
         });
     }
     Ok(())
@@ -890,6 +891,7 @@ async fn read_views(client: &Client, schemas: &[String]) -> Result<Vec<View>> {
                     name: i.get(0),
                     definition: i.get(1),
                     unique: i.get(2),
+                    columns: Vec::new(),
                 })
                 .collect(),
             comment: r.get(5),

@@ -18,6 +18,7 @@ pub mod catalog;
 pub mod ddl;
 pub mod decode;
 pub mod replication;
+pub mod rows;
 pub mod snapshot;
 pub mod tls;
 pub mod wire;

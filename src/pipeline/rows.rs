@@ -1,0 +1,943 @@
+//! Jobs whose source is SQLite (to SQLite or PostgreSQL): rows travel as typed values.
+//!
+//! The hand-off follows DESIGN.md: capture (triggers) is installed before the snapshot; the
+//! snapshot reads every table in one read transaction that also reads the change position P0,
+//! so the copy is exactly the state at P0. A copy resumed after a crash reads the remaining
+//! tables at a later position P1 and replays changes from P0; every change is an upsert of the
+//! row's current image or a delete, so replaying is harmless, and the target is consistent
+//! once apply passes P1. Apply commits each batch with the position in the same target
+//! transaction; the source's change records are removed only after that commit.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rusqlite::Connection;
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+use super::snapshot::Summary;
+use super::{Error, Result};
+use crate::config::{Endpoint, EngineKind, JobSpec, TargetExists, Until};
+use crate::engine::postgres::snapshot::CopyProgress;
+use crate::engine::postgres::{self, Side, rows as pgrows};
+use crate::engine::sqlite::{self, KeyChange, SourceCatalog, SourceTable, quote_ident};
+use crate::model::schema::quote_literal;
+use crate::model::value::{Row, Value};
+use crate::state::StateStore;
+use crate::ui::Ui;
+
+/// Rows per target statement, and per committed batch of a table copy.
+const ROWS_PER_STATEMENT: usize = 500;
+const ROWS_PER_COMMIT: usize = 20_000;
+/// Change records read per apply batch.
+const CHANGES_PER_BATCH: usize = 20_000;
+
+/// What the run did, for the caller's summary line.
+#[derive(Debug, Default, Clone)]
+pub struct RowsSummary {
+    pub p0: i64,
+    pub p1: i64,
+    pub applied: i64,
+    pub batches: u64,
+    pub changes: u64,
+    pub caught_up: bool,
+}
+
+enum Target {
+    Sqlite(Connection),
+    Postgres(Client),
+}
+
+fn block<R>(f: impl FnOnce() -> R) -> R {
+    tokio::task::block_in_place(f)
+}
+
+impl Target {
+    async fn connect(endpoint: &Endpoint) -> Result<Target> {
+        match endpoint.engine {
+            EngineKind::Sqlite => {
+                let conn = block(|| sqlite::open(&endpoint.database, true))?;
+                block(|| sqlite::target_bookkeeping(&conn))?;
+                Ok(Target::Sqlite(conn))
+            }
+            EngineKind::Postgres => {
+                let client = postgres::connect(endpoint, Side::Target, "rows target").await?;
+                client
+                    .batch_execute(pgrows::BOOKKEEPING)
+                    .await
+                    .map_err(|e| pg_error("creating kuaka's tables on the target", e))?;
+                // Foreign keys and triggers must not act on applied changes: the source
+                // already enforced them, and a batch is not in the source's row order.
+                client
+                    .batch_execute("SET session_replication_role = replica")
+                    .await
+                    .map_err(|e| {
+                        pg_error(
+                            "setting session_replication_role on the target (needs superuser or rds_superuser)",
+                            e,
+                        )
+                    })?;
+                Ok(Target::Postgres(client))
+            }
+            EngineKind::Mysql => Err(Error::Definite(
+                "MySQL/MariaDB targets are not supported yet".into(),
+            )),
+        }
+    }
+
+    async fn existing_tables(&self, names: &[&str]) -> Result<Vec<String>> {
+        match self {
+            Target::Sqlite(conn) => block(|| {
+                let mut found = Vec::new();
+                for n in names {
+                    let exists: bool = conn
+                        .query_row(
+                            "SELECT count(*) > 0 FROM sqlite_schema WHERE type = 'table' AND name = ?1",
+                            [n],
+                            |r| r.get(0),
+                        )
+                        .map_err(|e| Error::Definite(format!("reading the target catalog: {e}")))?;
+                    if exists {
+                        found.push((*n).to_owned());
+                    }
+                }
+                Ok(found)
+            }),
+            Target::Postgres(client) => {
+                let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+                let rows = client
+                    .query(
+                        "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename = ANY($1)",
+                        &[&names],
+                    )
+                    .await
+                    .map_err(|e| pg_error("reading the target catalog", e))?;
+                Ok(rows.iter().map(|r| r.get(0)).collect())
+            }
+        }
+    }
+
+    async fn execute(&mut self, sql: &str, what: &str) -> Result<()> {
+        match self {
+            Target::Sqlite(conn) => block(|| {
+                conn.execute_batch(sql)
+                    .map_err(|e| Error::Definite(format!("{what}: {e}")))
+            }),
+            Target::Postgres(client) => client
+                .batch_execute(sql)
+                .await
+                .map_err(|e| pg_error(what, e)),
+        }
+    }
+
+    async fn copied_tables(&self, job_id: &str) -> Result<HashMap<String, i64>> {
+        match self {
+            Target::Sqlite(conn) => block(|| {
+                conn.prepare(&format!(
+                    "SELECT table_name, rows FROM {} WHERE job_id = ?1",
+                    sqlite::COPIED_TABLE
+                ))
+                .and_then(|mut s| {
+                    s.query_map([job_id], |r| Ok((r.get(0)?, r.get(1)?)))
+                        .and_then(|rows| rows.collect())
+                })
+                .map_err(|e| Error::Definite(format!("reading copied tables on the target: {e}")))
+            }),
+            Target::Postgres(client) => Ok(client
+                .query(
+                    "SELECT table_name, rows FROM kuaka.row_copied WHERE job_id = $1",
+                    &[&job_id],
+                )
+                .await
+                .map_err(|e| pg_error("reading copied tables on the target", e))?
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect()),
+        }
+    }
+
+    async fn position(&self, job_id: &str) -> Result<Option<i64>> {
+        match self {
+            Target::Sqlite(conn) => block(|| {
+                use rusqlite::OptionalExtension;
+                conn.query_row(
+                    &format!(
+                        "SELECT position FROM {} WHERE job_id = ?1",
+                        sqlite::POSITION_TABLE
+                    ),
+                    [job_id],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(|e| Error::Definite(format!("reading the applied position: {e}")))
+            }),
+            Target::Postgres(client) => Ok(client
+                .query_opt(
+                    "SELECT position FROM kuaka.row_position WHERE job_id = $1",
+                    &[&job_id],
+                )
+                .await
+                .map_err(|e| pg_error("reading the applied position", e))?
+                .map(|r| r.get(0))),
+        }
+    }
+
+    /// Write upserts and deletes in one transaction, with `extra` (a position or a copied
+    /// marker) in the same transaction.
+    async fn write(
+        &mut self,
+        table: &SourceTable,
+        upserts: &[Row],
+        deletes: &[Row],
+        extra: &str,
+    ) -> Result<()> {
+        match self {
+            Target::Sqlite(conn) => block(|| {
+                let fail = |e: rusqlite::Error| {
+                    Error::Definite(format!("writing to target table {}: {e}", table.name()))
+                };
+                let tx = conn.transaction().map_err(fail)?;
+                {
+                    let mut up = tx
+                        .prepare_cached(&sqlite::upsert_sql(
+                            table.name(),
+                            &table.columns,
+                            &table.key,
+                        ))
+                        .map_err(fail)?;
+                    for row in upserts {
+                        up.execute(rusqlite::params_from_iter(row.iter().map(sqlite::to_sql)))
+                            .map_err(fail)?;
+                    }
+                    let mut del = tx
+                        .prepare_cached(&sqlite::delete_sql(table.name(), &table.key))
+                        .map_err(fail)?;
+                    for key in deletes {
+                        del.execute(rusqlite::params_from_iter(key.iter().map(sqlite::to_sql)))
+                            .map_err(fail)?;
+                    }
+                }
+                if !extra.is_empty() {
+                    tx.execute_batch(extra).map_err(fail)?;
+                }
+                tx.commit().map_err(fail)
+            }),
+            Target::Postgres(client) => {
+                let mut sql = String::from("BEGIN;\n");
+                sql.push_str(&pg_statements(table, upserts, deletes)?);
+                sql.push_str(extra);
+                sql.push_str("COMMIT;");
+                let result = client.batch_execute(&sql).await;
+                if result.is_err() {
+                    let _ = client.batch_execute("ROLLBACK").await;
+                }
+                result
+                    .map_err(|e| pg_error(&format!("writing to target table {}", table.name()), e))
+            }
+        }
+    }
+
+    /// Apply a batch of changes of several tables in one transaction with the position.
+    async fn apply(
+        &mut self,
+        tables: &HashMap<String, SourceTable>,
+        changes: &[KeyChange],
+        job_id: &str,
+        position: i64,
+    ) -> Result<()> {
+        let mut by_table: Vec<(&str, Vec<Row>, Vec<Row>)> = Vec::new();
+        for c in changes {
+            let i = match by_table.iter().position(|(t, _, _)| *t == c.table) {
+                Some(i) => i,
+                None => {
+                    by_table.push((&c.table, Vec::new(), Vec::new()));
+                    by_table.len() - 1
+                }
+            };
+            match &c.row {
+                Some(row) => by_table[i].1.push(row.clone()),
+                None => by_table[i].2.push(c.key.clone()),
+            }
+        }
+        match self {
+            Target::Sqlite(conn) => block(|| {
+                let fail = |e: rusqlite::Error| {
+                    Error::Definite(format!("applying changes to the SQLite target: {e}"))
+                };
+                let tx = conn.transaction().map_err(fail)?;
+                for (name, upserts, deletes) in &by_table {
+                    let Some(table) = tables.get(*name) else {
+                        continue;
+                    };
+                    // Deletes first: a key deleted and another inserted with the same unique
+                    // value must not collide.
+                    let mut del = tx
+                        .prepare_cached(&sqlite::delete_sql(table.name(), &table.key))
+                        .map_err(fail)?;
+                    for key in deletes {
+                        del.execute(rusqlite::params_from_iter(key.iter().map(sqlite::to_sql)))
+                            .map_err(fail)?;
+                    }
+                    let mut up = tx
+                        .prepare_cached(&sqlite::upsert_sql(
+                            table.name(),
+                            &table.columns,
+                            &table.key,
+                        ))
+                        .map_err(fail)?;
+                    for row in upserts {
+                        up.execute(rusqlite::params_from_iter(row.iter().map(sqlite::to_sql)))
+                            .map_err(fail)?;
+                    }
+                }
+                tx.execute(
+                    &format!(
+                        "INSERT INTO {} (job_id, position) VALUES (?1, ?2) ON CONFLICT (job_id) DO UPDATE SET position = excluded.position",
+                        sqlite::POSITION_TABLE
+                    ),
+                    rusqlite::params![job_id, position],
+                )
+                .map_err(fail)?;
+                crate::failpoint::hit("apply.before_commit");
+                tx.commit().map_err(fail)?;
+                crate::failpoint::hit("apply.after_commit");
+                Ok(())
+            }),
+            Target::Postgres(client) => {
+                let mut sql = String::from("BEGIN;\n");
+                for (name, upserts, deletes) in &by_table {
+                    let Some(table) = tables.get(*name) else {
+                        continue;
+                    };
+                    sql.push_str(&pg_statements(table, upserts, deletes)?);
+                }
+                sql.push_str(&format!(
+                    "INSERT INTO kuaka.row_position (job_id, position) VALUES ({}, {position}) ON CONFLICT (job_id) DO UPDATE SET position = EXCLUDED.position, applied_at = now();\n",
+                    quote_literal(job_id)
+                ));
+                let result = client.batch_execute(&sql).await;
+                let result = match result {
+                    Ok(()) => {
+                        crate::failpoint::hit("apply.before_commit");
+                        client.batch_execute("COMMIT").await
+                    }
+                    Err(e) => Err(e),
+                };
+                if result.is_err() {
+                    let _ = client.batch_execute("ROLLBACK").await;
+                }
+                result.map_err(|e| pg_error("applying changes to the target", e))?;
+                crate::failpoint::hit("apply.after_commit");
+                Ok(())
+            }
+        }
+    }
+}
+
+fn pg_error(what: &str, e: tokio_postgres::Error) -> Error {
+    Error::Definite(format!(
+        "{what}: {}",
+        e.as_db_error()
+            .map(|d| d.message().to_owned())
+            .unwrap_or_else(|| e.to_string())
+    ))
+}
+
+/// Deletes then upserts of one table as PostgreSQL statements.
+fn pg_statements(table: &SourceTable, upserts: &[Row], deletes: &[Row]) -> Result<String> {
+    let types: Vec<_> = table
+        .columns
+        .iter()
+        .map(|c| {
+            table
+                .table
+                .column(c)
+                .map(|col| col.data_type.clone())
+                .unwrap_or(crate::model::DataType::Text)
+        })
+        .collect();
+    let key_types: Vec<_> = table
+        .key
+        .iter()
+        .map(|k| {
+            let i = table.columns.iter().position(|c| c == k).unwrap_or(0);
+            types[i].clone()
+        })
+        .collect();
+    let tuple = |row: &Row, names: &[String], types: &[crate::model::DataType], key: &Row| {
+        let mut parts = Vec::with_capacity(row.len());
+        for ((v, t), name) in row.iter().zip(types).zip(names) {
+            parts.push(pgrows::literal(v, t).map_err(|e| {
+                Error::Definite(format!(
+                    "table {}, column {name}, row with key {}: {e}",
+                    table.name(),
+                    describe_key(key)
+                ))
+            })?);
+        }
+        Ok::<_, Error>(format!("({})", parts.join(", ")))
+    };
+    let mut sql = String::new();
+    for chunk in deletes.chunks(ROWS_PER_STATEMENT) {
+        let tuples = chunk
+            .iter()
+            .map(|k| tuple(k, &table.key, &key_types, k))
+            .collect::<Result<Vec<_>>>()?;
+        sql.push_str(&pgrows::delete(table.name(), &table.key, &tuples));
+    }
+    let key_index: Vec<usize> = table
+        .key
+        .iter()
+        .map(|k| table.columns.iter().position(|c| c == k).unwrap_or(0))
+        .collect();
+    for chunk in upserts.chunks(ROWS_PER_STATEMENT) {
+        let tuples = chunk
+            .iter()
+            .map(|r| {
+                let key: Row = key_index.iter().map(|&i| r[i].clone()).collect();
+                tuple(r, &table.columns, &types, &key)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        sql.push_str(&pgrows::upsert(
+            table.name(),
+            &table.columns,
+            &table.key,
+            &tuples,
+        ));
+    }
+    Ok(sql)
+}
+
+fn describe_key(key: &Row) -> String {
+    key.iter()
+        .map(|v| match v {
+            Value::Int(i) => i.to_string(),
+            Value::Text(t) => format!("{t:?}"),
+            other => format!("{other:?}"),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `CREATE TABLE` on PostgreSQL for a SQLite table (columns and primary key; the rest comes
+/// after the data).
+fn pg_create_table(t: &SourceTable) -> String {
+    let mut parts: Vec<String> = t
+        .table
+        .columns
+        .iter()
+        .filter(|c| c.generated.is_none())
+        .map(|c| {
+            format!(
+                "{} {}{}",
+                quote_ident(&c.name),
+                pgrows::pg_type(&c.data_type),
+                if c.nullable { "" } else { " NOT NULL" }
+            )
+        })
+        .collect();
+    if !t.key.is_empty() {
+        parts.push(format!("PRIMARY KEY ({})", sqlite::join_idents(&t.key)));
+    }
+    format!(
+        "CREATE TABLE public.{} ({});\n",
+        quote_ident(t.name()),
+        parts.join(", ")
+    )
+}
+
+/// Unique keys, indexes and foreign keys on PostgreSQL, after the data.
+fn pg_post_data(t: &SourceTable) -> Vec<(String, String)> {
+    let mut steps = Vec::new();
+    let table = format!("public.{}", quote_ident(t.name()));
+    for (i, k) in t.table.unique_keys.iter().enumerate() {
+        steps.push((
+            format!("unique key on {}", t.name()),
+            format!(
+                "ALTER TABLE {table} ADD CONSTRAINT {} UNIQUE ({});",
+                quote_ident(&format!("{}_key{}", t.name(), i + 1)),
+                sqlite::join_idents(&k.columns)
+            ),
+        ));
+    }
+    for index in &t.table.indexes {
+        if index.columns.iter().any(|c| c == "<expression>") {
+            continue;
+        }
+        steps.push((
+            format!("index {}", index.name),
+            format!(
+                "CREATE {}INDEX {} ON {table} ({});",
+                if index.unique { "UNIQUE " } else { "" },
+                quote_ident(&index.name),
+                sqlite::join_idents(&index.columns)
+            ),
+        ));
+    }
+    for fk in &t.table.foreign_keys {
+        let definition = fk.definition.replace(
+            &format!("REFERENCES {}", quote_ident(&fk.referenced_table.name)),
+            &format!(
+                "REFERENCES public.{}",
+                quote_ident(&fk.referenced_table.name)
+            ),
+        );
+        steps.push((
+            format!("foreign key {}", fk.name),
+            format!(
+                "ALTER TABLE {table} ADD CONSTRAINT {} {definition} NOT VALID;",
+                quote_ident(&fk.name)
+            ),
+        ));
+    }
+    steps
+}
+
+/// Run a job whose source is SQLite.
+pub async fn run(
+    spec: &JobSpec,
+    store: &Arc<StateStore>,
+    job_id: &str,
+    ui: &Ui,
+    cancel: &CancellationToken,
+) -> Result<(Summary, RowsSummary)> {
+    let started = Instant::now();
+    let mut source = block(|| sqlite::open(&spec.source.database, false))?;
+    let mut catalog: SourceCatalog = block(|| sqlite::read_catalog(&source))?;
+    catalog
+        .tables
+        .retain(|t| spec.selection.selects(&t.table.name));
+    for skipped in &catalog.skipped {
+        tracing::warn!("{skipped}");
+    }
+    if catalog.tables.is_empty() {
+        return Err(Error::Definite(
+            "the SQLite source has no tables to move (after --tables/--exclude)".into(),
+        ));
+    }
+    if !spec.snapshot_only {
+        sqlite::check_capturable(&catalog)?;
+    }
+    let mut target = Target::connect(&spec.target).await?;
+    let names: Vec<&str> = catalog.tables.iter().map(|t| t.name()).collect();
+
+    // Target tables, before data.
+    if !store.step_done("rows:pre_data")? {
+        let existing = target.existing_tables(&names).await?;
+        if !existing.is_empty() {
+            match spec.target_exists {
+                TargetExists::Error => {
+                    return Err(Error::Definite(format!(
+                        "the target already has tables named like the source's: {}; use --target-exists drop (or truncate), or another target",
+                        existing.join(", ")
+                    )));
+                }
+                TargetExists::Drop | TargetExists::Truncate => {
+                    let mut sql = String::new();
+                    for t in &existing {
+                        match &target {
+                            Target::Sqlite(_) => {
+                                sql.push_str(&format!("DROP TABLE IF EXISTS {};", quote_ident(t)))
+                            }
+                            Target::Postgres(_) => sql.push_str(&format!(
+                                "DROP TABLE IF EXISTS public.{} CASCADE;",
+                                quote_ident(t)
+                            )),
+                        }
+                    }
+                    target
+                        .execute(&sql, "dropping existing target tables")
+                        .await?;
+                }
+            }
+        }
+        let mut sql = String::new();
+        for t in &catalog.tables {
+            match &target {
+                Target::Sqlite(_) => {
+                    sql.push_str(&t.create_sql);
+                    sql.push_str(";\n");
+                }
+                Target::Postgres(_) => sql.push_str(&pg_create_table(t)),
+            }
+        }
+        target
+            .execute(
+                &format!("BEGIN;\n{sql}COMMIT;"),
+                "creating the target tables",
+            )
+            .await?;
+        store.mark_step("rows:pre_data", "pre_data")?;
+        tracing::info!(tables = catalog.tables.len(), "target tables created");
+    }
+
+    // Capture before the snapshot, so no change falls between them.
+    if !spec.snapshot_only {
+        block(|| sqlite::install_capture(&mut source, &catalog.tables))?;
+    }
+
+    // Snapshot: every table not yet copied, in one read transaction with its position.
+    let copied = target.copied_tables(job_id).await?;
+    let todo: Vec<&SourceTable> = catalog
+        .tables
+        .iter()
+        .filter(|t| !copied.contains_key(t.name()))
+        .collect();
+    let mut rows_total: u64 = copied.values().map(|r| *r as u64).sum();
+    let mut rows_this_run = 0u64;
+    let copy_started = Instant::now();
+    let p1 = copy_tables(
+        &mut source,
+        &mut target,
+        &todo,
+        job_id,
+        ui,
+        cancel,
+        &mut rows_this_run,
+    )
+    .await?;
+    rows_total += rows_this_run;
+    let copy_seconds = copy_started.elapsed().as_secs_f64();
+    let p0 = match store.meta("rows_p0")? {
+        Some(v) => v.parse().unwrap_or(p1),
+        None => {
+            store.set_meta("rows_p0", &p1.to_string())?;
+            p1
+        }
+    };
+    if !todo.is_empty() || store.meta("rows_p1")?.is_none() {
+        store.set_meta("rows_p1", &p1.to_string())?;
+    }
+    let p1: i64 = store
+        .meta("rows_p1")?
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(p1);
+
+    if !store.step_done("rows:post_data")? {
+        let mut steps: Vec<(String, String)> = Vec::new();
+        for t in &catalog.tables {
+            match &target {
+                Target::Sqlite(_) => {
+                    for s in &t.index_sql {
+                        steps.push((format!("index on {}", t.name()), format!("{s};")));
+                    }
+                }
+                Target::Postgres(_) => steps.extend(pg_post_data(t)),
+            }
+        }
+        match &target {
+            Target::Sqlite(_) => {
+                for (name, s) in &catalog.views {
+                    steps.push((format!("view {name}"), format!("{s};")));
+                }
+                for t in &catalog.tables {
+                    if spec.snapshot_only {
+                        for s in &t.trigger_sql {
+                            steps.push((format!("trigger on {}", t.name()), format!("{s};")));
+                        }
+                    } else if !t.trigger_sql.is_empty() {
+                        // SQLite cannot switch triggers off for one connection: created now,
+                        // they would fire on every applied change.
+                        tracing::warn!(
+                            "the {} triggers of {} are not created on the target while it is kept in sync (they would fire on applied changes); create them at cutover",
+                            t.trigger_sql.len(),
+                            t.name()
+                        );
+                    }
+                }
+            }
+            Target::Postgres(_) => {
+                for (name, _) in &catalog.views {
+                    tracing::warn!(
+                        "view {name} is not recreated on PostgreSQL (SQLite SQL differs); create it by hand"
+                    );
+                }
+                for t in catalog.tables.iter().filter(|t| !t.trigger_sql.is_empty()) {
+                    tracing::warn!(
+                        "the triggers of {} are not recreated on PostgreSQL; create them by hand",
+                        t.name()
+                    );
+                }
+            }
+        }
+        for (what, sql) in &steps {
+            // Each step once, even across a crash between two of them.
+            let step = format!("rows:post:{what}");
+            if store.step_done(&step)? {
+                continue;
+            }
+            target.execute(sql, &format!("creating {what}")).await?;
+            store.mark_step(&step, "post_data")?;
+        }
+        // Foreign keys went in NOT VALID: check the existing rows now, and keep (and name) the
+        // ones the source's own data breaks (SQLite enforces foreign keys only when asked).
+        if let Target::Postgres(_) = &target {
+            for t in &catalog.tables {
+                for fk in &t.table.foreign_keys {
+                    let sql = format!(
+                        "ALTER TABLE public.{} VALIDATE CONSTRAINT {};",
+                        quote_ident(t.name()),
+                        quote_ident(&fk.name)
+                    );
+                    if let Err(e) = target.execute(&sql, "validating").await {
+                        tracing::warn!(
+                            "foreign key {} of {} is kept NOT VALID: the source's rows break it ({e}); new rows are checked",
+                            fk.name,
+                            t.name()
+                        );
+                    }
+                }
+            }
+        }
+        store.mark_step("rows:post_data", "post_data")?;
+    }
+    let mut summary = Summary {
+        tables: catalog.tables.len(),
+        rows: rows_total,
+        rows_this_run,
+        copy_seconds,
+        exact: p0 == p1,
+        ..Summary::default()
+    };
+    let mut rows_summary = RowsSummary {
+        p0,
+        p1,
+        ..RowsSummary::default()
+    };
+    if spec.snapshot_only {
+        store.set_phase("done")?;
+        summary.total_seconds = started.elapsed().as_secs_f64();
+        return Ok((summary, rows_summary));
+    }
+
+    // Apply.
+    let tables: HashMap<String, SourceTable> = catalog
+        .tables
+        .iter()
+        .map(|t| (t.name().to_owned(), t.clone()))
+        .collect();
+    let mut applied = target.position(job_id).await?.unwrap_or(p0).max(p0);
+    let mut consistent = applied >= p1;
+    store.set_phase(if consistent {
+        "streaming"
+    } else {
+        "catching_up"
+    })?;
+    let mut goal: Option<i64> = None;
+    let mut last_purge = Instant::now();
+    let mut last_status = Instant::now() - Duration::from_secs(10);
+    loop {
+        if cancel.is_cancelled() {
+            return Err(Error::Interrupted);
+        }
+        if consistent && goal.is_none() && spec.until == Some(Until::CaughtUp) {
+            goal = Some(block(|| sqlite::current_position(&source))?);
+        }
+        let (changes, last) =
+            block(|| sqlite::read_changes(&mut source, &tables, applied, CHANGES_PER_BATCH))?;
+        if last > applied {
+            target.apply(&tables, &changes, job_id, last).await?;
+            rows_summary.batches += 1;
+            rows_summary.changes += changes.len() as u64;
+            applied = last;
+        }
+        if !consistent && applied >= p1 {
+            consistent = true;
+            store.set_phase("streaming")?;
+            tracing::info!(
+                applied,
+                "caught up: the target is consistent with the source"
+            );
+        }
+        if last_status.elapsed() >= Duration::from_secs(1) {
+            last_status = Instant::now();
+            let current = block(|| sqlite::current_position(&source)).unwrap_or(applied);
+            let _ = store.set_position("captured", &format!("sqlite:{current}"));
+            let _ = store.set_position("applied", &format!("sqlite:{applied}"));
+            let _ = store.set_position("lag_changes", &(current - applied).max(0).to_string());
+        }
+        if last_purge.elapsed() >= Duration::from_secs(2) {
+            last_purge = Instant::now();
+            if let Err(e) = block(|| sqlite::purge_changes(&source, applied)) {
+                tracing::warn!("{e}");
+            }
+        }
+        if let Some(g) = goal
+            && applied >= g
+            && consistent
+        {
+            rows_summary.caught_up = true;
+            break;
+        }
+        if last == applied && changes.is_empty() {
+            // Nothing new: wait a little (or stop).
+            tokio::select! {
+                _ = cancel.cancelled() => return Err(Error::Interrupted),
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+    }
+    let _ = block(|| sqlite::purge_changes(&source, applied));
+    let _ = store.set_position("applied", &format!("sqlite:{applied}"));
+    rows_summary.applied = applied;
+    summary.total_seconds = started.elapsed().as_secs_f64();
+    Ok((summary, rows_summary))
+}
+
+/// Copy `tables` in one source read transaction; returns the change position it saw.
+async fn copy_tables(
+    source: &mut Connection,
+    target: &mut Target,
+    tables: &[&SourceTable],
+    job_id: &str,
+    ui: &Ui,
+    cancel: &CancellationToken,
+    rows_copied: &mut u64,
+) -> Result<i64> {
+    let read_err = |e: rusqlite::Error| Error::Definite(format!("reading the SQLite source: {e}"));
+    block(|| source.execute_batch("BEGIN DEFERRED")).map_err(read_err)?;
+    let result = async {
+        let position = block(|| sqlite::current_position(source))?;
+        for t in tables {
+            let progress = ui.table(
+                &t.table.name.display_name(),
+                t.table.estimated_rows.unwrap_or(0).max(0) as u64,
+                0,
+                0,
+            );
+            let mut count: i64 = 0;
+            let mut batch: Vec<Row> = Vec::with_capacity(ROWS_PER_COMMIT);
+            // Keyset pages in key order (rowid for a keyless table), all inside the one read
+            // transaction: each page continues after the last key of the previous one.
+            let keyless = t.key.is_empty();
+            let key_cols: Vec<String> = if keyless {
+                vec!["rowid".to_owned()]
+            } else {
+                t.key.clone()
+            };
+            let key_index: Vec<usize> = if keyless {
+                vec![t.columns.len()]
+            } else {
+                t.key
+                    .iter()
+                    .map(|k| t.columns.iter().position(|c| c == k).unwrap_or(0))
+                    .collect()
+            };
+            let select = format!(
+                "SELECT {}{} FROM {}",
+                sqlite::join_idents(&t.columns),
+                if keyless { ", rowid" } else { "" },
+                quote_ident(t.name())
+            );
+            let order = if keyless {
+                "rowid".to_owned()
+            } else {
+                sqlite::join_idents(&key_cols)
+            };
+            let first = format!("{select} ORDER BY {order} LIMIT {ROWS_PER_COMMIT}");
+            let next = format!(
+                "{select} WHERE ({order}) > ({}) ORDER BY {order} LIMIT {ROWS_PER_COMMIT}",
+                (1..=key_cols.len())
+                    .map(|i| format!("?{i}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            let mut after: Option<Row> = None;
+            if keyless {
+                // No key to upsert by: a table cut off by a crash is copied again whole.
+                let empty = match target {
+                    Target::Sqlite(_) => format!("DELETE FROM {};", quote_ident(t.name())),
+                    Target::Postgres(_) => format!("TRUNCATE public.{};", quote_ident(t.name())),
+                };
+                target.execute(&empty, "emptying a keyless target table").await?;
+            }
+            loop {
+                if cancel.is_cancelled() {
+                    return Err(Error::Interrupted);
+                }
+                batch.clear();
+                let width = t.columns.len() + usize::from(keyless);
+                block(|| {
+                    let mut stmt = match &after {
+                        None => source.prepare_cached(&first)?,
+                        Some(_) => source.prepare_cached(&next)?,
+                    };
+                    let params: Vec<rusqlite::types::Value> = after
+                        .iter()
+                        .flatten()
+                        .map(sqlite::to_sql)
+                        .collect();
+                    let mut rows = stmt.query(rusqlite::params_from_iter(params))?;
+                    while let Some(r) = rows.next()? {
+                        let row: Row = (0..width)
+                            .map(|i| r.get_ref(i).map(sqlite::to_value))
+                            .collect::<rusqlite::Result<Row>>()?;
+                        batch.push(row);
+                    }
+                    Ok::<_, rusqlite::Error>(())
+                })
+                .map_err(read_err)?;
+                after = batch
+                    .last()
+                    .map(|r| key_index.iter().map(|&i| r[i].clone()).collect());
+                if keyless {
+                    for r in batch.iter_mut() {
+                        r.pop();
+                    }
+                }
+                let last = batch.len() < ROWS_PER_COMMIT;
+                count += batch.len() as i64;
+                let marker = if last {
+                    match target {
+                        Target::Sqlite(_) => format!(
+                            "INSERT OR REPLACE INTO {} (job_id, table_name, rows) VALUES ({}, {}, {count});",
+                            sqlite::COPIED_TABLE,
+                            quote_literal(job_id),
+                            quote_literal(t.name())
+                        ),
+                        Target::Postgres(_) => format!(
+                            "INSERT INTO kuaka.row_copied (job_id, table_name, rows) VALUES ({}, {}, {count}) ON CONFLICT (job_id, table_name) DO UPDATE SET rows = EXCLUDED.rows;\n",
+                            quote_literal(job_id),
+                            quote_literal(t.name())
+                        ),
+                    }
+                } else {
+                    String::new()
+                };
+                target.write(t, &batch, &[], &marker).await?;
+                crate::failpoint::hit("snapshot.chunk.after_commit");
+                progress.add(batch.len() as u64, 0);
+                *rows_copied += batch.len() as u64;
+                if last {
+                    break;
+                }
+            }
+            progress.finish();
+            tracing::info!(table = %t.name(), rows = count, "copied");
+        }
+        Ok(position)
+    }
+    .await;
+    let _ = block(|| source.execute_batch("COMMIT"));
+    result
+}
+
+/// Remove kuaka's triggers and change table from a SQLite source.
+pub fn clean_source(path: &str) -> Result<usize> {
+    let conn = sqlite::open(path, false)?;
+    sqlite::remove_capture(&conn)
+}
+
+/// Forget the job's rows in a SQLite target's bookkeeping (a PostgreSQL target's are removed
+/// by the caller's connection).
+pub fn clean_target(target: &Endpoint, job_id: &str) -> Result<()> {
+    if target.engine != EngineKind::Sqlite || !std::path::Path::new(&target.database).exists() {
+        return Ok(());
+    }
+    let conn = sqlite::open(&target.database, false)?;
+    for table in [sqlite::POSITION_TABLE, sqlite::COPIED_TABLE] {
+        let _ = conn.execute(&format!("DELETE FROM {table} WHERE job_id = ?1"), [job_id]);
+    }
+    Ok(())
+}
