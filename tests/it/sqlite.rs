@@ -15,8 +15,7 @@ use crate::support::{Background, kuaka, pg, run};
 fn chinook_copy(dir: &Path) -> PathBuf {
     let path = dir.join("chinook.db");
     std::fs::copy(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../shared/datasets/chinook/Chinook_Sqlite.sqlite"),
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chinook/Chinook_Sqlite.sqlite"),
         &path,
     )
     .expect("copy chinook");
