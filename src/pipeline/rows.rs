@@ -183,50 +183,25 @@ impl Target {
         }
     }
 
-    /// Write upserts and deletes in one transaction, with `extra` (a position or a copied
-    /// marker) in the same transaction.
-    async fn write(
-        &mut self,
-        table: &SourceTable,
-        upserts: &[Row],
-        deletes: &[Row],
-        extra: &str,
-    ) -> Result<()> {
+    /// Upsert copied rows in one transaction, with `marker` (the table's "copied" row, on its
+    /// last page) in the same transaction.
+    async fn load(&mut self, table: &SourceTable, rows: &[Row], marker: &str) -> Result<()> {
         match self {
             Target::Sqlite(conn) => block(|| {
                 let fail = |e: rusqlite::Error| {
                     Error::Definite(format!("writing to target table {}: {e}", table.name()))
                 };
                 let tx = conn.transaction().map_err(fail)?;
-                {
-                    let mut up = tx
-                        .prepare_cached(&sqlite::upsert_sql(
-                            table.name(),
-                            &table.columns,
-                            &table.key,
-                        ))
-                        .map_err(fail)?;
-                    for row in upserts {
-                        up.execute(rusqlite::params_from_iter(row.iter().map(sqlite::to_sql)))
-                            .map_err(fail)?;
-                    }
-                    let mut del = tx
-                        .prepare_cached(&sqlite::delete_sql(table.name(), &table.key))
-                        .map_err(fail)?;
-                    for key in deletes {
-                        del.execute(rusqlite::params_from_iter(key.iter().map(sqlite::to_sql)))
-                            .map_err(fail)?;
-                    }
-                }
-                if !extra.is_empty() {
-                    tx.execute_batch(extra).map_err(fail)?;
+                write_sqlite_rows(&tx, table, rows, &[]).map_err(fail)?;
+                if !marker.is_empty() {
+                    tx.execute_batch(marker).map_err(fail)?;
                 }
                 tx.commit().map_err(fail)
             }),
             Target::Postgres(client) => {
                 let mut sql = String::from("BEGIN;\n");
-                sql.push_str(&pg_statements(table, upserts, deletes)?);
-                sql.push_str(extra);
+                sql.push_str(&pg_statements(table, rows, &[])?);
+                sql.push_str(marker);
                 sql.push_str("COMMIT;");
                 let result = client.batch_execute(&sql).await;
                 if result.is_err() {
@@ -270,26 +245,7 @@ impl Target {
                     let Some(table) = tables.get(*name) else {
                         continue;
                     };
-                    // Deletes first: a key deleted and another inserted with the same unique
-                    // value must not collide.
-                    let mut del = tx
-                        .prepare_cached(&sqlite::delete_sql(table.name(), &table.key))
-                        .map_err(fail)?;
-                    for key in deletes {
-                        del.execute(rusqlite::params_from_iter(key.iter().map(sqlite::to_sql)))
-                            .map_err(fail)?;
-                    }
-                    let mut up = tx
-                        .prepare_cached(&sqlite::upsert_sql(
-                            table.name(),
-                            &table.columns,
-                            &table.key,
-                        ))
-                        .map_err(fail)?;
-                    for row in upserts {
-                        up.execute(rusqlite::params_from_iter(row.iter().map(sqlite::to_sql)))
-                            .map_err(fail)?;
-                    }
+                    write_sqlite_rows(&tx, table, upserts, deletes).map_err(fail)?;
                 }
                 tx.execute(
                     &format!(
@@ -335,6 +291,30 @@ impl Target {
     }
 }
 
+/// Deletes, then upserts, of one table on a SQLite target, inside the caller's transaction.
+/// Deletes go first: a key deleted and another inserted with the same unique value must not
+/// collide.
+fn write_sqlite_rows(
+    tx: &rusqlite::Transaction<'_>,
+    table: &SourceTable,
+    upserts: &[Row],
+    deletes: &[Row],
+) -> rusqlite::Result<()> {
+    let mut del = tx.prepare_cached(&sqlite::delete_sql(table.name(), &table.key))?;
+    for key in deletes {
+        del.execute(rusqlite::params_from_iter(key.iter().map(sqlite::to_sql)))?;
+    }
+    let mut up = tx.prepare_cached(&sqlite::upsert_sql(
+        table.name(),
+        &table.columns,
+        &table.key,
+    ))?;
+    for row in upserts {
+        up.execute(rusqlite::params_from_iter(row.iter().map(sqlite::to_sql)))?;
+    }
+    Ok(())
+}
+
 fn pg_error(what: &str, e: tokio_postgres::Error) -> Error {
     Error::Definite(format!(
         "{what}: {}",
@@ -357,14 +337,12 @@ fn pg_statements(table: &SourceTable, upserts: &[Row], deletes: &[Row]) -> Resul
                 .unwrap_or(crate::model::DataType::Text)
         })
         .collect();
-    let key_types: Vec<_> = table
+    let key_index: Vec<usize> = table
         .key
         .iter()
-        .map(|k| {
-            let i = table.columns.iter().position(|c| c == k).unwrap_or(0);
-            types[i].clone()
-        })
+        .map(|k| table.columns.iter().position(|c| c == k).unwrap_or(0))
         .collect();
+    let key_types: Vec<_> = key_index.iter().map(|&i| types[i].clone()).collect();
     let tuple = |row: &Row, names: &[String], types: &[crate::model::DataType], key: &Row| {
         let mut parts = Vec::with_capacity(row.len());
         for ((v, t), name) in row.iter().zip(types).zip(names) {
@@ -386,11 +364,6 @@ fn pg_statements(table: &SourceTable, upserts: &[Row], deletes: &[Row]) -> Resul
             .collect::<Result<Vec<_>>>()?;
         sql.push_str(&pgrows::delete(table.name(), &table.key, &tuples));
     }
-    let key_index: Vec<usize> = table
-        .key
-        .iter()
-        .map(|k| table.columns.iter().position(|c| c == k).unwrap_or(0))
-        .collect();
     for chunk in upserts.chunks(ROWS_PER_STATEMENT) {
         let tuples = chunk
             .iter()
@@ -501,8 +474,7 @@ pub async fn run(
     job_id: &str,
     ui: &Ui,
     cancel: &CancellationToken,
-) -> Result<(Summary, RowsSummary)> {
-    let started = Instant::now();
+) -> Result<Summary> {
     let mut source = block(|| sqlite::open(&spec.source.database, false))?;
     let mut catalog: SourceCatalog = block(|| sqlite::read_catalog(&source))?;
     catalog
@@ -707,8 +679,7 @@ pub async fn run(
     };
     if spec.snapshot_only {
         store.set_phase("done")?;
-        summary.total_seconds = started.elapsed().as_secs_f64();
-        return Ok((summary, rows_summary));
+        return Ok(summary);
     }
 
     // Apply.
@@ -781,8 +752,8 @@ pub async fn run(
     let _ = block(|| sqlite::purge_changes(&source, applied));
     let _ = store.set_position("applied", &format!("sqlite:{applied}"));
     rows_summary.applied = applied;
-    summary.total_seconds = started.elapsed().as_secs_f64();
-    Ok((summary, rows_summary))
+    summary.rows_stream = Some(rows_summary);
+    Ok(summary)
 }
 
 /// Copy `tables` in one source read transaction; returns the change position it saw.
@@ -905,7 +876,7 @@ async fn copy_tables(
                 } else {
                     String::new()
                 };
-                target.write(t, &batch, &[], &marker).await?;
+                target.load(t, &batch, &marker).await?;
                 crate::failpoint::hit("snapshot.chunk.after_commit");
                 progress.add(batch.len() as u64, 0);
                 *rows_copied += batch.len() as u64;

@@ -12,7 +12,7 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use super::{Error, Result, retry_delay};
-use crate::config::{JobSpec, TargetExists};
+use crate::config::{EngineKind, JobSpec, TargetExists};
 use crate::engine::postgres::snapshot::{
     ChunkMarker, ChunkOutcome, ChunkRange, Chunking, CopyFormat, CopyProgress, ExportedSnapshot,
     RateLimiter, SOURCE_SESSION_SETUP, TARGET_BOOKKEEPING, TARGET_SESSION_SETUP, chunk_committed,
@@ -53,6 +53,18 @@ pub async fn run(
     cancel: &CancellationToken,
 ) -> Result<Summary> {
     let started = Instant::now();
+    let supported = match (spec.source.engine, spec.target.engine) {
+        (EngineKind::Postgres, EngineKind::Postgres) => true,
+        (EngineKind::Sqlite, t) => t != EngineKind::Mysql,
+        _ => false,
+    };
+    if !supported {
+        return Err(Error::Definite(format!(
+            "moving {} to {} is not supported yet: this version moves PostgreSQL to PostgreSQL, and SQLite to SQLite or PostgreSQL",
+            spec.source.redacted(),
+            spec.target.redacted()
+        )));
+    }
     let store = Arc::new(StateStore::open_locked(state_dir)?);
     let spec_json = serde_json::to_string(spec)
         .map_err(|e| Error::Definite(format!("serialising the job: {e}")))?;
@@ -121,32 +133,9 @@ pub async fn run(
         }
     };
     let run_id = store.start_run()?;
-    if spec.source.engine == crate::config::EngineKind::Sqlite {
-        let result = super::rows::run(spec, &store, &job_id, ui, cancel).await;
-        let outcome = match &result {
-            Ok(_) => "ok".to_owned(),
-            Err(e) => {
-                let _ = store.set_job_error(&e.to_string());
-                format!("error: {e}")
-            }
-        };
-        let _ = store.finish_run(run_id, &outcome);
-        let (mut summary, rows) = result?;
-        summary.resumed = resumed;
-        summary.total_seconds = started.elapsed().as_secs_f64();
-        summary.rows_stream = (!spec.snapshot_only).then_some(rows);
-        return Ok(summary);
-    }
-    if spec.source.engine != crate::config::EngineKind::Postgres
-        || spec.target.engine != crate::config::EngineKind::Postgres
-    {
-        return Err(Error::Definite(format!(
-            "moving {} to {} is not supported yet: this version moves PostgreSQL to PostgreSQL, and SQLite to SQLite or PostgreSQL",
-            spec.source.redacted(),
-            spec.target.redacted()
-        )));
-    }
-    let result = if spec.snapshot_only {
+    let result = if spec.source.engine == EngineKind::Sqlite {
+        super::rows::run(spec, &store, &job_id, ui, cancel).await
+    } else if spec.snapshot_only {
         run_phases(spec, &store, &job_id, resumed, ui, cancel, None).await
     } else {
         super::cdc::run(spec, &store, state_dir, &job_id, resumed, ui, cancel).await

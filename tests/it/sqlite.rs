@@ -87,12 +87,18 @@ fn sqlite_rows(path: &Path, sql: &str) -> Vec<String> {
     .expect("rows")
 }
 
-/// Compare two row lists, printing only the first differences.
-fn assert_same_lists(a: &[String], b: &[String], what: &str) {
+/// The rows of a SQLite query and of a PostgreSQL query are the same (only the first
+/// differences are printed).
+fn compare(source: &Path, target: &str, sqlite_sql: &str, pg_sql: &str, what: &str) {
+    let a = sqlite_rows(source, sqlite_sql);
+    let b: Vec<String> = query_rows(target, pg_sql)
+        .into_iter()
+        .map(|r| r.join("|"))
+        .collect();
     if a != b {
         let diff: Vec<String> = a
             .iter()
-            .zip(b)
+            .zip(&b)
             .filter(|(x, y)| x != y)
             .take(5)
             .map(|(x, y)| format!("source {x} / target {y}"))
@@ -145,40 +151,28 @@ fn sqlite_chinook_to_postgres_under_writes_with_sigkill() {
         ("Playlist", "PlaylistId"),
         ("Track", "TrackId"),
     ] {
-        let a = sqlite_rows(&source, &format!("SELECT {key} FROM {table} ORDER BY 1"));
-        let b: Vec<String> = query_rows(
+        compare(
+            &source,
             &target,
+            &format!("SELECT {key} FROM {table} ORDER BY 1"),
             &format!("SELECT \"{key}\" FROM \"{table}\" ORDER BY 1"),
-        )
-        .into_iter()
-        .map(|r| r.join("|"))
-        .collect();
-        assert_same_lists(&a, &b, &format!("keys of {table}"));
+            &format!("keys of {table}"),
+        );
     }
-    let a = sqlite_rows(
+    compare(
         &source,
+        &target,
         "SELECT TrackId, Name, printf('%.2f', UnitPrice) FROM Track ORDER BY 1",
-    );
-    let b: Vec<String> = query_rows(
-        &target,
         "SELECT \"TrackId\", \"Name\", \"UnitPrice\" FROM \"Track\" ORDER BY 1",
-    )
-    .into_iter()
-    .map(|r| r.join("|"))
-    .collect();
-    assert_same_lists(&a, &b, "Track");
-    let a = sqlite_rows(
-        &source,
-        "SELECT InvoiceLineId, InvoiceId, TrackId, printf('%.2f', UnitPrice), Quantity FROM InvoiceLine ORDER BY 1",
+        "Track",
     );
-    let b: Vec<String> = query_rows(
+    compare(
+        &source,
         &target,
+        "SELECT InvoiceLineId, InvoiceId, TrackId, printf('%.2f', UnitPrice), Quantity FROM InvoiceLine ORDER BY 1",
         "SELECT \"InvoiceLineId\", \"InvoiceId\", \"TrackId\", \"UnitPrice\", \"Quantity\" FROM \"InvoiceLine\" ORDER BY 1",
-    )
-    .into_iter()
-    .map(|r| r.join("|"))
-    .collect();
-    assert_same_lists(&a, &b, "InvoiceLine");
+        "InvoiceLine",
+    );
     // Clean removes the triggers and the change table from the source.
     let mut clean = kuaka();
     clean.args(["clean", "--state"]).arg(&state);
