@@ -52,6 +52,17 @@ async fn run(args: &RunArgs, ui: &Ui, cancel: &CancellationToken) -> u8 {
         }
         Ok(summary) => {
             let secs = summary.copy_seconds.max(0.001);
+            if let Some(stream) = &summary.mysql_stream {
+                eprintln!(
+                    "kuaka: snapshot: {} tables, {} rows ({} copied by this run in {:.1}s)",
+                    summary.tables, summary.rows, summary.rows_this_run, summary.copy_seconds
+                );
+                eprintln!(
+                    "kuaka: caught up: the target holds every change committed on the source up to {} ({} transactions, {} row changes applied by this run; capture started at {}, consistent from {})",
+                    stream.applied, stream.transactions, stream.changes, stream.p0, stream.p1
+                );
+                return EXIT_OK;
+            }
             if let Some(stream) = &summary.rows_stream {
                 eprintln!(
                     "kuaka: snapshot: {} tables, {} rows ({} copied by this run in {:.1}s)",

@@ -70,11 +70,6 @@ impl Endpoint {
         if engine == EngineKind::Sqlite {
             return Endpoint::sqlite(rest).map_err(invalid);
         }
-        if engine != EngineKind::Postgres {
-            return Err(invalid(format!(
-                "{scheme}:// endpoints are not supported yet; this version moves PostgreSQL and SQLite"
-            )));
-        }
         let (rest, query) = match rest.split_once('?') {
             Some((r, q)) => (r, Some(q)),
             None => (rest, None),
@@ -102,6 +97,7 @@ impl Endpoint {
                 Some((u, p)) => (percent_decode(u), Some(Secret::new(percent_decode(p)))),
                 None => (percent_decode(info), None),
             },
+            None if engine == EngineKind::Mysql => ("root".to_owned(), None),
             None => (
                 std::env::var("PGUSER").unwrap_or_else(|_| "postgres".to_owned()),
                 None,
@@ -124,7 +120,11 @@ impl Endpoint {
             percent_decode(&host)
         };
         let port = if port.is_empty() {
-            5432
+            if engine == EngineKind::Mysql {
+                3306
+            } else {
+                5432
+            }
         } else {
             port.parse()
                 .map_err(|_| invalid(format!("port {port:?} is not a number")))?
@@ -155,7 +155,8 @@ impl Endpoint {
                         "sslmode={v:?} is not one of disable, allow, prefer, require, verify-ca, verify-full"
                     )));
                 }
-                "sslmode" | "sslrootcert" | "application_name" | "connect_timeout" | "options" => {}
+                "sslmode" | "sslrootcert" | "connect_timeout" => {}
+                "application_name" | "options" if engine == EngineKind::Postgres => {}
                 _ => return Err(invalid(format!("unknown connection parameter {k:?}"))),
             }
             params.push((k.to_owned(), percent_decode(v)));
@@ -204,7 +205,12 @@ impl Endpoint {
             return format!("sqlite://{}", self.database);
         }
         format!(
-            "postgres://{}@{}:{}/{}",
+            "{}://{}@{}:{}/{}",
+            if self.engine == EngineKind::Mysql {
+                "mysql"
+            } else {
+                "postgres"
+            },
             self.user,
             self.host_for_url(),
             self.port,
@@ -331,6 +337,17 @@ mod tests {
         let e = Endpoint::parse("--source", "sqlite://data/app.db").unwrap();
         assert!(e.database.starts_with('/') && e.database.ends_with("/data/app.db"));
         assert!(Endpoint::parse("--source", "sqlite://").is_err());
+    }
+
+    #[test]
+    fn mysql_urls() {
+        let e = Endpoint::parse("--source", "mysql://app:pw@db:3307/shop?sslmode=require").unwrap();
+        assert_eq!(e.engine, EngineKind::Mysql);
+        assert_eq!((e.user.as_str(), e.port), ("app", 3307));
+        assert_eq!(e.to_string(), "mysql://app@db:3307/shop");
+        let e = Endpoint::parse("--source", "mariadb://h/shop").unwrap();
+        assert_eq!((e.user.as_str(), e.port), ("root", 3306));
+        assert!(Endpoint::parse("--source", "mysql://h/shop?application_name=x").is_err());
     }
 
     #[test]

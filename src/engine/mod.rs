@@ -1,6 +1,7 @@
 //! One module per database engine, each with the same files: `catalog` (catalog → model),
 //! `ddl` (model → statements), `snapshot` (consistent parallel reads and bulk writes).
 
+pub mod mysql;
 pub mod postgres;
 pub mod sqlite;
 

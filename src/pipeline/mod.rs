@@ -1,6 +1,7 @@
 //! Wiring: the phases of a job, their tasks and the retry policy. No protocol logic lives here.
 
 pub mod cdc;
+pub mod mysql;
 pub mod rows;
 pub mod snapshot;
 
@@ -10,6 +11,8 @@ use crate::engine::ErrorClass;
 pub enum Error {
     #[error(transparent)]
     Postgres(#[from] crate::engine::postgres::Error),
+    #[error(transparent)]
+    Mysql(crate::engine::mysql::Error),
     #[error(transparent)]
     State(#[from] crate::state::StateError),
     #[error(transparent)]
@@ -24,6 +27,7 @@ impl Error {
     pub fn class(&self) -> ErrorClass {
         match self {
             Error::Postgres(e) => e.class(),
+            Error::Mysql(e) => e.class(),
             _ => ErrorClass::Definite,
         }
     }

@@ -337,19 +337,38 @@ fn pg_statements(table: &SourceTable, upserts: &[Row], deletes: &[Row]) -> Resul
                 .unwrap_or(crate::model::DataType::Text)
         })
         .collect();
-    let key_index: Vec<usize> = table
-        .key
+    pg_rows_sql(
+        table.name(),
+        &table.columns,
+        &types,
+        &table.key,
+        upserts,
+        deletes,
+    )
+}
+
+/// Deletes (by key) then upserts of rows of `public.<name>`, as multi-row PostgreSQL
+/// statements. A value that does not fit its column's type is an error naming the table,
+/// column and key.
+pub(crate) fn pg_rows_sql(
+    name: &str,
+    columns: &[String],
+    types: &[crate::model::DataType],
+    key: &[String],
+    upserts: &[Row],
+    deletes: &[Row],
+) -> Result<String> {
+    let key_index: Vec<usize> = key
         .iter()
-        .map(|k| table.columns.iter().position(|c| c == k).unwrap_or(0))
+        .map(|k| columns.iter().position(|c| c == k).unwrap_or(0))
         .collect();
     let key_types: Vec<_> = key_index.iter().map(|&i| types[i].clone()).collect();
     let tuple = |row: &Row, names: &[String], types: &[crate::model::DataType], key: &Row| {
         let mut parts = Vec::with_capacity(row.len());
-        for ((v, t), name) in row.iter().zip(types).zip(names) {
+        for ((v, t), column) in row.iter().zip(types).zip(names) {
             parts.push(pgrows::literal(v, t).map_err(|e| {
                 Error::Definite(format!(
-                    "table {}, column {name}, row with key {}: {e}",
-                    table.name(),
+                    "table {name}, column {column}, row with key {}: {e}",
                     describe_key(key)
                 ))
             })?);
@@ -360,29 +379,24 @@ fn pg_statements(table: &SourceTable, upserts: &[Row], deletes: &[Row]) -> Resul
     for chunk in deletes.chunks(ROWS_PER_STATEMENT) {
         let tuples = chunk
             .iter()
-            .map(|k| tuple(k, &table.key, &key_types, k))
+            .map(|k| tuple(k, key, &key_types, k))
             .collect::<Result<Vec<_>>>()?;
-        sql.push_str(&pgrows::delete(table.name(), &table.key, &tuples));
+        sql.push_str(&pgrows::delete(name, key, &tuples));
     }
     for chunk in upserts.chunks(ROWS_PER_STATEMENT) {
         let tuples = chunk
             .iter()
             .map(|r| {
-                let key: Row = key_index.iter().map(|&i| r[i].clone()).collect();
-                tuple(r, &table.columns, &types, &key)
+                let k: Row = key_index.iter().map(|&i| r[i].clone()).collect();
+                tuple(r, columns, types, &k)
             })
             .collect::<Result<Vec<_>>>()?;
-        sql.push_str(&pgrows::upsert(
-            table.name(),
-            &table.columns,
-            &table.key,
-            &tuples,
-        ));
+        sql.push_str(&pgrows::upsert(name, columns, key, &tuples));
     }
     Ok(sql)
 }
 
-fn describe_key(key: &Row) -> String {
+pub(crate) fn describe_key(key: &Row) -> String {
     key.iter()
         .map(|v| match v {
             Value::Int(i) => i.to_string(),

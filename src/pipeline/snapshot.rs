@@ -44,6 +44,8 @@ pub struct Summary {
     pub stream: Option<super::cdc::StreamSummary>,
     /// The same for a job whose source is SQLite.
     pub rows_stream: Option<super::rows::RowsSummary>,
+    /// The same for a job whose source is MySQL/MariaDB.
+    pub mysql_stream: Option<super::mysql::MysqlSummary>,
 }
 
 pub async fn run(
@@ -56,11 +58,12 @@ pub async fn run(
     let supported = match (spec.source.engine, spec.target.engine) {
         (EngineKind::Postgres, EngineKind::Postgres) => true,
         (EngineKind::Sqlite, t) => t != EngineKind::Mysql,
+        (EngineKind::Mysql, EngineKind::Postgres) => true,
         _ => false,
     };
     if !supported {
         return Err(Error::Definite(format!(
-            "moving {} to {} is not supported yet: this version moves PostgreSQL to PostgreSQL, and SQLite to SQLite or PostgreSQL",
+            "moving {} to {} is not supported yet: this version moves PostgreSQL to PostgreSQL, MySQL/MariaDB to PostgreSQL, and SQLite to SQLite or PostgreSQL",
             spec.source.redacted(),
             spec.target.redacted()
         )));
@@ -135,6 +138,8 @@ pub async fn run(
     let run_id = store.start_run()?;
     let result = if spec.source.engine == EngineKind::Sqlite {
         super::rows::run(spec, &store, &job_id, ui, cancel).await
+    } else if spec.source.engine == EngineKind::Mysql {
+        super::mysql::run(spec, &store, &job_id, ui, cancel).await
     } else if spec.snapshot_only {
         run_phases(spec, &store, &job_id, resumed, ui, cancel, None).await
     } else {

@@ -13,28 +13,8 @@ use crate::support::{
     pg_table_checksums, psql, psql_file, query_one, run, spawn_until_rows_arrive, wait_until,
 };
 
-/// pagila from the shared datasets: `KUAKA_SHARED_DIR`, else `shared/` beside the checkout (as
-/// CI lays it out), else this workplace's `/work/shared`.
 fn pagila_dir() -> std::path::PathBuf {
-    let candidates = std::env::var_os("KUAKA_SHARED_DIR")
-        .map(std::path::PathBuf::from)
-        .into_iter()
-        .chain([
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"),
-            std::path::PathBuf::from("/work/shared"),
-        ]);
-    let mut tried = Vec::new();
-    for shared in candidates {
-        let dir = shared.join("datasets/pagila");
-        if dir.join("pagila-schema.sql").exists() {
-            return dir;
-        }
-        tried.push(dir.display().to_string());
-    }
-    panic!(
-        "pagila not found (tried {}); set KUAKA_SHARED_DIR to the shared/ folder",
-        tried.join(", ")
-    )
+    crate::support::dataset_dir("pagila", "pagila-schema.sql")
 }
 
 /// Gunzip a file into a temp file (the `gzip` binary; no extra dev-dependency).

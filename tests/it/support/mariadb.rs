@@ -151,6 +151,7 @@ impl MariaDbServer {
     pub fn exec(&self, sql: &str) -> String {
         let output = self
             .socket_client()
+            .arg("--default-character-set=utf8mb4")
             .args(["-e", sql])
             .output()
             .expect("run mariadb client");
@@ -161,6 +162,54 @@ impl MariaDbServer {
             );
         }
         String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// Run an SQL script (fed on standard input) in `db`; panic on error.
+    pub fn exec_script(&self, db: &str, script: &str) {
+        use std::io::Write;
+        let mut child = self
+            .socket_client()
+            .arg("--default-character-set=utf8mb4")
+            .arg(db)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run mariadb client");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(script.as_bytes())
+            .expect("feed script");
+        let output = child.wait_with_output().expect("mariadb client");
+        if !output.status.success() {
+            panic!(
+                "mariadb script failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+    }
+
+    /// Rows of a query in `db` (UTF-8, UTC session), fields split on tabs.
+    pub fn rows(&self, db: &str, sql: &str) -> Vec<Vec<String>> {
+        let output = self
+            .socket_client()
+            .arg("--default-character-set=utf8mb4")
+            .arg(db)
+            .args(["-e", &format!("SET time_zone = '+00:00'; {sql}")])
+            .output()
+            .expect("run mariadb client");
+        if !output.status.success() {
+            panic!(
+                "mariadb failed on {sql:?}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(|l| l.split('\t').map(str::to_owned).collect())
+            .collect()
     }
 
     /// (Re)create an empty database and return its URL.

@@ -121,6 +121,30 @@ pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> 
     }
 }
 
+/// A folder of the shared datasets that holds `probe`: `KUAKA_SHARED_DIR`, else `shared/`
+/// beside the checkout (as CI lays it out), else this workplace's `/work/shared`.
+pub fn dataset_dir(name: &str, probe: &str) -> PathBuf {
+    let candidates = std::env::var_os("KUAKA_SHARED_DIR")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"),
+            PathBuf::from("/work/shared"),
+        ]);
+    let mut tried = Vec::new();
+    for shared in candidates {
+        let dir = shared.join("datasets").join(name);
+        if dir.join(probe).exists() {
+            return dir;
+        }
+        tried.push(dir.display().to_string());
+    }
+    panic!(
+        "{name} not found (tried {}); set KUAKA_SHARED_DIR to the shared/ folder",
+        tried.join(", ")
+    )
+}
+
 /// Path of a file under `tests/fixtures`.
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

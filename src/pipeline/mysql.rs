@@ -1,0 +1,1410 @@
+//! Jobs whose source is MySQL or MariaDB and whose target is PostgreSQL.
+//!
+//! The hand-off follows DESIGN.md: the binlog position P0 is read (`SHOW MASTER STATUS`)
+//! before any table is read; each table is then copied in its own `START TRANSACTION WITH
+//! CONSISTENT SNAPSHOT` (several at once), with no table locks; P1 is read after the last
+//! table. Apply replays the binlog from P0: every change is an upsert or delete by key with
+//! full row images, so replaying changes a copy already contains is harmless, and the target
+//! is consistent once apply passes P1. Each apply batch commits with the binlog position in
+//! `kuaka.apply_position`, in the same target transaction: a restart resumes exactly there.
+//!
+//! InnoDB foreign-key cascades are not in the binlog (only the parent's row event is). The
+//! target has the same foreign keys with the same actions, so a parent delete or key update
+//! whose foreign keys act (CASCADE, SET NULL, SET DEFAULT) is applied as its own statement with
+//! `session_replication_role = origin`: PostgreSQL then performs the same cascade, in source
+//! order relative to the other changes of the transaction. Everything else is applied with
+//! `session_replication_role = replica` (no triggers, no foreign-key checks).
+
+use std::cmp::Ordering;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures_util::StreamExt;
+use mysql_async::prelude::Queryable;
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+use super::rows::{describe_key, pg_rows_sql};
+use super::snapshot::Summary;
+use super::{Error, Reconnect, Result};
+use crate::config::{JobSpec, TargetExists, Until};
+use crate::engine::mysql::binlog::{self, Assembler, RowEvent, StreamItem};
+use crate::engine::mysql::catalog::{self, MyCatalog, MyTable};
+use crate::engine::mysql::decode::{self, BinlogCursor};
+use crate::engine::mysql::{self, Flavour, quote_ident as my_ident};
+use crate::engine::postgres::apply::TARGET_APPLY_BOOKKEEPING;
+use crate::engine::postgres::snapshot::CopyProgress;
+use crate::engine::postgres::{self as pg, Side, rows as pgrows};
+use crate::model::Position;
+use crate::model::schema::{DataType, QualifiedName, quote_ident, quote_literal};
+use crate::model::value::Row;
+#[cfg(test)]
+use crate::model::value::Value;
+use crate::state::StateStore;
+use crate::ui::Ui;
+
+/// Rows per target transaction while copying.
+const COPY_BATCH_ROWS: usize = 5_000;
+/// Row changes per apply transaction at most; a smaller batch commits when the stream idles.
+const APPLY_BATCH_CHANGES: usize = 20_000;
+/// How long apply waits for more events before committing what it has.
+const APPLY_IDLE: Duration = Duration::from_millis(100);
+/// Assumed copy speed for the binlog-retention warning (conservative on purpose).
+const RETENTION_BYTES_PER_SEC: i64 = 20 * 1024 * 1024;
+
+/// What the streaming part of a MySQL job did.
+#[derive(Debug, Default, Clone)]
+pub struct MysqlSummary {
+    pub p0: String,
+    pub p1: String,
+    pub applied: String,
+    pub transactions: u64,
+    pub changes: u64,
+    pub caught_up: bool,
+}
+
+fn cursor_position(c: &BinlogCursor) -> Position {
+    Position::BinlogFile {
+        file: c.file.clone(),
+        offset: c.offset,
+    }
+}
+
+fn cursor_text(c: &BinlogCursor) -> String {
+    cursor_position(c).to_string()
+}
+
+fn parse_cursor(text: &str) -> Option<BinlogCursor> {
+    match text.parse::<Position>().ok()? {
+        Position::BinlogFile { file, offset } => Some(BinlogCursor { file, offset }),
+        _ => None,
+    }
+}
+
+fn cmp(a: &BinlogCursor, b: &BinlogCursor) -> Ordering {
+    cursor_position(a)
+        .partial_cmp_same_source(&cursor_position(b))
+        .unwrap_or(Ordering::Equal)
+}
+
+/// How one table's rows are written on the target.
+struct Shape {
+    name: String,
+    /// Copied (non-generated) columns and their model types.
+    columns: Vec<String>,
+    types: Vec<DataType>,
+    /// Source column indexes of the copied columns.
+    copied: Vec<usize>,
+    key: Vec<String>,
+    /// Positions of the key columns among the copied columns.
+    key_index: Vec<usize>,
+    /// A delete of a row here changes child rows (ON DELETE CASCADE / SET NULL / SET DEFAULT).
+    delete_acts: bool,
+    /// Columns whose change changes child rows (ON UPDATE CASCADE / ...), as copied indexes.
+    update_acts_on: Vec<usize>,
+}
+
+impl Shape {
+    fn new(t: &MyTable, catalog: &MyCatalog) -> Shape {
+        let copied = t.copied();
+        let columns: Vec<String> = copied.iter().map(|&i| t.columns[i].name.clone()).collect();
+        let types = copied
+            .iter()
+            .map(|&i| t.table.columns[i].data_type.clone())
+            .collect();
+        let key_index = t
+            .key
+            .iter()
+            .map(|k| columns.iter().position(|c| c == k).unwrap_or(0))
+            .collect();
+        let acts = |rule: &str| matches!(rule, "CASCADE" | "SET NULL" | "SET DEFAULT");
+        let referencing: Vec<_> = catalog
+            .foreign_keys
+            .iter()
+            .filter(|fk| fk.parent == t.name())
+            .collect();
+        let mut update_acts_on: Vec<usize> = referencing
+            .iter()
+            .filter(|fk| acts(&fk.on_update))
+            .flat_map(|fk| fk.parent_columns.iter())
+            .filter_map(|c| columns.iter().position(|x| x == c))
+            .collect();
+        update_acts_on.sort_unstable();
+        update_acts_on.dedup();
+        Shape {
+            name: t.name().to_owned(),
+            columns,
+            types,
+            copied,
+            key: t.key.clone(),
+            key_index,
+            delete_acts: referencing.iter().any(|fk| acts(&fk.on_delete)),
+            update_acts_on,
+        }
+    }
+
+    fn project(&self, row: &Row) -> Row {
+        self.copied.iter().map(|&i| row[i].clone()).collect()
+    }
+
+    fn key_of(&self, row: &Row) -> Row {
+        self.key_index.iter().map(|&i| row[i].clone()).collect()
+    }
+
+    fn literals(
+        &self,
+        row: &Row,
+        names: &[String],
+        types: &[DataType],
+        key: &Row,
+    ) -> Result<Vec<String>> {
+        row.iter()
+            .zip(types)
+            .zip(names)
+            .map(|((v, t), column)| {
+                pgrows::literal(v, t).map_err(|e| {
+                    Error::Definite(format!(
+                        "table {}, column {column}, row with key {}: {e}",
+                        self.name,
+                        describe_key(key)
+                    ))
+                })
+            })
+            .collect()
+    }
+
+    fn key_types(&self) -> Vec<DataType> {
+        self.key_index
+            .iter()
+            .map(|&i| self.types[i].clone())
+            .collect()
+    }
+
+    fn where_key(&self, key: &Row) -> Result<String> {
+        let values = self.literals(key, &self.key, &self.key_types(), key)?;
+        let columns: Vec<String> = self.key.iter().map(|c| quote_ident(c)).collect();
+        Ok(if columns.len() == 1 {
+            format!("{} = {}", columns[0], values[0])
+        } else {
+            format!("({}) = ({})", columns.join(", "), values.join(", "))
+        })
+    }
+}
+
+/// The changes of one apply transaction, reduced to their net effect per key between
+/// statements that must run in source order (cascading parent changes).
+struct Batch<'a> {
+    shapes: &'a HashMap<String, Shape>,
+    /// Per table: keys in first-seen order and each key's last image (`None` = deleted).
+    pending: Vec<(String, Vec<String>, HashMap<String, (Row, Option<Row>)>)>,
+    sql: String,
+    changes: usize,
+    transactions: u64,
+    /// Apply every change as its own statement, in source order (after a unique-key clash of
+    /// the net-effect form).
+    strict: bool,
+}
+
+impl<'a> Batch<'a> {
+    fn new(shapes: &'a HashMap<String, Shape>, strict: bool) -> Batch<'a> {
+        Batch {
+            shapes,
+            pending: Vec::new(),
+            sql: String::new(),
+            changes: 0,
+            transactions: 0,
+            strict,
+        }
+    }
+
+    fn put(&mut self, shape: &Shape, key: Row, row: Option<Row>) {
+        let id = serde_json::to_string(&key).unwrap_or_default();
+        let i = match self.pending.iter().position(|(t, _, _)| *t == shape.name) {
+            Some(i) => i,
+            None => {
+                self.pending
+                    .push((shape.name.clone(), Vec::new(), HashMap::new()));
+                self.pending.len() - 1
+            }
+        };
+        let (_, order, images) = &mut self.pending[i];
+        if !images.contains_key(&id) {
+            order.push(id.clone());
+        }
+        images.insert(id, (key, row));
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        for (table, order, mut images) in std::mem::take(&mut self.pending) {
+            let shape = &self.shapes[&table];
+            let mut upserts = Vec::new();
+            let mut deletes = Vec::new();
+            for id in order {
+                if let Some((key, row)) = images.remove(&id) {
+                    match row {
+                        Some(r) => upserts.push(r),
+                        None => deletes.push(key),
+                    }
+                }
+            }
+            self.sql.push_str(&pg_rows_sql(
+                &shape.name,
+                &shape.columns,
+                &shape.types,
+                &shape.key,
+                &upserts,
+                &deletes,
+            )?);
+        }
+        Ok(())
+    }
+
+    /// A statement that makes PostgreSQL's own foreign-key actions run, in source order.
+    fn cascading(&mut self, statement: String) -> Result<()> {
+        self.flush()?;
+        self.sql
+            .push_str("SET LOCAL session_replication_role = origin;\n");
+        self.sql.push_str(&statement);
+        self.sql
+            .push_str("SET LOCAL session_replication_role = replica;\n");
+        Ok(())
+    }
+
+    fn add(&mut self, change: &RowEvent) -> Result<()> {
+        let shapes = self.shapes;
+        let Some(shape) = shapes.get(&change.table) else {
+            return Ok(());
+        };
+        self.changes += 1;
+        let before = change.before.as_ref().map(|r| shape.project(r));
+        let after = change.after.as_ref().map(|r| shape.project(r));
+        match (before, after) {
+            (None, Some(a)) => self.put(shape, shape.key_of(&a), Some(a)),
+            (Some(b), None) => {
+                let key = shape.key_of(&b);
+                if shape.delete_acts {
+                    let statement = format!(
+                        "DELETE FROM public.{} WHERE {};\n",
+                        quote_ident(&shape.name),
+                        shape.where_key(&key)?
+                    );
+                    self.cascading(statement)?;
+                } else {
+                    self.put(shape, key, None);
+                }
+            }
+            (Some(b), Some(a)) => {
+                let (old_key, new_key) = (shape.key_of(&b), shape.key_of(&a));
+                if shape.update_acts_on.iter().any(|&i| b[i] != a[i]) {
+                    let values = shape.literals(&a, &shape.columns, &shape.types, &new_key)?;
+                    let statement = format!(
+                        "UPDATE public.{} SET ({}) = ROW({}) WHERE {};\n",
+                        quote_ident(&shape.name),
+                        shape
+                            .columns
+                            .iter()
+                            .map(|c| quote_ident(c))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        values.join(", "),
+                        shape.where_key(&old_key)?
+                    );
+                    self.cascading(statement)?;
+                } else {
+                    if old_key != new_key {
+                        self.put(shape, old_key, None);
+                    }
+                    self.put(shape, new_key, Some(a));
+                }
+            }
+            (None, None) => {}
+        }
+        if self.strict {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn take_sql(&mut self) -> Result<String> {
+        self.flush()?;
+        Ok(std::mem::take(&mut self.sql))
+    }
+}
+
+fn pg_error(what: &str, e: tokio_postgres::Error) -> Error {
+    let transient = e.as_db_error().is_none();
+    let message = format!(
+        "{what}: {}",
+        e.as_db_error()
+            .map(|d| d.message().to_owned())
+            .unwrap_or_else(|| e.to_string())
+    );
+    if transient {
+        Error::Mysql(mysql::Error {
+            context: what.to_owned(),
+            message: e.to_string(),
+            class: crate::engine::ErrorClass::Transient,
+        })
+    } else {
+        Error::Definite(message)
+    }
+}
+
+fn is_unique_violation(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION)
+}
+
+async fn target_connect(spec: &JobSpec, role: &str) -> Result<Client> {
+    let client = pg::connect(&spec.target, Side::Target, role).await?;
+    client
+        .batch_execute(&format!(
+            "{};\n{}",
+            pgrows::BOOKKEEPING,
+            TARGET_APPLY_BOOKKEEPING
+        ))
+        .await
+        .map_err(|e| pg_error("creating kuaka's tables on the target", e))?;
+    client
+        .batch_execute("SET session_replication_role = replica")
+        .await
+        .map_err(|e| {
+            pg_error(
+                "setting session_replication_role on the target (needs superuser or rds_superuser)",
+                e,
+            )
+        })?;
+    Ok(client)
+}
+
+/// Up-front checks of the source for change capture, each with what to do.
+async fn preflight(
+    conn: &mut mysql_async::Conn,
+    flavour: Flavour,
+    catalog: &MyCatalog,
+) -> Result<()> {
+    let mut problems = Vec::new();
+    let row: Option<(Option<String>, Option<String>, Option<String>)> = conn
+        .query_first("SELECT @@log_bin, @@binlog_format, @@binlog_row_image")
+        .await
+        .map_err(|e| mysql::error("reading the binlog settings", e))?;
+    let (log_bin, format, image) = row.unwrap_or_default();
+    if log_bin.as_deref() != Some("1") {
+        problems.push(
+            "binary logging is off; start the server with log_bin (and a server_id)".to_owned(),
+        );
+    }
+    if format.as_deref() != Some("ROW") {
+        problems.push(format!(
+            "binlog_format is {}; set it to ROW (SET GLOBAL binlog_format = 'ROW', and in the server's configuration)",
+            format.unwrap_or_default()
+        ));
+    }
+    if image.as_deref() != Some("FULL") {
+        problems.push(format!(
+            "binlog_row_image is {}; set it to FULL (SET GLOBAL binlog_row_image = 'FULL')",
+            image.unwrap_or_default()
+        ));
+    }
+    if flavour == Flavour::Mysql
+        && let Ok(Some(Some(options))) = conn
+            .query_first::<Option<String>, _>("SELECT @@binlog_row_value_options")
+            .await
+        && !options.is_empty()
+    {
+        problems.push(format!(
+            "binlog_row_value_options is {options}; set it to '' (partial JSON updates carry no full row image)"
+        ));
+    }
+    let grants: Vec<String> = conn.query("SHOW GRANTS").await.unwrap_or_default();
+    let global: Vec<&String> = grants.iter().filter(|g| g.contains(" ON *.* ")).collect();
+    let has = |p: &str| {
+        global
+            .iter()
+            .any(|g| g.contains("ALL PRIVILEGES") || g.contains(p))
+    };
+    if !grants.is_empty() && !has("REPLICATION SLAVE") && !has("REPLICATION REPLICA") {
+        problems.push("the source user lacks REPLICATION SLAVE; GRANT REPLICATION SLAVE, REPLICATION CLIENT ON *.* TO it".to_owned());
+    }
+    let keyless: Vec<&str> = catalog
+        .tables
+        .iter()
+        .filter(|t| t.key.is_empty())
+        .map(|t| t.name())
+        .collect();
+    if !keyless.is_empty() {
+        problems.push(format!(
+            "tables without a primary key or NOT NULL unique key cannot be kept in sync: {}; add a key, exclude them (--exclude), or use --snapshot-only",
+            keyless.join(", ")
+        ));
+    }
+    if !problems.is_empty() {
+        return Err(Error::Definite(format!(
+            "the source is not ready for change capture: {}",
+            problems.join("; ")
+        )));
+    }
+    // Retention: a snapshot longer than the binlog is kept cannot be caught up.
+    let expire: Option<i64> = conn
+        .query_first::<Option<i64>, _>("SELECT @@binlog_expire_logs_seconds")
+        .await
+        .ok()
+        .flatten()
+        .flatten();
+    let bytes: i64 = catalog.tables.iter().map(|t| t.table.estimated_bytes).sum();
+    let estimate = bytes / RETENTION_BYTES_PER_SEC;
+    if let Some(expire) = expire
+        && expire > 0
+        && expire < estimate * 2
+    {
+        tracing::warn!(
+            "binlog_expire_logs_seconds is {expire} but the snapshot may take about {estimate} s; binlogs purged before apply reaches them would stop the job: raise it for the migration"
+        );
+    }
+    Ok(())
+}
+
+/// Run a job whose source is MySQL/MariaDB and whose target is PostgreSQL.
+pub async fn run(
+    spec: &JobSpec,
+    store: &Arc<StateStore>,
+    job_id: &str,
+    ui: &Ui,
+    cancel: &CancellationToken,
+) -> Result<Summary> {
+    let database = spec.source.database.clone();
+    let mut source = mysql::connect(&spec.source, "catalog").await?;
+    let (flavour, version) = mysql::flavour(&mut source).await?;
+    tracing::info!(%version, "source server");
+    let mut catalog = catalog::read(&mut source, &database).await?;
+    catalog.tables.retain(|t| {
+        spec.selection
+            .selects(&QualifiedName::new(database.clone(), t.name()))
+    });
+    for skipped in &catalog.skipped {
+        tracing::warn!("{skipped}");
+    }
+    if catalog.tables.is_empty() {
+        return Err(Error::Definite(format!(
+            "the source database {database} has no tables to move (after --tables/--exclude)"
+        )));
+    }
+    if !spec.snapshot_only {
+        preflight(&mut source, flavour, &catalog).await?;
+    }
+    let target = target_connect(spec, "schema").await?;
+
+    if !store.step_done("mysql:pre_data")? {
+        let names: Vec<String> = catalog.tables.iter().map(|t| t.name().to_owned()).collect();
+        let existing: Vec<String> = target
+            .query(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename = ANY($1)",
+                &[&names],
+            )
+            .await
+            .map_err(|e| pg_error("reading the target catalog", e))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let mut sql = String::from("BEGIN;\n");
+        if !existing.is_empty() {
+            if spec.target_exists == TargetExists::Error {
+                return Err(Error::Definite(format!(
+                    "the target already has tables named like the source's: {}; use --target-exists drop (or truncate), or another target",
+                    existing.join(", ")
+                )));
+            }
+            for t in &existing {
+                sql.push_str(&format!(
+                    "DROP TABLE IF EXISTS public.{} CASCADE;\n",
+                    quote_ident(t)
+                ));
+            }
+        }
+        for t in &catalog.tables {
+            sql.push_str(&create_table(t));
+        }
+        sql.push_str("COMMIT;");
+        target
+            .batch_execute(&sql)
+            .await
+            .map_err(|e| pg_error("creating the target tables", e))?;
+        store.mark_step("mysql:pre_data", "pre_data")?;
+        tracing::info!(tables = catalog.tables.len(), "target tables created");
+    }
+
+    // P0 before any table is read.
+    let p0 = match store.meta("mysql_p0")?.as_deref().and_then(parse_cursor) {
+        Some(p) => p,
+        None => {
+            let p = if spec.snapshot_only {
+                binlog::current_position(&mut source)
+                    .await
+                    .unwrap_or(BinlogCursor {
+                        file: String::new(),
+                        offset: 0,
+                    })
+            } else {
+                binlog::current_position(&mut source).await?
+            };
+            store.set_meta("mysql_p0", &cursor_text(&p))?;
+            p
+        }
+    };
+    store.set_position("p0", &cursor_text(&p0))?;
+
+    let copied: HashMap<String, i64> = target
+        .query(
+            "SELECT table_name, rows FROM kuaka.row_copied WHERE job_id = $1",
+            &[&job_id],
+        )
+        .await
+        .map_err(|e| pg_error("reading copied tables on the target", e))?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let todo: Vec<&MyTable> = catalog
+        .tables
+        .iter()
+        .filter(|t| !copied.contains_key(t.name()))
+        .collect();
+    let copy_started = Instant::now();
+    let rows_this_run = copy_tables(spec, &todo, job_id, ui, cancel).await?;
+    let copy_seconds = copy_started.elapsed().as_secs_f64();
+    let rows_total = copied.values().map(|r| *r as u64).sum::<u64>() + rows_this_run;
+    if !todo.is_empty() || store.meta("mysql_p1")?.is_none() {
+        let p1 = if spec.snapshot_only {
+            p0.clone()
+        } else {
+            binlog::current_position(&mut source).await?
+        };
+        store.set_meta("mysql_p1", &cursor_text(&p1))?;
+    }
+    let p1 = store
+        .meta("mysql_p1")?
+        .as_deref()
+        .and_then(parse_cursor)
+        .unwrap_or_else(|| p0.clone());
+    store.set_position("p1", &cursor_text(&p1))?;
+
+    post_data(&target, store, &catalog).await?;
+
+    let mut summary = Summary {
+        tables: catalog.tables.len(),
+        rows: rows_total,
+        rows_this_run,
+        copy_seconds,
+        exact: p0 == p1,
+        ..Summary::default()
+    };
+    if spec.snapshot_only {
+        store.set_phase("done")?;
+        return Ok(summary);
+    }
+    drop(source);
+    summary.mysql_stream =
+        Some(stream(spec, store, job_id, flavour, &catalog, &p0, &p1, cancel).await?);
+    Ok(summary)
+}
+
+/// `CREATE TABLE` on PostgreSQL (columns and primary key; the rest comes after the data).
+fn create_table(t: &MyTable) -> String {
+    let mut parts: Vec<String> = t
+        .columns
+        .iter()
+        .filter(|c| !c.generated)
+        .map(|c| {
+            format!(
+                "{} {}{}{}",
+                quote_ident(&c.name),
+                c.pg_type,
+                if c.auto_increment && c.pg_type.ends_with("int")
+                    || c.auto_increment
+                        && matches!(c.pg_type.as_str(), "smallint" | "integer" | "bigint")
+                {
+                    " GENERATED BY DEFAULT AS IDENTITY"
+                } else {
+                    ""
+                },
+                if c.nullable { "" } else { " NOT NULL" }
+            )
+        })
+        .collect();
+    if !t.key.is_empty() && t.table.primary_key.is_some() {
+        parts.push(format!(
+            "PRIMARY KEY ({})",
+            t.key
+                .iter()
+                .map(|c| quote_ident(c))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    format!(
+        "CREATE TABLE public.{} ({});\n",
+        quote_ident(t.name()),
+        parts.join(", ")
+    )
+}
+
+/// Unique keys, indexes, foreign keys and identity counters, each step once.
+async fn post_data(target: &Client, store: &StateStore, catalog: &MyCatalog) -> Result<()> {
+    if store.step_done("mysql:post_data")? {
+        return Ok(());
+    }
+    let idents = |cols: &[String]| {
+        cols.iter()
+            .map(|c| quote_ident(c))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut steps: Vec<(String, String)> = Vec::new();
+    for t in &catalog.tables {
+        let table = format!("public.{}", quote_ident(t.name()));
+        for k in &t.table.unique_keys {
+            steps.push((
+                format!("unique key {} on {}", k.name, t.name()),
+                format!(
+                    "ALTER TABLE {table} ADD CONSTRAINT {} UNIQUE ({});",
+                    quote_ident(&format!("{}_{}", t.name(), k.name)),
+                    idents(&k.columns)
+                ),
+            ));
+        }
+        for index in &t.table.indexes {
+            if index.columns.iter().any(|c| c == "<expression>") {
+                tracing::warn!(
+                    "index {} on {} has expressions; not created",
+                    index.name,
+                    t.name()
+                );
+                continue;
+            }
+            steps.push((
+                format!("index {} on {}", index.name, t.name()),
+                format!(
+                    "CREATE INDEX {} ON {table} ({});",
+                    quote_ident(&format!("{}_{}", t.name(), index.name)),
+                    idents(&index.columns)
+                ),
+            ));
+        }
+        for c in t
+            .columns
+            .iter()
+            .filter(|c| c.auto_increment && !c.generated)
+        {
+            steps.push((
+                format!("identity counter of {}.{}", t.name(), c.name),
+                format!(
+                    "SELECT setval(pg_get_serial_sequence({}, {}), COALESCE(max({}), 0) + 1, false) FROM {table};",
+                    quote_literal(&table),
+                    quote_literal(&c.name),
+                    quote_ident(&c.name)
+                ),
+            ));
+        }
+    }
+    let names: Vec<&str> = catalog.tables.iter().map(|t| t.name()).collect();
+    for t in &catalog.tables {
+        for fk in &t.table.foreign_keys {
+            if !names.contains(&fk.referenced_table.name.as_str()) {
+                tracing::warn!(
+                    "foreign key {} of {} references {}, which is not moved; not created",
+                    fk.name,
+                    t.name(),
+                    fk.referenced_table.name
+                );
+                continue;
+            }
+            steps.push((
+                format!("foreign key {} on {}", fk.name, t.name()),
+                format!(
+                    "ALTER TABLE public.{} ADD CONSTRAINT {} {} NOT VALID;",
+                    quote_ident(t.name()),
+                    quote_ident(&fk.name),
+                    fk.definition
+                ),
+            ));
+        }
+    }
+    for (what, sql) in &steps {
+        let step = format!("mysql:post:{what}");
+        if store.step_done(&step)? {
+            continue;
+        }
+        match target.batch_execute(sql).await {
+            Ok(()) => {}
+            // Done before a crash that came before the step was recorded.
+            Err(e)
+                if e.code().is_some_and(|c| {
+                    *c == tokio_postgres::error::SqlState::DUPLICATE_OBJECT
+                        || *c == tokio_postgres::error::SqlState::DUPLICATE_TABLE
+                }) => {}
+            Err(e) => return Err(pg_error(&format!("creating {what}"), e)),
+        }
+        store.mark_step(&step, "post_data")?;
+    }
+    for t in &catalog.tables {
+        for fk in &t.table.foreign_keys {
+            let sql = format!(
+                "ALTER TABLE public.{} VALIDATE CONSTRAINT {};",
+                quote_ident(t.name()),
+                quote_ident(&fk.name)
+            );
+            if let Err(e) = target.batch_execute(&sql).await {
+                tracing::warn!(
+                    "foreign key {} of {} is kept NOT VALID: the source's rows break it ({}); new rows are checked",
+                    fk.name,
+                    t.name(),
+                    e.as_db_error()
+                        .map(|d| d.message().to_owned())
+                        .unwrap_or_else(|| e.to_string())
+                );
+            }
+        }
+    }
+    store.mark_step("mysql:post_data", "post_data")?;
+    Ok(())
+}
+
+/// Copy tables, up to `--jobs` at once, each in its own consistent snapshot; returns the rows
+/// copied.
+async fn copy_tables(
+    spec: &JobSpec,
+    tables: &[&MyTable],
+    job_id: &str,
+    ui: &Ui,
+    cancel: &CancellationToken,
+) -> Result<u64> {
+    if tables.is_empty() {
+        return Ok(0);
+    }
+    let queue = std::sync::Mutex::new(
+        tables
+            .iter()
+            .copied()
+            .collect::<std::collections::VecDeque<_>>(),
+    );
+    let workers = spec.jobs.clamp(1, tables.len());
+    let work = (0..workers).map(|_| async {
+        let mut source = mysql::connect(&spec.source, "snapshot").await?;
+        let target = target_connect(spec, "snapshot").await?;
+        let mut rows = 0u64;
+        loop {
+            let next = queue.lock().expect("copy queue").pop_front();
+            let Some(table) = next else { break };
+            rows += copy_table(&mut source, &target, table, job_id, ui, cancel).await?;
+        }
+        Ok::<u64, Error>(rows)
+    });
+    let counts = futures_util::future::try_join_all(work).await?;
+    Ok(counts.into_iter().sum())
+}
+
+async fn copy_table(
+    source: &mut mysql_async::Conn,
+    target: &Client,
+    t: &MyTable,
+    job_id: &str,
+    ui: &Ui,
+    cancel: &CancellationToken,
+) -> Result<u64> {
+    let shape = Shape::new(t, &MyCatalog::default());
+    let read_err = |e| mysql::error(format!("reading table {} from the source", t.name()), e);
+    source
+        .query_drop("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .await
+        .map_err(read_err)?;
+    source
+        .query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT")
+        .await
+        .map_err(read_err)?;
+    if t.key.is_empty() {
+        // No key to upsert by: a table cut off by a crash is copied again whole.
+        target
+            .batch_execute(&format!("TRUNCATE public.{}", quote_ident(t.name())))
+            .await
+            .map_err(|e| pg_error("emptying a keyless target table", e))?;
+    }
+    let progress = ui.table(
+        &format!("{}.{}", t.table.name.schema, t.name()),
+        t.table.estimated_rows.unwrap_or(0).max(0) as u64,
+        0,
+        0,
+    );
+    let select = format!(
+        "SELECT {} FROM {}",
+        shape
+            .copied
+            .iter()
+            .map(|&i| my_ident(&t.columns[i].name))
+            .collect::<Vec<_>>()
+            .join(", "),
+        my_ident(t.name())
+    );
+    let mut result = source.query_iter(select).await.map_err(read_err)?;
+    let mut batch: Vec<Row> = Vec::with_capacity(COPY_BATCH_ROWS);
+    let mut count: i64 = 0;
+    let mut stream = result
+        .stream::<mysql_async::Row>()
+        .await
+        .map_err(read_err)?
+        .ok_or_else(|| Error::Definite(format!("reading table {}: no result set", t.name())))?;
+    loop {
+        if cancel.is_cancelled() {
+            return Err(Error::Interrupted);
+        }
+        let next = stream.next().await.transpose().map_err(read_err)?;
+        let done = next.is_none();
+        if let Some(row) = next {
+            let mut values = Vec::with_capacity(shape.copied.len());
+            for (pos, &i) in shape.copied.iter().enumerate() {
+                let column = &t.columns[i];
+                let raw = match row.as_ref(pos) {
+                    Some(mysql_async::Value::Bytes(b)) => Some(b.as_slice()),
+                    _ => None,
+                };
+                values.push(decode::from_text(column, raw).map_err(|e| {
+                    Error::Definite(format!("table {}, column {}: {e}", t.name(), column.name))
+                })?);
+            }
+            batch.push(values);
+        }
+        if batch.len() >= COPY_BATCH_ROWS || done {
+            count += batch.len() as i64;
+            let mut sql = String::from("BEGIN;\n");
+            sql.push_str(&pg_rows_sql(
+                &shape.name,
+                &shape.columns,
+                &shape.types,
+                &shape.key,
+                &batch,
+                &[],
+            )?);
+            if done {
+                sql.push_str(&format!(
+                    "INSERT INTO kuaka.row_copied (job_id, table_name, rows) VALUES ({}, {}, {count}) ON CONFLICT (job_id, table_name) DO UPDATE SET rows = EXCLUDED.rows;\n",
+                    quote_literal(job_id),
+                    quote_literal(t.name())
+                ));
+            }
+            sql.push_str("COMMIT;");
+            if let Err(e) = target.batch_execute(&sql).await {
+                let _ = target.batch_execute("ROLLBACK").await;
+                return Err(pg_error(
+                    &format!("writing to target table {}", t.name()),
+                    e,
+                ));
+            }
+            crate::failpoint::hit("snapshot.chunk.after_commit");
+            progress.add(batch.len() as u64, 0);
+            batch.clear();
+        }
+        if done {
+            break;
+        }
+    }
+    drop(stream);
+    drop(result);
+    source.query_drop("COMMIT").await.map_err(read_err)?;
+    progress.finish();
+    tracing::info!(table = %t.name(), rows = count, "copied");
+    Ok(count as u64)
+}
+
+async fn applied_position(target: &Client, job_id: &str) -> Result<Option<BinlogCursor>> {
+    Ok(target
+        .query_opt(
+            "SELECT position FROM kuaka.apply_position WHERE job_id = $1 AND worker = 0",
+            &[&job_id],
+        )
+        .await
+        .map_err(|e| pg_error("reading the applied position", e))?
+        .and_then(|r| parse_cursor(r.get::<_, &str>(0))))
+}
+
+/// Stream the binlog from where the target is and apply it, reconnecting after transient
+/// failures of either side.
+#[allow(clippy::too_many_arguments)]
+async fn stream(
+    spec: &JobSpec,
+    store: &Arc<StateStore>,
+    job_id: &str,
+    flavour: Flavour,
+    catalog: &MyCatalog,
+    p0: &BinlogCursor,
+    p1: &BinlogCursor,
+    cancel: &CancellationToken,
+) -> Result<MysqlSummary> {
+    let shapes: HashMap<String, Shape> = catalog
+        .tables
+        .iter()
+        .map(|t| (t.name().to_owned(), Shape::new(t, catalog)))
+        .collect();
+    let mut state = StreamState {
+        summary: MysqlSummary {
+            p0: cursor_text(p0),
+            p1: cursor_text(p1),
+            ..MysqlSummary::default()
+        },
+        consistent: false,
+        goal: None,
+        last_status: Instant::now() - Duration::from_secs(10),
+    };
+    let mut reconnect = Reconnect::default();
+    loop {
+        let before = state.summary.transactions;
+        match session(
+            spec, store, job_id, flavour, catalog, &shapes, p0, p1, &mut state, cancel,
+        )
+        .await
+        {
+            Ok(()) => return Ok(state.summary),
+            Err(e) if e.class() == crate::engine::ErrorClass::Transient => {
+                if state.summary.transactions > before {
+                    reconnect.progressed();
+                }
+                if !reconnect.wait("binlog stream", e, cancel).await? {
+                    return Err(Error::Interrupted);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+struct StreamState {
+    summary: MysqlSummary,
+    consistent: bool,
+    goal: Option<BinlogCursor>,
+    last_status: Instant,
+}
+
+/// One connection's worth of streaming: from the target's applied position until caught up
+/// (with `--until caught-up`), an error, or cancellation.
+#[allow(clippy::too_many_arguments)]
+async fn session(
+    spec: &JobSpec,
+    store: &Arc<StateStore>,
+    job_id: &str,
+    flavour: Flavour,
+    catalog: &MyCatalog,
+    shapes: &HashMap<String, Shape>,
+    p0: &BinlogCursor,
+    p1: &BinlogCursor,
+    state: &mut StreamState,
+    cancel: &CancellationToken,
+) -> Result<()> {
+    let target = target_connect(spec, "apply").await?;
+    let mut applied = applied_position(&target, job_id)
+        .await?
+        .unwrap_or_else(|| p0.clone());
+    if cmp(&applied, p0) == Ordering::Less {
+        applied = p0.clone();
+    }
+    let mut control = mysql::connect(&spec.source, "binlog position").await?;
+    let mut stream =
+        binlog::open(&spec.source, flavour, binlog::server_id(job_id), &applied).await?;
+    tracing::info!(from = %cursor_text(&applied), "streaming the binlog");
+    let mut assembler = Assembler::new(&spec.source.database, &catalog.tables, applied.clone());
+    let mut batch = Batch::new(shapes, false);
+    let mut transactions: Vec<binlog::Committed> = Vec::new();
+    let mut last_flush = Instant::now();
+    let mut last_timestamp: u32 = 0;
+    let mut read = applied.clone();
+    loop {
+        if cancel.is_cancelled() {
+            return Err(Error::Interrupted);
+        }
+        let event = tokio::select! {
+            _ = cancel.cancelled() => return Err(Error::Interrupted),
+            e = tokio::time::timeout(APPLY_IDLE, stream.next()) => e,
+        };
+        let mut idle = false;
+        match event {
+            Ok(Some(Ok(event))) => {
+                let item = assembler
+                    .handle(&event, |id| stream.get_tme(id))
+                    .map_err(Error::Definite)?;
+                match item {
+                    Some(StreamItem::Transaction(c)) => {
+                        read = c.position.clone();
+                        last_timestamp = c.timestamp;
+                        for change in &c.changes {
+                            batch.add(change)?;
+                        }
+                        batch.transactions += 1;
+                        transactions.push(c);
+                    }
+                    Some(StreamItem::Statement {
+                        position,
+                        schema,
+                        query,
+                    }) => {
+                        let action = statement_action(
+                            &spec.source.database,
+                            shapes,
+                            &schema,
+                            &query,
+                            &position,
+                        )?;
+                        if let Some(sql) = action {
+                            // Apply what came before, then the statement, each with its position.
+                            apply(
+                                &target,
+                                &mut batch,
+                                &mut transactions,
+                                shapes,
+                                job_id,
+                                &mut applied,
+                                &mut state.summary,
+                            )
+                            .await?;
+                            target
+                                .batch_execute(&format!(
+                                    "BEGIN;\n{sql}\n{}COMMIT;",
+                                    position_update(job_id, &position, event_time(&event))
+                                ))
+                                .await
+                                .map_err(|e| pg_error("applying a TRUNCATE", e))?;
+                            applied = position.clone();
+                        }
+                        read = position;
+                    }
+                    Some(StreamItem::Progress {
+                        position,
+                        timestamp,
+                    }) => {
+                        if transactions.is_empty() {
+                            read = position;
+                        }
+                        if timestamp > 0 {
+                            last_timestamp = timestamp;
+                        }
+                    }
+                    None => {}
+                }
+            }
+            Ok(Some(Err(e))) => return Err(mysql::error("reading the binlog stream", e).into()),
+            Ok(None) => {
+                return Err(Error::Mysql(mysql::Error {
+                    context: "reading the binlog stream".into(),
+                    message: "the server ended the stream".into(),
+                    class: crate::engine::ErrorClass::Transient,
+                }));
+            }
+            Err(_) => idle = true,
+        }
+        if !transactions.is_empty()
+            && (batch.changes >= APPLY_BATCH_CHANGES
+                || idle
+                || last_flush.elapsed() >= Duration::from_millis(500))
+        {
+            apply(
+                &target,
+                &mut batch,
+                &mut transactions,
+                shapes,
+                job_id,
+                &mut applied,
+                &mut state.summary,
+            )
+            .await?;
+            last_flush = Instant::now();
+        }
+        if transactions.is_empty() && cmp(&read, &applied) == Ordering::Greater {
+            // Nothing of the job's pending: everything read so far is as good as applied.
+            applied = read.clone();
+        }
+        if !state.consistent && transactions.is_empty() && cmp(&applied, p1) != Ordering::Less {
+            state.consistent = true;
+            store.set_phase("streaming")?;
+            tracing::info!(applied = %cursor_text(&applied), "caught up: the target is consistent with the source");
+        } else if !state.consistent && store.job()?.is_some_and(|j| j.phase != "catching_up") {
+            store.set_phase("catching_up")?;
+        }
+        if state.last_status.elapsed() >= Duration::from_secs(1) {
+            state.last_status = Instant::now();
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let lag = if transactions.is_empty() && idle {
+                0
+            } else {
+                now.saturating_sub(u64::from(last_timestamp))
+            };
+            let _ = store.set_position("captured", &cursor_text(&read));
+            let _ = store.set_position("applied", &cursor_text(&applied));
+            let _ = store.set_position("lag_seconds", &lag.to_string());
+        }
+        if state.consistent && spec.until == Some(Until::CaughtUp) {
+            if state.goal.is_none() {
+                state.goal = Some(binlog::current_position(&mut control).await?);
+            }
+            if let Some(goal) = &state.goal
+                && transactions.is_empty()
+                && cmp(&applied, goal) != Ordering::Less
+            {
+                state.summary.caught_up = true;
+                state.summary.applied = cursor_text(&applied);
+                let _ = store.set_position("applied", &cursor_text(&applied));
+                let _ = stream.close().await;
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn event_time(event: &mysql_async::binlog::events::Event) -> u32 {
+    event.header().timestamp()
+}
+
+fn position_update(job_id: &str, position: &BinlogCursor, timestamp: u32) -> String {
+    format!(
+        "INSERT INTO kuaka.apply_position (job_id, worker, position, commit_time) VALUES ({}, 0, {}, to_timestamp({timestamp})) \
+         ON CONFLICT (job_id, worker) DO UPDATE SET position = EXCLUDED.position, commit_time = EXCLUDED.commit_time, applied_at = now();\n",
+        quote_literal(job_id),
+        quote_literal(&cursor_text(position))
+    )
+}
+
+/// Commit the batch with the last transaction's position, in one target transaction. A
+/// unique-key clash of the net-effect form is retried with every change in source order.
+async fn apply(
+    target: &Client,
+    batch: &mut Batch<'_>,
+    transactions: &mut Vec<binlog::Committed>,
+    shapes: &HashMap<String, Shape>,
+    job_id: &str,
+    applied: &mut BinlogCursor,
+    summary: &mut MysqlSummary,
+) -> Result<()> {
+    let Some(last) = transactions.last() else {
+        return Ok(());
+    };
+    let position = last.position.clone();
+    let timestamp = last.timestamp;
+    let mut body = batch.take_sql()?;
+    let mut strict = false;
+    loop {
+        let sql = format!(
+            "BEGIN;\n{body}{}",
+            position_update(job_id, &position, timestamp)
+        );
+        let result = target.batch_execute(&sql).await;
+        let result = match result {
+            Ok(()) => {
+                crate::failpoint::hit("apply.before_commit");
+                target.batch_execute("COMMIT").await
+            }
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => break,
+            Err(e) => {
+                let _ = target.batch_execute("ROLLBACK").await;
+                if !strict && is_unique_violation(&e) {
+                    strict = true;
+                    let mut ordered = Batch::new(shapes, true);
+                    for t in transactions.iter() {
+                        for c in &t.changes {
+                            ordered.add(c)?;
+                        }
+                    }
+                    body = ordered.take_sql()?;
+                    continue;
+                }
+                return Err(pg_error("applying changes to the target", e));
+            }
+        }
+    }
+    crate::failpoint::hit("apply.after_commit");
+    summary.transactions += transactions.len() as u64;
+    summary.changes += batch.changes as u64;
+    summary.applied = cursor_text(&position);
+    *applied = position;
+    transactions.clear();
+    batch.changes = 0;
+    batch.transactions = 0;
+    Ok(())
+}
+
+/// What a statement outside a transaction means for the job: `Some(sql)` to run on the target
+/// (TRUNCATE), `None` when it does not touch the job's tables, or an error for DDL that would
+/// change a replicated table's shape.
+fn statement_action(
+    database: &str,
+    shapes: &HashMap<String, Shape>,
+    schema: &str,
+    query: &str,
+    position: &BinlogCursor,
+) -> Result<Option<String>> {
+    let lower = query.to_ascii_lowercase();
+    let words: Vec<&str> = lower
+        .split(|c: char| c.is_whitespace() || c == ',' || c == '(' || c == ';')
+        .filter(|w| !w.is_empty())
+        .collect();
+    let first = words.first().copied().unwrap_or("");
+    if !matches!(first, "alter" | "create" | "drop" | "rename" | "truncate") {
+        return Ok(None);
+    }
+    let db = database.to_ascii_lowercase();
+    let mentioned: Vec<&Shape> = shapes
+        .values()
+        .filter(|s| {
+            let name = s.name.to_ascii_lowercase();
+            words.iter().any(|w| {
+                let w = w.trim_matches('`');
+                let (in_db, table) = match w.rsplit_once('.') {
+                    Some((d, t)) => (d.trim_matches('`') == db, t.trim_matches('`')),
+                    None => (schema.eq_ignore_ascii_case(database), w),
+                };
+                in_db && table == name
+            })
+        })
+        .collect();
+    if mentioned.is_empty() {
+        if first == "create"
+            && words.get(1) == Some(&"table")
+            && schema.eq_ignore_ascii_case(database)
+        {
+            tracing::warn!(
+                "a new table was created on the source ({}); it is not part of this job and is not copied",
+                query.chars().take(120).collect::<String>()
+            );
+        }
+        return Ok(None);
+    }
+    if first == "truncate" && mentioned.len() == 1 {
+        return Ok(Some(format!(
+            "TRUNCATE public.{};",
+            quote_ident(&mentioned[0].name)
+        )));
+    }
+    Err(Error::Definite(format!(
+        "the source ran DDL on {} at {}: {:?}; kuaka stopped before it so the target stays consistent up to that point. Apply the same change to the target and start a new job (following DDL for MySQL sources is not supported yet)",
+        mentioned
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        cursor_text(position),
+        query.chars().take(200).collect::<String>()
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(name: &str) -> Shape {
+        Shape {
+            name: name.into(),
+            columns: vec!["id".into(), "v".into()],
+            types: vec![DataType::Int64, DataType::Text],
+            copied: vec![0, 1],
+            key: vec!["id".into()],
+            key_index: vec![0],
+            delete_acts: name == "parent",
+            update_acts_on: if name == "parent" { vec![0] } else { vec![] },
+        }
+    }
+
+    fn row(id: i64, v: &str) -> Row {
+        vec![Value::Int(id), Value::Text(v.into())]
+    }
+
+    #[test]
+    fn cascading_parent_changes_run_in_source_order() {
+        let shapes: HashMap<String, Shape> =
+            [("parent", shape("parent")), ("child", shape("child"))]
+                .into_iter()
+                .map(|(n, s)| (n.to_owned(), s))
+                .collect();
+        let mut b = Batch::new(&shapes, false);
+        let ev = |t: &str, before: Option<Row>, after: Option<Row>| RowEvent {
+            table: t.into(),
+            before,
+            after,
+        };
+        b.add(&ev("child", None, Some(row(1, "a")))).unwrap();
+        b.add(&ev("child", Some(row(1, "a")), Some(row(1, "b"))))
+            .unwrap();
+        b.add(&ev("parent", Some(row(7, "x")), Some(row(8, "x"))))
+            .unwrap();
+        b.add(&ev("parent", Some(row(9, "y")), None)).unwrap();
+        b.add(&ev("parent", Some(row(8, "x")), Some(row(8, "z"))))
+            .unwrap();
+        let sql = b.take_sql().unwrap();
+        let child = sql.find("INSERT INTO public.\"child\"").unwrap();
+        let update = sql
+            .find("UPDATE public.\"parent\" SET (\"id\", \"v\") = ROW(8, 'x') WHERE \"id\" = 7")
+            .unwrap();
+        let delete = sql
+            .find("DELETE FROM public.\"parent\" WHERE \"id\" = 9")
+            .unwrap();
+        let upsert = sql.find("INSERT INTO public.\"parent\"").unwrap();
+        assert!(
+            child < update && update < delete && delete < upsert,
+            "{sql}"
+        );
+        assert_eq!(
+            sql.matches("session_replication_role = origin").count(),
+            2,
+            "{sql}"
+        );
+        // The child's two changes were reduced to one upsert of the last image.
+        assert!(
+            sql.contains("(1, 'b')") && !sql.contains("(1, 'a')"),
+            "{sql}"
+        );
+    }
+
+    #[test]
+    fn ddl_on_replicated_tables_stops_and_truncate_applies() {
+        let shapes: HashMap<String, Shape> =
+            [("film".to_owned(), shape("film"))].into_iter().collect();
+        let at = BinlogCursor {
+            file: "b.000001".into(),
+            offset: 99,
+        };
+        assert!(
+            statement_action(
+                "shop",
+                &shapes,
+                "shop",
+                "ALTER TABLE `film` ADD COLUMN x int",
+                &at
+            )
+            .is_err()
+        );
+        assert!(
+            statement_action(
+                "shop",
+                &shapes,
+                "other",
+                "ALTER TABLE shop.film DROP COLUMN v",
+                &at
+            )
+            .is_err()
+        );
+        assert_eq!(
+            statement_action("shop", &shapes, "other", "ALTER TABLE film ADD x int", &at).unwrap(),
+            None
+        );
+        assert_eq!(
+            statement_action("shop", &shapes, "shop", "TRUNCATE TABLE `film`", &at).unwrap(),
+            Some("TRUNCATE public.\"film\";".into())
+        );
+        assert_eq!(
+            statement_action("shop", &shapes, "shop", "CREATE TABLE t2 (a int)", &at).unwrap(),
+            None
+        );
+        assert_eq!(
+            statement_action("shop", &shapes, "shop", "GRANT SELECT ON film TO x", &at).unwrap(),
+            None
+        );
+    }
+}

@@ -1,0 +1,481 @@
+//! MariaDB sources to PostgreSQL: snapshot, binlog streaming, crashes, cascades, types.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread;
+use std::time::Duration;
+
+use crate::support::mariadb::{MariaDbServer, mariadb};
+use crate::support::postgres::query_rows;
+use crate::support::{Background, dataset_dir, kuaka, pg, run, wait_until};
+
+fn gunzip_text(path: &Path) -> String {
+    let out = Command::new("gzip")
+        .arg("-dc")
+        .arg(path)
+        .output()
+        .expect("gzip");
+    assert!(out.status.success(), "gzip -dc {}", path.display());
+    String::from_utf8(out.stdout).expect("utf-8 dump")
+}
+
+/// sakila (schema, data, triggers) loaded into `db` on the test MariaDB.
+fn load_sakila(server: &MariaDbServer, db: &str) -> String {
+    let url = server.create_db(db);
+    let dir = dataset_dir("sakila", "sakila-mv-schema.sql");
+    let schema = std::fs::read_to_string(dir.join("sakila-mv-schema.sql"))
+        .expect("sakila schema")
+        .replace("DROP SCHEMA IF EXISTS sakila;", "")
+        .replace("CREATE SCHEMA sakila;", "")
+        .replace("USE sakila;", "")
+        .replace("sakila.", "");
+    server.exec_script(db, &schema);
+    let data = gunzip_text(&dir.join("sakila-mv-data.sql.gz")).replace("USE sakila;", "");
+    server.exec_script(db, &data);
+    url
+}
+
+fn stream_command(source: &str, target: &str, state: &Path, extra: &[&str]) -> Command {
+    let mut c = kuaka();
+    c.args(["run", "--source", source, "--target", target, "--state"])
+        .arg(state)
+        .args(extra);
+    c
+}
+
+fn phase(state: &Path) -> String {
+    let output = kuaka()
+        .args(["status", "--json", "--state"])
+        .arg(state)
+        .output()
+        .expect("kuaka status");
+    serde_json::from_slice::<serde_json::Value>(&output.stdout)
+        .ok()
+        .and_then(|v| v["phase"].as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+fn wait_streaming(background: &mut Background, state: &Path) {
+    wait_until("kuaka to stream", Duration::from_secs(120), || {
+        assert!(
+            background.is_running(),
+            "kuaka exited early:\n{}",
+            background.stderr()
+        );
+        phase(state) == "streaming"
+    });
+}
+
+/// Per table, `key → md5 of the row's canonical text`, each side computed by its own SQL.
+/// Canonical text: integers and decimals as digits, booleans as 0/1, times as
+/// `YYYY-MM-DD HH:MM:SS.ffffff` in UTC, bytes as upper-case hex, the rest as text.
+fn assert_same_rows(server: &MariaDbServer, db: &str, pg_url: &str) {
+    let tables = server.rows(
+        db,
+        &format!(
+            "SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = '{db}' AND TABLE_TYPE = 'BASE TABLE' ORDER BY 1"
+        ),
+    );
+    let mut checked = 0;
+    for t in tables.iter().map(|r| r[0].clone()) {
+        let columns = server.rows(
+            db,
+            &format!(
+                "SELECT COLUMN_NAME, DATA_TYPE, COLUMN_TYPE FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = '{db}' AND TABLE_NAME = '{t}' AND EXTRA NOT LIKE '%GENERATED%' ORDER BY ORDINAL_POSITION"
+            ),
+        );
+        let key: Vec<String> = server
+            .rows(
+                db,
+                &format!(
+                    "SELECT COLUMN_NAME FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = '{db}' AND TABLE_NAME = '{t}' AND INDEX_NAME = 'PRIMARY' ORDER BY SEQ_IN_INDEX"
+                ),
+            )
+            .into_iter()
+            .map(|r| r[0].clone())
+            .collect();
+        let pg_types: std::collections::HashMap<String, String> = query_rows(
+            pg_url,
+            &format!(
+                "SELECT column_name, data_type FROM information_schema.columns WHERE table_schema = 'public' AND table_name = '{t}'"
+            ),
+        )
+        .into_iter()
+        .map(|r| (r[0].clone(), r[1].clone()))
+        .collect();
+        let my_exprs: Vec<String> = columns
+            .iter()
+            .map(|c| {
+                let (name, dt, ct) = (&c[0], c[1].as_str(), c[2].as_str());
+                let e = match dt {
+                    "tinyint" if ct.starts_with("tinyint(1)") => format!("CAST(`{name}` AS SIGNED)"),
+                    // Zero dates become NULL on PostgreSQL (kuaka's documented policy).
+                    "timestamp" | "datetime" => format!(
+                        "NULLIF(DATE_FORMAT(`{name}`, '%Y-%m-%d %H:%i:%s.%f'), '0000-00-00 00:00:00.000000')"
+                    ),
+                    "date" => format!("NULLIF(DATE_FORMAT(`{name}`, '%Y-%m-%d'), '0000-00-00')"),
+                    "year" => format!("CAST(`{name}` + 0 AS CHAR)"),
+                    "time" => format!("CAST(ROUND(TIME_TO_SEC(`{name}`) * 1000000) AS CHAR)"),
+                    "bit" => {
+                        let n: String = ct.chars().filter(char::is_ascii_digit).collect();
+                        format!("LPAD(BIN(`{name}`), {n}, '0')")
+                    }
+                    "blob" | "tinyblob" | "mediumblob" | "longblob" | "binary" | "varbinary"
+                    | "geometry" | "point" | "polygon" | "linestring" => format!("HEX(`{name}`)"),
+                    _ => format!("CAST(`{name}` AS CHAR)"),
+                };
+                format!("IFNULL({e}, '~')")
+            })
+            .collect();
+        let pg_exprs: Vec<String> = columns
+            .iter()
+            .map(|c| {
+                let name = &c[0];
+                let e = match pg_types.get(name).map(String::as_str) {
+                    Some("boolean") => format!("\"{name}\"::int::text"),
+                    Some("timestamp with time zone") => {
+                        format!(
+                            "to_char(\"{name}\" AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US')"
+                        )
+                    }
+                    Some("timestamp without time zone") => {
+                        format!("to_char(\"{name}\", 'YYYY-MM-DD HH24:MI:SS.US')")
+                    }
+                    Some("date") => format!("to_char(\"{name}\", 'YYYY-MM-DD')"),
+                    Some("interval") => {
+                        format!("round(extract(epoch from \"{name}\") * 1000000)::text")
+                    }
+                    Some("bytea") => format!("upper(encode(\"{name}\", 'hex'))"),
+                    Some(_) => format!("\"{name}\"::text"),
+                    None => panic!("column {t}.{name} is missing on the target"),
+                };
+                format!("coalesce({e}, '~')")
+            })
+            .collect();
+        let my_key = key
+            .iter()
+            .map(|k| format!("`{k}`"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let pg_key = key
+            .iter()
+            .map(|k| format!("\"{k}\"::text"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut source: Vec<String> = server
+            .rows(
+                db,
+                &format!(
+                    "SELECT CONCAT_WS(',', {my_key}), MD5(CONCAT_WS('|', {})) FROM `{t}`",
+                    my_exprs.join(", ")
+                ),
+            )
+            .into_iter()
+            .map(|r| r.join(" "))
+            .collect();
+        let mut target: Vec<String> = query_rows(
+            pg_url,
+            &format!(
+                "SELECT concat_ws(',', {pg_key}), md5(concat_ws('|', {})) FROM public.\"{t}\"",
+                pg_exprs.join(", ")
+            ),
+        )
+        .into_iter()
+        .map(|r| r.join(" "))
+        .collect();
+        source.sort();
+        target.sort();
+        if source != target {
+            let only_source: Vec<_> = source
+                .iter()
+                .filter(|r| !target.contains(r))
+                .take(5)
+                .collect();
+            let only_target: Vec<_> = target
+                .iter()
+                .filter(|r| !source.contains(r))
+                .take(5)
+                .collect();
+            // Show the canonical values of a few differing keys on both sides.
+            let keys: Vec<String> = only_source
+                .iter()
+                .chain(&only_target)
+                .filter_map(|r| r.split(' ').next().map(str::to_owned))
+                .collect();
+            let list = keys
+                .iter()
+                .map(|k| format!("'{k}'"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let source_values = server.rows(
+                db,
+                &format!("SELECT CONCAT_WS('|', {}) FROM `{t}` WHERE CONCAT_WS(',', {my_key}) IN ({list})", my_exprs.join(", ")),
+            );
+            let target_values = query_rows(
+                pg_url,
+                &format!(
+                    "SELECT concat_ws('|', {}) FROM public.\"{t}\" WHERE concat_ws(',', {pg_key}) IN ({list})",
+                    pg_exprs.join(", ")
+                ),
+            );
+            panic!(
+                "table {t} differs: {} rows on the source, {} on the target; only on the source: {only_source:?}; only on the target: {only_target:?}\nsource: {source_values:?}\ntarget: {target_values:?}",
+                source.len(),
+                target.len()
+            );
+        }
+        checked += source.len();
+    }
+    eprintln!("same rows: {} tables, {checked} rows", tables.len());
+}
+
+/// Keeps changing sakila: payments in and out, customer updates, new films (their trigger
+/// fills film_text), actor key updates (InnoDB cascades them to film_actor, not in the
+/// binlog), rental deletes (payment.rental_id is SET NULL by InnoDB), binlog rotations.
+fn sakila_writer(
+    server: &'static MariaDbServer,
+    db: String,
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        let mut n: u64 = 0;
+        while !stop.load(Ordering::Relaxed) {
+            n += 1;
+            let mut sql = format!(
+                "START TRANSACTION;
+                 INSERT INTO payment (customer_id, staff_id, rental_id, amount, payment_date) VALUES ({c}, 1, NULL, {amount}, NOW());
+                 UPDATE customer SET email = CONCAT('w{n}·é@example.org'), active = 1 - active WHERE customer_id = {c};
+                 DELETE FROM payment WHERE payment_id = {p};
+                 INSERT INTO film (title, language_id, rating, special_features, release_year) VALUES ('NEW {n}', 1, 'PG-13', 'Trailers,Commentaries', 2006);
+                 UPDATE film SET title = CONCAT(title, '!'), rating = 'R' WHERE film_id = {f};
+                 COMMIT;",
+                c = 1 + n % 599,
+                amount = format!("{}.{:02}", n % 10, n % 100),
+                p = 1 + (n * 37) % 16000,
+                f = 1 + n % 1000,
+            );
+            if n % 5 == 0 {
+                // A primary-key change that InnoDB cascades to film_actor.
+                sql.push_str(&format!(
+                    "UPDATE actor SET actor_id = actor_id + 1000 WHERE actor_id = {};",
+                    n / 5 % 200 + 1
+                ));
+                // ON DELETE SET NULL on payment.rental_id.
+                sql.push_str(&format!(
+                    "DELETE FROM rental WHERE rental_id = {};",
+                    1 + (n * 53) % 16000
+                ));
+                sql.push_str(&format!("DELETE FROM film WHERE title = 'NEW {}';", n - 3));
+            }
+            if n % 40 == 0 {
+                sql.push_str("FLUSH BINARY LOGS;");
+            }
+            server.exec_script(&db, &sql);
+            done.store(n, Ordering::Relaxed);
+            thread::sleep(Duration::from_millis(5));
+        }
+    })
+}
+
+#[test]
+fn mariadb_sakila_to_postgres_with_live_writes_and_kills() {
+    let server = mariadb();
+    let source = load_sakila(server, "my_sakila_src");
+    let target = pg().create_db("my_sakila_dst");
+    let state = tempfile::tempdir().expect("state dir");
+
+    // A crash in the middle of the snapshot, then a resumed one.
+    let mut first = stream_command(&source, &target, state.path(), &["--jobs", "2"]);
+    first.env("KUAKA_FAILPOINT", "snapshot.chunk.after_commit:3");
+    run(first).assert_killed_by_sigkill();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let writer = sakila_writer(server, "my_sakila_src".into(), stop.clone(), done.clone());
+
+    let mut background = Background::spawn(stream_command(
+        &source,
+        &target,
+        state.path(),
+        &["--jobs", "2"],
+    ));
+    wait_streaming(&mut background, state.path());
+    let seen = done.load(Ordering::Relaxed);
+    wait_until("more writes", Duration::from_secs(60), || {
+        done.load(Ordering::Relaxed) > seen + 60
+    });
+    background.kill().assert_killed_by_sigkill();
+
+    // Killed again in the middle of an apply transaction.
+    let mut second = stream_command(&source, &target, state.path(), &[]);
+    second.env("KUAKA_FAILPOINT", "apply.before_commit:5");
+    run(second).assert_killed_by_sigkill();
+
+    let seen = done.load(Ordering::Relaxed);
+    wait_until("more writes", Duration::from_secs(60), || {
+        done.load(Ordering::Relaxed) > seen + 60
+    });
+    stop.store(true, Ordering::Relaxed);
+    writer.join().expect("writer");
+
+    let output = run(stream_command(
+        &source,
+        &target,
+        state.path(),
+        &["--until", "caught-up"],
+    ));
+    output.assert_success();
+    assert_same_rows(server, "my_sakila_src", &target);
+
+    // The cascades really happened on both sides (the test would be vacuous otherwise).
+    let moved = query_rows(
+        &target,
+        "SELECT count(*) FROM film_actor WHERE actor_id > 1000",
+    );
+    assert_ne!(
+        moved[0][0], "0",
+        "no cascaded actor key update reached the target"
+    );
+    let film_text = query_rows(
+        &target,
+        "SELECT count(*) FROM film_text WHERE title LIKE 'NEW %'",
+    );
+    assert_ne!(
+        film_text[0][0], "0",
+        "trigger-maintained rows did not arrive"
+    );
+}
+
+#[test]
+fn mariadb_type_matrix_before_and_after_the_snapshot() {
+    let server = mariadb();
+    let db = "my_types_src";
+    let source = server.create_db(db);
+    let target = pg().create_db("my_types_dst");
+    server.exec_script(
+        db,
+        "CREATE TABLE t (
+           id int PRIMARY KEY,
+           b tinyint(1), ti tinyint, tu tinyint unsigned, si smallint, su smallint unsigned,
+           mi mediumint, mu mediumint unsigned, i int, iu int unsigned, bi bigint, bu bigint unsigned,
+           d decimal(65,30), d2 decimal(10,2), f float, db double, bt bit(10),
+           dt date, dtm datetime(6), ts timestamp(3) NULL, tm time(6), y year,
+           c char(5), vc varchar(20), tx text, lt longtext, bn binary(4), vb varbinary(10), bl blob,
+           e enum('small','medium','large'), st set('a','b','c'), j json, g geometry,
+           zd date, vcol int AS (i * 2) VIRTUAL
+         ) CHARACTER SET utf8mb4;
+         CREATE TABLE latin (id int PRIMARY KEY, v varchar(20)) CHARACTER SET latin1;",
+    );
+    let values = |id: i32| {
+        format!(
+            "({id}, 1, -128, 255, -32768, 65535, -8388608, 16777215, -2147483648, 4294967295,
+              -9223372036854775808, 18446744073709551615,
+              12345678901234567890123456789012345.123456789012345678901234567890, 1.10, 1.1, 2.000000000000001, b'1000000001',
+              '2024-02-29', '2024-02-29 23:59:59.123456', '2038-01-19 03:14:07.999', '-838:59:59.000001', 2155,
+              'ab', 'héllo 🎵', 'tab\\there\\nnewline', repeat('x', 70000), x'01', x'00ff', x'DEADBEEF',
+              'medium', 'a,c', '{{\"k\": [1, 2.5, \"é\"], \"n\": null}}', ST_GeomFromText('POINT(1 2)'),
+              '0000-00-00', DEFAULT),
+             ({id2}, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, b'0',
+              '1000-01-01', '1000-01-01 00:00:00', NULL, '00:00:00', 0,
+              '', '', '', '', x'', x'', x'',
+              '', '', '[]', NULL, NULL, DEFAULT),
+             ({id3}, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+              NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, DEFAULT)",
+            id2 = id + 1,
+            id3 = id + 2
+        )
+    };
+    server.exec(&format!(
+        "SET sql_mode = ''; SET time_zone = '+00:00'; INSERT INTO {db}.t VALUES {}; INSERT INTO {db}.latin VALUES (1, 'café'), (2, 'naïve');",
+        values(1)
+    ));
+    let state = tempfile::tempdir().expect("state dir");
+    let mut background = Background::spawn(stream_command(&source, &target, state.path(), &[]));
+    wait_streaming(&mut background, state.path());
+    // The same values again, now through the binlog; then updates and deletes.
+    server.exec(&format!(
+        "SET sql_mode = ''; SET time_zone = '+00:00'; INSERT INTO {db}.t VALUES {};
+         INSERT INTO {db}.latin VALUES (3, 'café'), (4, 'naïve');
+         UPDATE {db}.t SET vc = 'changed' WHERE id = 2; UPDATE {db}.t SET vc = 'changed' WHERE id = 102;
+         DELETE FROM {db}.t WHERE id IN (3, 103);",
+        values(101)
+    ));
+    background.kill();
+    run(stream_command(
+        &source,
+        &target,
+        state.path(),
+        &["--until", "caught-up"],
+    ))
+    .assert_success();
+
+    // Snapshot (text protocol) and binlog decoding give the same values.
+    let columns = "b, ti, tu, si, su, mi, mu, i, iu, bi, bu, d, d2, f, db, bt, dt, dtm, ts, tm, y, c::text, vc, tx, md5(lt), bn, vb, bl, e, st, j, g, zd";
+    let snapshot = query_rows(
+        &target,
+        &format!("SELECT {columns} FROM t WHERE id < 100 ORDER BY id"),
+    );
+    let streamed = query_rows(
+        &target,
+        &format!("SELECT {columns} FROM t WHERE id > 100 ORDER BY id"),
+    );
+    assert_eq!(snapshot.len(), 2);
+    assert_eq!(snapshot, streamed);
+    let row = &snapshot[0];
+    let expected = [
+        "t",
+        "-128",
+        "255",
+        "-32768",
+        "65535",
+        "-8388608",
+        "16777215",
+        "-2147483648",
+        "4294967295",
+        "-9223372036854775808",
+        "18446744073709551615",
+        "12345678901234567890123456789012345.123456789012345678901234567890",
+        "1.10",
+        "1.1",
+        "2.000000000000001",
+        "1000000001",
+        "2024-02-29",
+        "2024-02-29 23:59:59.123456",
+    ];
+    assert_eq!(&row[..expected.len()], &expected[..]);
+    assert!(
+        row[18].starts_with("2038-01-19 03:14:07.999"),
+        "{}",
+        row[18]
+    );
+    assert_eq!(row[19], "-838:59:59.000001");
+    assert_eq!(
+        &row[20..24],
+        &["2155", "ab", "héllo 🎵", "tab\there\nnewline"]
+    );
+    assert_eq!(
+        &row[25..30],
+        &["\\x01000000", "\\x00ff", "\\xdeadbeef", "medium", "a,c"]
+    );
+    assert_eq!(row[30], r#"{"k": [1, 2.5, "é"], "n": null}"#);
+    assert_eq!(
+        row[31],
+        "\\x000000000101000000000000000000f03f0000000000000040"
+    );
+    assert_eq!(row[32], "", "a zero date becomes NULL");
+    assert_eq!(&snapshot[1][..3], &["f", "0", "0"]);
+    let latin = query_rows(&target, "SELECT id, v FROM latin ORDER BY id");
+    assert_eq!(
+        latin,
+        vec![
+            vec!["1".to_owned(), "café".to_owned()],
+            vec!["2".to_owned(), "naïve".to_owned()],
+            vec!["3".to_owned(), "café".to_owned()],
+            vec!["4".to_owned(), "naïve".to_owned()],
+        ]
+    );
+    assert_same_rows(server, db, &target);
+}
