@@ -25,7 +25,7 @@ use mysql_async::prelude::Queryable;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
-use super::rows::{describe_key, pg_rows_sql};
+use super::rows::pg_rows_sql;
 use super::snapshot::Summary;
 use super::{Error, Reconnect, Result};
 use crate::config::{JobSpec, TargetExists, Until};
@@ -38,9 +38,7 @@ use crate::engine::postgres::snapshot::CopyProgress;
 use crate::engine::postgres::{self as pg, Side, rows as pgrows};
 use crate::model::Position;
 use crate::model::schema::{DataType, QualifiedName, quote_ident, quote_literal};
-use crate::model::value::Row;
-#[cfg(test)]
-use crate::model::value::Value;
+use crate::model::value::{Row, Value};
 use crate::state::StateStore;
 use crate::ui::Ui;
 
@@ -99,10 +97,22 @@ struct Shape {
     key: Vec<String>,
     /// Positions of the key columns among the copied columns.
     key_index: Vec<usize>,
-    /// A delete of a row here changes child rows (ON DELETE CASCADE / SET NULL / SET DEFAULT).
-    delete_acts: bool,
-    /// Columns whose change changes child rows (ON UPDATE CASCADE / ...), as copied indexes.
-    update_acts_on: Vec<usize>,
+    /// Foreign keys of other moved tables that reference this one and act on its changes.
+    children: Vec<ChildRule>,
+}
+
+/// An InnoDB foreign-key action to reproduce on the target: the binlog holds the parent's
+/// change but not what InnoDB did to the child rows.
+#[derive(Clone, Debug)]
+struct ChildRule {
+    child: String,
+    columns: Vec<String>,
+    types: Vec<DataType>,
+    /// Positions of the referenced columns among the parent's copied columns.
+    parent_index: Vec<usize>,
+    /// `CASCADE` or `SET NULL` (anything else does nothing to children).
+    on_delete: String,
+    on_update: String,
 }
 
 impl Shape {
@@ -118,20 +128,37 @@ impl Shape {
             .iter()
             .map(|k| columns.iter().position(|c| c == k).unwrap_or(0))
             .collect();
-        let acts = |rule: &str| matches!(rule, "CASCADE" | "SET NULL" | "SET DEFAULT");
-        let referencing: Vec<_> = catalog
+        let acts = |rule: &str| matches!(rule, "CASCADE" | "SET NULL");
+        let mut children = Vec::new();
+        for fk in catalog
             .foreign_keys
             .iter()
-            .filter(|fk| fk.parent == t.name())
-            .collect();
-        let mut update_acts_on: Vec<usize> = referencing
-            .iter()
-            .filter(|fk| acts(&fk.on_update))
-            .flat_map(|fk| fk.parent_columns.iter())
-            .filter_map(|c| columns.iter().position(|x| x == c))
-            .collect();
-        update_acts_on.sort_unstable();
-        update_acts_on.dedup();
+            .filter(|fk| fk.parent == t.name() && (acts(&fk.on_delete) || acts(&fk.on_update)))
+        {
+            let Some(child) = catalog.tables.iter().find(|c| c.name() == fk.child) else {
+                continue;
+            };
+            let types: Option<Vec<DataType>> = fk
+                .columns
+                .iter()
+                .map(|c| child.table.column(c).map(|col| col.data_type.clone()))
+                .collect();
+            let parent_index: Option<Vec<usize>> = fk
+                .parent_columns
+                .iter()
+                .map(|c| columns.iter().position(|x| x == c))
+                .collect();
+            if let (Some(types), Some(parent_index)) = (types, parent_index) {
+                children.push(ChildRule {
+                    child: fk.child.clone(),
+                    columns: fk.columns.clone(),
+                    types,
+                    parent_index,
+                    on_delete: fk.on_delete.clone(),
+                    on_update: fk.on_update.clone(),
+                });
+            }
+        }
         Shape {
             name: t.name().to_owned(),
             columns,
@@ -139,8 +166,7 @@ impl Shape {
             copied,
             key: t.key.clone(),
             key_index,
-            delete_acts: referencing.iter().any(|fk| acts(&fk.on_delete)),
-            update_acts_on,
+            children,
         }
     }
 
@@ -151,53 +177,18 @@ impl Shape {
     fn key_of(&self, row: &Row) -> Row {
         self.key_index.iter().map(|&i| row[i].clone()).collect()
     }
-
-    fn literals(
-        &self,
-        row: &Row,
-        names: &[String],
-        types: &[DataType],
-        key: &Row,
-    ) -> Result<Vec<String>> {
-        row.iter()
-            .zip(types)
-            .zip(names)
-            .map(|((v, t), column)| {
-                pgrows::literal(v, t).map_err(|e| {
-                    Error::Definite(format!(
-                        "table {}, column {column}, row with key {}: {e}",
-                        self.name,
-                        describe_key(key)
-                    ))
-                })
-            })
-            .collect()
-    }
-
-    fn key_types(&self) -> Vec<DataType> {
-        self.key_index
-            .iter()
-            .map(|&i| self.types[i].clone())
-            .collect()
-    }
-
-    fn where_key(&self, key: &Row) -> Result<String> {
-        let values = self.literals(key, &self.key, &self.key_types(), key)?;
-        let columns: Vec<String> = self.key.iter().map(|c| quote_ident(c)).collect();
-        Ok(if columns.len() == 1 {
-            format!("{} = {}", columns[0], values[0])
-        } else {
-            format!("({}) = ({})", columns.join(", "), values.join(", "))
-        })
-    }
 }
+
+/// One table's pending changes: its name, keys in first-seen order, and each key's last image
+/// (`None` = deleted).
+type PendingTable = (String, Vec<String>, HashMap<String, (Row, Option<Row>)>);
 
 /// The changes of one apply transaction, reduced to their net effect per key between
 /// statements that must run in source order (cascading parent changes).
 struct Batch<'a> {
     shapes: &'a HashMap<String, Shape>,
     /// Per table: keys in first-seen order and each key's last image (`None` = deleted).
-    pending: Vec<(String, Vec<String>, HashMap<String, (Row, Option<Row>)>)>,
+    pending: Vec<PendingTable>,
     sql: String,
     changes: usize,
     transactions: u64,
@@ -260,14 +251,92 @@ impl<'a> Batch<'a> {
         Ok(())
     }
 
-    /// A statement that makes PostgreSQL's own foreign-key actions run, in source order.
-    fn cascading(&mut self, statement: String) -> Result<()> {
-        self.flush()?;
-        self.sql
-            .push_str("SET LOCAL session_replication_role = origin;\n");
-        self.sql.push_str(&statement);
-        self.sql
-            .push_str("SET LOCAL session_replication_role = replica;\n");
+    /// What InnoDB did to child rows when a parent row went from `old` to `new` (`None`:
+    /// deleted), as explicit statements on the children, in source order after the parent's
+    /// change. Explicit rather than left to PostgreSQL's own foreign-key triggers: while the
+    /// target catches up after the snapshot, the parent row may already be gone (or moved) on
+    /// the target while a child copied earlier still points at it, and a trigger would only
+    /// fire for a parent row that exists. They run with `session_replication_role = origin`
+    /// so that deeper levels (a child that is itself a cascading parent) cascade too.
+    fn child_actions(&mut self, shape: &Shape, old: &Row, new: Option<&Row>) -> Result<()> {
+        let mut statements = String::new();
+        for rule in &shape.children {
+            let old_values: Row = rule.parent_index.iter().map(|&i| old[i].clone()).collect();
+            if old_values.contains(&Value::Null) {
+                continue;
+            }
+            let new_values: Option<Row> =
+                new.map(|n| rule.parent_index.iter().map(|&i| n[i].clone()).collect());
+            if new_values.as_ref() == Some(&old_values) {
+                continue;
+            }
+            let action = if new.is_some() {
+                &rule.on_update
+            } else {
+                &rule.on_delete
+            };
+            let render = |values: &Row| -> Result<Vec<String>> {
+                values
+                    .iter()
+                    .zip(&rule.types)
+                    .zip(&rule.columns)
+                    .map(|((v, t), column)| {
+                        pgrows::literal(v, t).map_err(|e| {
+                            Error::Definite(format!(
+                                "table {}, column {column} (foreign key to {}): {e}",
+                                rule.child, shape.name
+                            ))
+                        })
+                    })
+                    .collect()
+            };
+            let columns: Vec<String> = rule.columns.iter().map(|c| quote_ident(c)).collect();
+            let old_literals = render(&old_values)?;
+            let condition = columns
+                .iter()
+                .zip(&old_literals)
+                .map(|(c, v)| format!("{c} = {v}"))
+                .collect::<Vec<_>>()
+                .join(" AND ");
+            let table = format!("public.{}", quote_ident(&rule.child));
+            let set = |values: &[String]| {
+                columns
+                    .iter()
+                    .zip(values)
+                    .map(|(c, v)| format!("{c} = {v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            match (action.as_str(), &new_values) {
+                ("CASCADE", None) => {
+                    statements.push_str(&format!("DELETE FROM {table} WHERE {condition};\n"))
+                }
+                ("CASCADE", Some(values)) => {
+                    let new_literals = render(values)?;
+                    statements.push_str(&format!(
+                        "UPDATE {table} SET {} WHERE {condition};\n",
+                        set(&new_literals)
+                    ));
+                }
+                ("SET NULL", _) => {
+                    let nulls = vec!["NULL".to_owned(); columns.len()];
+                    statements.push_str(&format!(
+                        "UPDATE {table} SET {} WHERE {condition};\n",
+                        set(&nulls)
+                    ));
+                }
+                _ => {}
+            }
+        }
+        if !statements.is_empty() {
+            // The parent's change (pending) goes first: a child's new key must find it.
+            self.flush()?;
+            self.sql
+                .push_str("SET LOCAL session_replication_role = origin;\n");
+            self.sql.push_str(&statements);
+            self.sql
+                .push_str("SET LOCAL session_replication_role = replica;\n");
+        }
         Ok(())
     }
 
@@ -282,41 +351,16 @@ impl<'a> Batch<'a> {
         match (before, after) {
             (None, Some(a)) => self.put(shape, shape.key_of(&a), Some(a)),
             (Some(b), None) => {
-                let key = shape.key_of(&b);
-                if shape.delete_acts {
-                    let statement = format!(
-                        "DELETE FROM public.{} WHERE {};\n",
-                        quote_ident(&shape.name),
-                        shape.where_key(&key)?
-                    );
-                    self.cascading(statement)?;
-                } else {
-                    self.put(shape, key, None);
-                }
+                self.put(shape, shape.key_of(&b), None);
+                self.child_actions(shape, &b, None)?;
             }
             (Some(b), Some(a)) => {
                 let (old_key, new_key) = (shape.key_of(&b), shape.key_of(&a));
-                if shape.update_acts_on.iter().any(|&i| b[i] != a[i]) {
-                    let values = shape.literals(&a, &shape.columns, &shape.types, &new_key)?;
-                    let statement = format!(
-                        "UPDATE public.{} SET ({}) = ROW({}) WHERE {};\n",
-                        quote_ident(&shape.name),
-                        shape
-                            .columns
-                            .iter()
-                            .map(|c| quote_ident(c))
-                            .collect::<Vec<_>>()
-                            .join(", "),
-                        values.join(", "),
-                        shape.where_key(&old_key)?
-                    );
-                    self.cascading(statement)?;
-                } else {
-                    if old_key != new_key {
-                        self.put(shape, old_key, None);
-                    }
-                    self.put(shape, new_key, Some(a));
+                if old_key != new_key {
+                    self.put(shape, old_key, None);
                 }
+                self.put(shape, new_key, Some(a.clone()));
+                self.child_actions(shape, &b, Some(&a))?;
             }
             (None, None) => {}
         }
@@ -598,6 +642,7 @@ pub async fn run(
         ..Summary::default()
     };
     if spec.snapshot_only {
+        validate_foreign_keys(&target, store, &catalog).await?;
         store.set_phase("done")?;
         return Ok(summary);
     }
@@ -618,9 +663,8 @@ fn create_table(t: &MyTable) -> String {
                 "{} {}{}{}",
                 quote_ident(&c.name),
                 c.pg_type,
-                if c.auto_increment && c.pg_type.ends_with("int")
-                    || c.auto_increment
-                        && matches!(c.pg_type.as_str(), "smallint" | "integer" | "bigint")
+                if c.auto_increment
+                    && matches!(c.pg_type.as_str(), "smallint" | "integer" | "bigint")
                 {
                     " GENERATED BY DEFAULT AS IDENTITY"
                 } else {
@@ -745,6 +789,22 @@ async fn post_data(target: &Client, store: &StateStore, catalog: &MyCatalog) -> 
         }
         store.mark_step(&step, "post_data")?;
     }
+    store.mark_step("mysql:post_data", "post_data")?;
+    Ok(())
+}
+
+/// Check the foreign keys created NOT VALID against the rows, once the target is
+/// consistent (before that, tables copied at different instants may disagree). Ones the
+/// source's own rows break (possible with `FOREIGN_KEY_CHECKS = 0` or MyISAM) stay NOT VALID
+/// and are named.
+async fn validate_foreign_keys(
+    target: &Client,
+    store: &StateStore,
+    catalog: &MyCatalog,
+) -> Result<()> {
+    if store.step_done("mysql:fk_validated")? {
+        return Ok(());
+    }
     for t in &catalog.tables {
         for fk in &t.table.foreign_keys {
             let sql = format!(
@@ -753,18 +813,21 @@ async fn post_data(target: &Client, store: &StateStore, catalog: &MyCatalog) -> 
                 quote_ident(&fk.name)
             );
             if let Err(e) = target.batch_execute(&sql).await {
+                if e.as_db_error().is_none() {
+                    return Err(pg_error("validating foreign keys", e));
+                }
                 tracing::warn!(
                     "foreign key {} of {} is kept NOT VALID: the source's rows break it ({}); new rows are checked",
                     fk.name,
                     t.name(),
                     e.as_db_error()
                         .map(|d| d.message().to_owned())
-                        .unwrap_or_else(|| e.to_string())
+                        .unwrap_or_default()
                 );
             }
         }
     }
-    store.mark_step("mysql:post_data", "post_data")?;
+    store.mark_step("mysql:fk_validated", "post_data")?;
     Ok(())
 }
 
@@ -1119,6 +1182,7 @@ async fn session(
         }
         if !state.consistent && transactions.is_empty() && cmp(&applied, p1) != Ordering::Less {
             state.consistent = true;
+            validate_foreign_keys(&target, store, catalog).await?;
             store.set_phase("streaming")?;
             tracing::info!(applied = %cursor_text(&applied), "caught up: the target is consistent with the source");
         } else if !state.consistent && store.job()?.is_some_and(|j| j.phase != "catching_up") {
@@ -1300,6 +1364,28 @@ mod tests {
     use super::*;
 
     fn shape(name: &str) -> Shape {
+        let children = if name == "parent" {
+            vec![
+                ChildRule {
+                    child: "child".into(),
+                    columns: vec!["parent_id".into()],
+                    types: vec![DataType::Int64],
+                    parent_index: vec![0],
+                    on_delete: "SET NULL".into(),
+                    on_update: "CASCADE".into(),
+                },
+                ChildRule {
+                    child: "other".into(),
+                    columns: vec!["p".into()],
+                    types: vec![DataType::Int64],
+                    parent_index: vec![0],
+                    on_delete: "CASCADE".into(),
+                    on_update: "RESTRICT".into(),
+                },
+            ]
+        } else {
+            vec![]
+        };
         Shape {
             name: name.into(),
             columns: vec!["id".into(), "v".into()],
@@ -1307,8 +1393,7 @@ mod tests {
             copied: vec![0, 1],
             key: vec!["id".into()],
             key_index: vec![0],
-            delete_acts: name == "parent",
-            update_acts_on: if name == "parent" { vec![0] } else { vec![] },
+            children,
         }
     }
 
@@ -1317,7 +1402,7 @@ mod tests {
     }
 
     #[test]
-    fn cascading_parent_changes_run_in_source_order() {
+    fn innodb_cascades_become_explicit_child_statements_in_source_order() {
         let shapes: HashMap<String, Shape> =
             [("parent", shape("parent")), ("child", shape("child"))]
                 .into_iter()
@@ -1332,22 +1417,35 @@ mod tests {
         b.add(&ev("child", None, Some(row(1, "a")))).unwrap();
         b.add(&ev("child", Some(row(1, "a")), Some(row(1, "b"))))
             .unwrap();
+        // A parent update that leaves the key alone touches no child.
+        b.add(&ev("parent", Some(row(5, "x")), Some(row(5, "y"))))
+            .unwrap();
         b.add(&ev("parent", Some(row(7, "x")), Some(row(8, "x"))))
             .unwrap();
         b.add(&ev("parent", Some(row(9, "y")), None)).unwrap();
-        b.add(&ev("parent", Some(row(8, "x")), Some(row(8, "z"))))
-            .unwrap();
         let sql = b.take_sql().unwrap();
-        let child = sql.find("INSERT INTO public.\"child\"").unwrap();
-        let update = sql
-            .find("UPDATE public.\"parent\" SET (\"id\", \"v\") = ROW(8, 'x') WHERE \"id\" = 7")
-            .unwrap();
-        let delete = sql
-            .find("DELETE FROM public.\"parent\" WHERE \"id\" = 9")
-            .unwrap();
-        let upsert = sql.find("INSERT INTO public.\"parent\"").unwrap();
+        let find = |needle: &str| {
+            sql.find(needle)
+                .unwrap_or_else(|| panic!("{needle} not in {sql}"))
+        };
+        let child = find("INSERT INTO public.\"child\"");
+        let moved = find("(8, 'x')");
+        let cascade =
+            find("UPDATE public.\"child\" SET \"parent_id\" = 8 WHERE \"parent_id\" = 7;");
+        let parent_delete = find("DELETE FROM public.\"parent\" WHERE (\"id\") IN ((9))");
+        let set_null =
+            find("UPDATE public.\"child\" SET \"parent_id\" = NULL WHERE \"parent_id\" = 9;");
+        let delete_cascade = find("DELETE FROM public.\"other\" WHERE \"p\" = 9;");
         assert!(
-            child < update && update < delete && delete < upsert,
+            child < moved && moved < cascade && cascade < parent_delete,
+            "{sql}"
+        );
+        assert!(
+            parent_delete < set_null && set_null < delete_cascade,
+            "{sql}"
+        );
+        assert!(
+            !sql.contains("\"p\" = 8") && !sql.contains("\"parent_id\" = 5"),
             "{sql}"
         );
         assert_eq!(

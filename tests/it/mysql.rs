@@ -246,18 +246,19 @@ fn sakila_writer(
             n += 1;
             let mut sql = format!(
                 "START TRANSACTION;
-                 INSERT INTO payment (customer_id, staff_id, rental_id, amount, payment_date) VALUES ({c}, 1, NULL, {amount}, NOW());
+                 INSERT INTO payment (customer_id, staff_id, rental_id, amount, payment_date) VALUES ({c}, 1, NULL, {a}.{b:02}, NOW());
                  UPDATE customer SET email = CONCAT('w{n}·é@example.org'), active = 1 - active WHERE customer_id = {c};
                  DELETE FROM payment WHERE payment_id = {p};
                  INSERT INTO film (title, language_id, rating, special_features, release_year) VALUES ('NEW {n}', 1, 'PG-13', 'Trailers,Commentaries', 2006);
                  UPDATE film SET title = CONCAT(title, '!'), rating = 'R' WHERE film_id = {f};
                  COMMIT;",
                 c = 1 + n % 599,
-                amount = format!("{}.{:02}", n % 10, n % 100),
+                a = n % 10,
+                b = n % 100,
                 p = 1 + (n * 37) % 16000,
                 f = 1 + n % 1000,
             );
-            if n % 5 == 0 {
+            if n.is_multiple_of(5) {
                 // A primary-key change that InnoDB cascades to film_actor.
                 sql.push_str(&format!(
                     "UPDATE actor SET actor_id = actor_id + 1000 WHERE actor_id = {};",
@@ -270,7 +271,7 @@ fn sakila_writer(
                 ));
                 sql.push_str(&format!("DELETE FROM film WHERE title = 'NEW {}';", n - 3));
             }
-            if n % 40 == 0 {
+            if n.is_multiple_of(40) {
                 sql.push_str("FLUSH BINARY LOGS;");
             }
             server.exec_script(&db, &sql);
@@ -478,4 +479,99 @@ fn mariadb_type_matrix_before_and_after_the_snapshot() {
         ]
     );
     assert_same_rows(server, db, &target);
+}
+
+#[test]
+fn mariadb_source_restart_mid_stream() {
+    // A server of this test's own: restarting the shared one would disturb other tests.
+    let server: &'static MariaDbServer = Box::leak(Box::new(MariaDbServer::start_private()));
+    let db = "my_restart_src";
+    let source = server.create_db(db);
+    let target = pg().create_db("my_restart_dst");
+    server.exec_script(
+        db,
+        "CREATE TABLE parent (id int PRIMARY KEY, name varchar(40)) ENGINE=InnoDB;
+         CREATE TABLE child (id int PRIMARY KEY, parent_id int, amount decimal(12,2),
+           FOREIGN KEY (parent_id) REFERENCES parent (id) ON DELETE CASCADE ON UPDATE CASCADE) ENGINE=InnoDB;
+         INSERT INTO parent SELECT seq, CONCAT('p', seq) FROM seq_1_to_500;
+         INSERT INTO child SELECT seq, 1 + seq % 500, seq / 7 FROM seq_1_to_5000;",
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (stop, done) = (stop.clone(), done.clone());
+        thread::spawn(move || {
+            let mut n: u64 = 0;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let sql = format!(
+                    "START TRANSACTION;
+                     INSERT INTO child VALUES ({id}, {p}, {n}.25);
+                     UPDATE child SET amount = amount + 1 WHERE id = {u};
+                     DELETE FROM parent WHERE id = {d};
+                     UPDATE parent SET id = id + 100000 WHERE id = {k};
+                     COMMIT;",
+                    id = 100_000 + n,
+                    p = 400 + n % 100,
+                    u = 1 + n % 5000,
+                    d = 1 + n % 300,
+                    k = 301 + n % 99,
+                );
+                // The server is down for a moment: writes then fail, and are retried.
+                let ok = server
+                    .socket_client()
+                    .arg(db)
+                    .args(["-e", &sql])
+                    .output()
+                    .is_ok_and(|o| o.status.success());
+                if ok {
+                    done.store(n, Ordering::Relaxed);
+                } else {
+                    n -= 1;
+                    thread::sleep(Duration::from_millis(100));
+                }
+            }
+        })
+    };
+    let state = tempfile::tempdir().expect("state dir");
+    let mut background = Background::spawn(stream_command(&source, &target, state.path(), &[]));
+    wait_streaming(&mut background, state.path());
+    let seen = done.load(Ordering::Relaxed);
+    wait_until("writes", Duration::from_secs(60), || {
+        done.load(Ordering::Relaxed) > seen + 30
+    });
+    server.restart();
+    let seen = done.load(Ordering::Relaxed);
+    wait_until("writes after the restart", Duration::from_secs(60), || {
+        done.load(Ordering::Relaxed) > seen + 30
+    });
+    assert!(
+        background.is_running(),
+        "kuaka did not survive the source restart:\n{}",
+        background.stderr()
+    );
+    stop.store(true, Ordering::Relaxed);
+    writer.join().expect("writer");
+    let output = background.kill();
+    assert!(
+        output.stderr.contains("reconnecting"),
+        "kuaka never saw the restart:\n{}",
+        output.stderr
+    );
+    run(stream_command(
+        &source,
+        &target,
+        state.path(),
+        &["--until", "caught-up"],
+    ))
+    .assert_success();
+    assert_same_rows(server, db, &target);
+    let cascaded = query_rows(
+        &target,
+        "SELECT count(*) FROM child WHERE parent_id > 100000",
+    );
+    assert_ne!(
+        cascaded[0][0], "0",
+        "no cascaded key update reached the target"
+    );
 }

@@ -73,13 +73,45 @@ impl MariaDbServer {
             );
         }
 
-        let log = std::fs::File::create(dir.join("mariadbd.log")).expect("mariadbd log");
+        let server = MariaDbServer {
+            port,
+            dir: dir.clone(),
+            socket,
+        };
+        server.spawn_mariadbd();
+        // Tests connect over TCP as root from 127.0.0.1 (name resolution is off).
+        server.exec(
+            "CREATE USER IF NOT EXISTS 'root'@'127.0.0.1'; \
+             GRANT ALL PRIVILEGES ON *.* TO 'root'@'127.0.0.1' WITH GRANT OPTION;",
+        );
+        eprintln!("mariadb for tests: port {port}, dir {}", dir.display());
+        server
+    }
+
+    /// A server of the test's own (for tests that restart it), stopped when the process ends.
+    pub fn start_private() -> MariaDbServer {
+        MariaDbServer::start()
+    }
+
+    /// Start `mariadbd` on this server's directory and wait until it answers.
+    fn spawn_mariadbd(&self) {
+        let dir = &self.dir;
+        let user_arg = if is_root() {
+            vec!["--user=root"]
+        } else {
+            vec![]
+        };
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("mariadbd.log"))
+            .expect("mariadbd log");
         let mut child = Command::new(MARIADBD)
             .arg("--no-defaults")
-            .arg(format!("--datadir={}", data.display()))
+            .arg(format!("--datadir={}", dir.join("data").display()))
             .args(&user_arg)
-            .arg(format!("--socket={}", socket.display()))
-            .arg(format!("--port={port}"))
+            .arg(format!("--socket={}", self.socket.display()))
+            .arg(format!("--port={}", self.port))
             .arg("--bind-address=127.0.0.1")
             .arg(format!("--log-bin={}", dir.join("binlog").display()))
             .arg(format!("--log-error={}", dir.join("error.log").display()))
@@ -98,13 +130,7 @@ impl MariaDbServer {
             .stderr(log)
             .spawn()
             .expect("spawn mariadbd");
-        std::fs::write(&pid_file, child.id().to_string()).expect("write pid file");
-
-        let server = MariaDbServer {
-            port,
-            dir: dir.clone(),
-            socket,
-        };
+        std::fs::write(dir.join("kuaka-it.pid"), child.id().to_string()).expect("write pid file");
         wait_until(
             "mariadbd to accept connections",
             Duration::from_secs(60),
@@ -115,20 +141,34 @@ impl MariaDbServer {
                         dir.join("error.log").display()
                     );
                 }
-                server
-                    .socket_client()
+                self.socket_client()
                     .args(["-e", "SELECT 1"])
                     .output()
                     .is_ok_and(|o| o.status.success())
             },
         );
-        // Tests connect over TCP as root from 127.0.0.1 (name resolution is off).
-        server.exec(
-            "CREATE USER IF NOT EXISTS 'root'@'127.0.0.1'; \
-             GRANT ALL PRIVILEGES ON *.* TO 'root'@'127.0.0.1' WITH GRANT OPTION;",
-        );
-        eprintln!("mariadb for tests: port {port}, dir {}", dir.display());
-        server
+        // Reaped by whoever waits for it; a stopped server is waited for in `restart`.
+        std::mem::forget(child);
+    }
+
+    /// Stop the server (SIGTERM, a clean shutdown) and start it again on the same port.
+    pub fn restart(&self) {
+        let pid: i32 = std::fs::read_to_string(self.dir.join("kuaka-it.pid"))
+            .expect("pid file")
+            .trim()
+            .parse()
+            .expect("pid");
+        Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("kill");
+        wait_until("mariadbd to stop", Duration::from_secs(60), || {
+            // The child is not ours to wait for any more: poll /proc (a zombie counts as gone).
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| s.contains(") Z "))
+                .unwrap_or(true)
+        });
+        self.spawn_mariadbd();
     }
 
     /// The `mariadb` client on the unix socket as root, batch mode without column names.
