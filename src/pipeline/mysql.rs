@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use mysql_async::prelude::Queryable;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
@@ -42,8 +42,8 @@ use crate::model::value::{Row, Value};
 use crate::state::StateStore;
 use crate::ui::Ui;
 
-/// Rows per target transaction while copying.
-const COPY_BATCH_ROWS: usize = 5_000;
+/// Rows per copy chunk of a big table (by the server's estimate).
+const CHUNK_ROWS: i64 = 250_000;
 /// Row changes per apply transaction at most; a smaller batch commits when the stream idles.
 const APPLY_BATCH_CHANGES: usize = 20_000;
 /// How long apply waits for more events before committing what it has.
@@ -607,13 +607,14 @@ pub async fn run(
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
-    let todo: Vec<&MyTable> = catalog
-        .tables
-        .iter()
-        .filter(|t| !copied.contains_key(t.name()))
+    let chunk_rows = spec.chunk_rows.unwrap_or(CHUNK_ROWS).max(1);
+    let plan = plan_chunks(&mut source, store, &catalog, chunk_rows).await?;
+    let todo: Vec<Chunk> = plan
+        .into_iter()
+        .filter(|c| !copied.contains_key(&c.marker()))
         .collect();
     let copy_started = Instant::now();
-    let rows_this_run = copy_tables(spec, &todo, job_id, ui, cancel).await?;
+    let rows_this_run = copy_chunks(spec, &catalog, &todo, job_id, ui, cancel).await?;
     let copy_seconds = copy_started.elapsed().as_secs_f64();
     let rows_total = copied.values().map(|r| *r as u64).sum::<u64>() + rows_this_run;
     if !todo.is_empty() || store.meta("mysql_p1")?.is_none() {
@@ -831,33 +832,152 @@ async fn validate_foreign_keys(
     Ok(())
 }
 
-/// Copy tables, up to `--jobs` at once, each in its own consistent snapshot; returns the rows
-/// copied.
-async fn copy_tables(
+/// One unit of the copy: a key range of a table (or the whole table), read in its own
+/// consistent snapshot and loaded by one target transaction with its marker row.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+struct Chunk {
+    table: String,
+    /// Chunk number within the table; `None` for a table copied whole.
+    number: Option<usize>,
+    /// `key >= from` and `key < to` on the table's one integer key column.
+    from: Option<i64>,
+    to: Option<i64>,
+}
+
+impl Chunk {
+    /// The row in `kuaka.row_copied` that says this chunk is in the target.
+    fn marker(&self) -> String {
+        match self.number {
+            Some(n) => format!("{}#{n}", self.table),
+            None => self.table.clone(),
+        }
+    }
+}
+
+/// Split tables with a single integer key into key ranges of about `chunk_rows` rows (by the
+/// server's row estimate), so one big table loads with several workers. The plan is saved
+/// in the state store before any chunk is read: a resumed copy uses the same ranges, whose
+/// ends are open, so rows inserted later fall into some chunk.
+async fn plan_chunks(
+    source: &mut mysql_async::Conn,
+    store: &StateStore,
+    catalog: &MyCatalog,
+    chunk_rows: i64,
+) -> Result<Vec<Chunk>> {
+    if let Some(json) = store.meta("mysql_chunks")? {
+        return serde_json::from_str(&json)
+            .map_err(|e| Error::Definite(format!("reading the stored chunk plan: {e}")));
+    }
+    let mut plan = Vec::new();
+    for t in &catalog.tables {
+        let whole = Chunk {
+            table: t.name().to_owned(),
+            number: None,
+            from: None,
+            to: None,
+        };
+        let estimate = t.table.estimated_rows.unwrap_or(0);
+        let int_key = t.key.len() == 1 && t.columns.iter().any(|c| {
+            c.name == t.key[0]
+                && matches!(c.kind, catalog::Kind::Int { bits, unsigned } if bits < 64 || !unsigned)
+        });
+        if !int_key || estimate < 2 * chunk_rows {
+            plan.push(whole);
+            continue;
+        }
+        let key = my_ident(&t.key[0]);
+        let bounds: Option<(Option<i64>, Option<i64>)> = source
+            .query_first(format!(
+                "SELECT MIN({key}), MAX({key}) FROM {}",
+                my_ident(t.name())
+            ))
+            .await
+            .map_err(|e| mysql::error(format!("reading the key range of {}", t.name()), e))?;
+        let Some((Some(low), Some(high))) = bounds else {
+            plan.push(whole);
+            continue;
+        };
+        let chunks = (estimate / chunk_rows).clamp(2, 1024);
+        let step = ((high - low) / chunks).max(1);
+        let mut from = None;
+        for n in 0..chunks {
+            let to = (n + 1 < chunks).then(|| low + step * (n + 1));
+            plan.push(Chunk {
+                table: t.name().to_owned(),
+                number: Some(n as usize),
+                from,
+                to,
+            });
+            from = to;
+        }
+    }
+    let json = serde_json::to_string(&plan)
+        .map_err(|e| Error::Definite(format!("saving the chunk plan: {e}")))?;
+    store.set_meta("mysql_chunks", &json)?;
+    Ok(plan)
+}
+
+/// Copy chunks, up to `--jobs` at once; returns the rows copied.
+async fn copy_chunks(
     spec: &JobSpec,
-    tables: &[&MyTable],
+    catalog: &MyCatalog,
+    chunks: &[Chunk],
     job_id: &str,
     ui: &Ui,
     cancel: &CancellationToken,
 ) -> Result<u64> {
-    if tables.is_empty() {
+    if chunks.is_empty() {
         return Ok(0);
     }
-    let queue = std::sync::Mutex::new(
-        tables
-            .iter()
-            .copied()
-            .collect::<std::collections::VecDeque<_>>(),
-    );
-    let workers = spec.jobs.clamp(1, tables.len());
+    let tables: HashMap<&str, &MyTable> = catalog.tables.iter().map(|t| (t.name(), t)).collect();
+    // One progress bar per table, finished with its last chunk.
+    let mut left: HashMap<String, (usize, Arc<crate::ui::TableProgress>)> = HashMap::new();
+    for c in chunks {
+        let t = tables[c.table.as_str()];
+        left.entry(c.table.clone())
+            .or_insert_with(|| {
+                (
+                    0,
+                    ui.table(
+                        &format!("{}.{}", spec.source.database, t.name()),
+                        t.table.estimated_rows.unwrap_or(0).max(0) as u64,
+                        0,
+                        0,
+                    ),
+                )
+            })
+            .0 += 1;
+    }
+    let left = std::sync::Mutex::new(left);
+    let queue = std::sync::Mutex::new(chunks.iter().collect::<std::collections::VecDeque<_>>());
+    let workers = spec.jobs.clamp(1, chunks.len());
     let work = (0..workers).map(|_| async {
         let mut source = mysql::connect(&spec.source, "snapshot").await?;
-        let target = target_connect(spec, "snapshot").await?;
+        let mut target = target_connect(spec, "snapshot").await?;
         let mut rows = 0u64;
         loop {
             let next = queue.lock().expect("copy queue").pop_front();
-            let Some(table) = next else { break };
-            rows += copy_table(&mut source, &target, table, job_id, ui, cancel).await?;
+            let Some(chunk) = next else { break };
+            let table = tables[chunk.table.as_str()];
+            let progress = left.lock().expect("progress")[&chunk.table].1.clone();
+            rows += copy_chunk(
+                &mut source,
+                &mut target,
+                table,
+                chunk,
+                job_id,
+                progress.as_ref(),
+                cancel,
+            )
+            .await?;
+            let mut left = left.lock().expect("progress");
+            if let Some(entry) = left.get_mut(&chunk.table) {
+                entry.0 -= 1;
+                if entry.0 == 0 {
+                    entry.1.finish();
+                    tracing::info!(table = %chunk.table, "copied");
+                }
+            }
         }
         Ok::<u64, Error>(rows)
     });
@@ -865,12 +985,16 @@ async fn copy_tables(
     Ok(counts.into_iter().sum())
 }
 
-async fn copy_table(
+/// Bytes of COPY data gathered before they are sent to the target.
+const COPY_SEND_BYTES: usize = 256 * 1024;
+
+async fn copy_chunk(
     source: &mut mysql_async::Conn,
-    target: &Client,
+    target: &mut Client,
     t: &MyTable,
+    chunk: &Chunk,
     job_id: &str,
-    ui: &Ui,
+    progress: &crate::ui::TableProgress,
     cancel: &CancellationToken,
 ) -> Result<u64> {
     let shape = Shape::new(t, &MyCatalog::default());
@@ -883,96 +1007,105 @@ async fn copy_table(
         .query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT")
         .await
         .map_err(read_err)?;
-    if t.key.is_empty() {
-        // No key to upsert by: a table cut off by a crash is copied again whole.
-        target
-            .batch_execute(&format!("TRUNCATE public.{}", quote_ident(t.name())))
-            .await
-            .map_err(|e| pg_error("emptying a keyless target table", e))?;
+    let mut conditions = Vec::new();
+    if let Some(from) = chunk.from {
+        conditions.push(format!("{} >= {from}", my_ident(&t.key[0])));
     }
-    let progress = ui.table(
-        &format!("{}.{}", t.table.name.schema, t.name()),
-        t.table.estimated_rows.unwrap_or(0).max(0) as u64,
-        0,
-        0,
-    );
+    if let Some(to) = chunk.to {
+        conditions.push(format!("{} < {to}", my_ident(&t.key[0])));
+    }
     let select = format!(
-        "SELECT {} FROM {}",
+        "SELECT {} FROM {}{}",
         shape
             .copied
             .iter()
             .map(|&i| my_ident(&t.columns[i].name))
             .collect::<Vec<_>>()
             .join(", "),
-        my_ident(t.name())
+        my_ident(t.name()),
+        if conditions.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", conditions.join(" AND "))
+        }
     );
+    let write_err = |e| pg_error(&format!("writing to target table {}", t.name()), e);
+    let transaction = target.transaction().await.map_err(write_err)?;
+    let copy = format!(
+        "COPY public.{} ({}) FROM STDIN",
+        quote_ident(t.name()),
+        shape
+            .columns
+            .iter()
+            .map(|c| quote_ident(c))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let sink = transaction
+        .copy_in::<_, bytes::Bytes>(&copy)
+        .await
+        .map_err(write_err)?;
+    futures_util::pin_mut!(sink);
     let mut result = source.query_iter(select).await.map_err(read_err)?;
-    let mut batch: Vec<Row> = Vec::with_capacity(COPY_BATCH_ROWS);
-    let mut count: i64 = 0;
     let mut stream = result
         .stream::<mysql_async::Row>()
         .await
         .map_err(read_err)?
         .ok_or_else(|| Error::Definite(format!("reading table {}: no result set", t.name())))?;
-    loop {
-        if cancel.is_cancelled() {
-            return Err(Error::Interrupted);
-        }
-        let next = stream.next().await.transpose().map_err(read_err)?;
-        let done = next.is_none();
-        if let Some(row) = next {
-            let mut values = Vec::with_capacity(shape.copied.len());
-            for (pos, &i) in shape.copied.iter().enumerate() {
-                let column = &t.columns[i];
-                let raw = match row.as_ref(pos) {
-                    Some(mysql_async::Value::Bytes(b)) => Some(b.as_slice()),
-                    _ => None,
-                };
-                values.push(decode::from_text(column, raw).map_err(|e| {
-                    Error::Definite(format!("table {}, column {}: {e}", t.name(), column.name))
-                })?);
+    let mut buffer = String::with_capacity(COPY_SEND_BYTES + 4096);
+    let mut count: i64 = 0;
+    let mut pending_rows = 0u64;
+    while let Some(row) = stream.next().await.transpose().map_err(read_err)? {
+        for (pos, &i) in shape.copied.iter().enumerate() {
+            let column = &t.columns[i];
+            let raw = match row.as_ref(pos) {
+                Some(mysql_async::Value::Bytes(b)) => Some(b.as_slice()),
+                _ => None,
+            };
+            let value = decode::from_text(column, raw).map_err(|e| {
+                Error::Definite(format!("table {}, column {}: {e}", t.name(), column.name))
+            })?;
+            if pos > 0 {
+                buffer.push('\t');
             }
-            batch.push(values);
+            pgrows::copy_field(&value, &shape.types[pos], &mut buffer).map_err(|e| {
+                Error::Definite(format!("table {}, column {}: {e}", t.name(), column.name))
+            })?;
         }
-        if batch.len() >= COPY_BATCH_ROWS || done {
-            count += batch.len() as i64;
-            let mut sql = String::from("BEGIN;\n");
-            sql.push_str(&pg_rows_sql(
-                &shape.name,
-                &shape.columns,
-                &shape.types,
-                &shape.key,
-                &batch,
-                &[],
-            )?);
-            if done {
-                sql.push_str(&format!(
-                    "INSERT INTO kuaka.row_copied (job_id, table_name, rows) VALUES ({}, {}, {count}) ON CONFLICT (job_id, table_name) DO UPDATE SET rows = EXCLUDED.rows;\n",
-                    quote_literal(job_id),
-                    quote_literal(t.name())
-                ));
+        buffer.push('\n');
+        count += 1;
+        pending_rows += 1;
+        if buffer.len() >= COPY_SEND_BYTES {
+            if cancel.is_cancelled() {
+                return Err(Error::Interrupted);
             }
-            sql.push_str("COMMIT;");
-            if let Err(e) = target.batch_execute(&sql).await {
-                let _ = target.batch_execute("ROLLBACK").await;
-                return Err(pg_error(
-                    &format!("writing to target table {}", t.name()),
-                    e,
-                ));
-            }
-            crate::failpoint::hit("snapshot.chunk.after_commit");
-            progress.add(batch.len() as u64, 0);
-            batch.clear();
-        }
-        if done {
-            break;
+            sink.send(bytes::Bytes::from(std::mem::take(&mut buffer)))
+                .await
+                .map_err(write_err)?;
+            progress.add(pending_rows, 0);
+            pending_rows = 0;
         }
     }
     drop(stream);
     drop(result);
+    if !buffer.is_empty() {
+        sink.send(bytes::Bytes::from(buffer))
+            .await
+            .map_err(write_err)?;
+    }
+    sink.as_mut().finish().await.map_err(write_err)?;
     source.query_drop("COMMIT").await.map_err(read_err)?;
-    progress.finish();
-    tracing::info!(table = %t.name(), rows = count, "copied");
+    transaction
+        .batch_execute(&format!(
+            "INSERT INTO kuaka.row_copied (job_id, table_name, rows) VALUES ({}, {}, {count}) ON CONFLICT (job_id, table_name) DO UPDATE SET rows = EXCLUDED.rows",
+            quote_literal(job_id),
+            quote_literal(&chunk.marker())
+        ))
+        .await
+        .map_err(write_err)?;
+    transaction.commit().await.map_err(write_err)?;
+    crate::failpoint::hit("snapshot.chunk.after_commit");
+    progress.add(pending_rows, 0);
     Ok(count as u64)
 }
 

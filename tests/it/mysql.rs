@@ -289,8 +289,14 @@ fn mariadb_sakila_to_postgres_with_live_writes_and_kills() {
     let state = tempfile::tempdir().expect("state dir");
 
     // A crash in the middle of the snapshot, then a resumed one.
-    let mut first = stream_command(&source, &target, state.path(), &["--jobs", "2"]);
-    first.env("KUAKA_FAILPOINT", "snapshot.chunk.after_commit:3");
+    // Small chunks: payment and rental (16k rows each) load in key ranges.
+    let mut first = stream_command(
+        &source,
+        &target,
+        state.path(),
+        &["--jobs", "2", "--chunk-rows", "2000"],
+    );
+    first.env("KUAKA_FAILPOINT", "snapshot.chunk.after_commit:14");
     run(first).assert_killed_by_sigkill();
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -301,7 +307,7 @@ fn mariadb_sakila_to_postgres_with_live_writes_and_kills() {
         &source,
         &target,
         state.path(),
-        &["--jobs", "2"],
+        &["--jobs", "2", "--chunk-rows", "2000"],
     ));
     wait_streaming(&mut background, state.path());
     let seen = done.load(Ordering::Relaxed);

@@ -42,10 +42,59 @@ pub fn pg_type(data_type: &DataType) -> String {
     }
 }
 
+/// A value checked against its column's type, before it is written as an SQL literal or a
+/// COPY field.
+enum Rendered {
+    Null,
+    /// Digits or a boolean keyword: valid SQL as they are.
+    Plain(String),
+    /// Text the column's type parses.
+    Text(String),
+    Bytes(Vec<u8>),
+}
+
 /// A value as a PostgreSQL literal for a column of `data_type`. Values that do not fit the
 /// column's type (a word in an integer column of a SQLite table, say) are an error that says
 /// what the value is; the caller names the table, column and key.
 pub fn literal(value: &Value, data_type: &DataType) -> Result<String, String> {
+    Ok(match render(value, data_type)? {
+        Rendered::Null => "NULL".into(),
+        Rendered::Plain(p) => p,
+        Rendered::Text(t) => quote_literal(&t),
+        Rendered::Bytes(b) => bytea(&b),
+    })
+}
+
+/// A value as one field of `COPY ... FROM STDIN` text format (`\N` for NULL, backslash,
+/// tab, newline and carriage return escaped), checked like [`literal`].
+pub fn copy_field(value: &Value, data_type: &DataType, out: &mut String) -> Result<(), String> {
+    let escape = |text: &str, out: &mut String| {
+        for c in text.chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                '\t' => out.push_str("\\t"),
+                '\n' => out.push_str("\\n"),
+                '\r' => out.push_str("\\r"),
+                c => out.push(c),
+            }
+        }
+    };
+    match render(value, data_type)? {
+        Rendered::Null => out.push_str("\\N"),
+        Rendered::Plain(p) => out.push_str(&p),
+        Rendered::Text(t) => escape(&t, out),
+        Rendered::Bytes(b) => {
+            // bytea's hex input `\x…`, its backslash escaped for COPY.
+            out.push_str("\\\\x");
+            for byte in b {
+                out.push_str(&format!("{byte:02x}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn render(value: &Value, data_type: &DataType) -> Result<Rendered, String> {
     let text_of = |v: &Value| -> Option<String> {
         match v {
             Value::Int(i) => Some(i.to_string()),
@@ -64,7 +113,7 @@ pub fn literal(value: &Value, data_type: &DataType) -> Result<String, String> {
         other => format!("{other:?}"),
     };
     if *value == Value::Null {
-        return Ok("NULL".into());
+        return Ok(Rendered::Null);
     }
     let bad = || {
         Err(format!(
@@ -75,59 +124,65 @@ pub fn literal(value: &Value, data_type: &DataType) -> Result<String, String> {
     };
     match data_type {
         DataType::Int16 | DataType::Int32 | DataType::Int64 => match value {
-            Value::Int(i) => Ok(i.to_string()),
-            Value::UInt(u) => Ok(u.to_string()),
-            Value::Float(f) if f.fract() == 0.0 && f.abs() < 9.2e18 => Ok((*f as i64).to_string()),
-            Value::Text(t) if t.trim().parse::<i64>().is_ok() => Ok(t.trim().to_owned()),
+            Value::Int(i) => Ok(Rendered::Plain(i.to_string())),
+            Value::UInt(u) => Ok(Rendered::Plain(u.to_string())),
+            Value::Float(f) if f.fract() == 0.0 && f.abs() < 9.2e18 => {
+                Ok(Rendered::Plain((*f as i64).to_string()))
+            }
+            Value::Text(t) if t.trim().parse::<i64>().is_ok() => {
+                Ok(Rendered::Plain(t.trim().to_owned()))
+            }
             _ => bad(),
         },
         DataType::Bool => match value {
-            Value::Bool(b) => Ok(b.to_string()),
-            Value::Int(0) => Ok("false".into()),
-            Value::Int(1) => Ok("true".into()),
+            Value::Bool(b) => Ok(Rendered::Plain(b.to_string())),
+            Value::Int(0) => Ok(Rendered::Plain("false".into())),
+            Value::Int(1) => Ok(Rendered::Plain("true".into())),
             Value::Text(t) => match t.to_ascii_lowercase().as_str() {
-                "true" | "t" | "1" | "yes" => Ok("true".into()),
-                "false" | "f" | "0" | "no" => Ok("false".into()),
+                "true" | "t" | "1" | "yes" => Ok(Rendered::Plain("true".into())),
+                "false" | "f" | "0" | "no" => Ok(Rendered::Plain("false".into())),
                 _ => bad(),
             },
             _ => bad(),
         },
         DataType::Float32 | DataType::Float64 | DataType::Numeric { .. } => match value {
-            Value::Int(i) => Ok(i.to_string()),
-            Value::UInt(u) => Ok(u.to_string()),
-            Value::Float(f) if f.is_finite() => Ok(float_text(*f)),
+            Value::Int(i) => Ok(Rendered::Plain(i.to_string())),
+            Value::UInt(u) => Ok(Rendered::Plain(u.to_string())),
+            Value::Float(f) if f.is_finite() => Ok(Rendered::Plain(float_text(*f))),
             Value::Float(f) if matches!(data_type, DataType::Numeric { .. }) && f.is_nan() => {
-                Ok("'NaN'".into())
+                Ok(Rendered::Text("NaN".into()))
             }
-            Value::Float(f) => Ok(quote_literal(&float_text(*f))),
-            Value::Decimal(d) => Ok(d.clone()),
-            Value::Text(t) if t.trim().parse::<f64>().is_ok() => Ok(quote_literal(t.trim())),
+            Value::Float(f) => Ok(Rendered::Text(float_text(*f))),
+            Value::Decimal(d) => Ok(Rendered::Plain(d.clone())),
+            Value::Text(t) if t.trim().parse::<f64>().is_ok() => {
+                Ok(Rendered::Text(t.trim().to_owned()))
+            }
             _ => bad(),
         },
         DataType::Bytes => match value {
-            Value::Bytes(b) => Ok(bytea(b)),
+            Value::Bytes(b) => Ok(Rendered::Bytes(b.clone())),
             other => match text_of(other) {
-                Some(t) => Ok(bytea(t.as_bytes())),
+                Some(t) => Ok(Rendered::Bytes(t.into_bytes())),
                 None => bad(),
             },
         },
         DataType::Date | DataType::Timestamp | DataType::Time => match value {
-            Value::Int(secs) => Ok(quote_literal(&temporal(*secs as f64, data_type))),
+            Value::Int(secs) => Ok(Rendered::Text(temporal(*secs as f64, data_type))),
             // A real in a date column is a Julian day number (SQLite's julianday()).
-            Value::Float(jd) if jd.is_finite() => Ok(quote_literal(&temporal(
+            Value::Float(jd) if jd.is_finite() => Ok(Rendered::Text(temporal(
                 (jd - 2_440_587.5) * 86_400.0,
                 data_type,
             ))),
-            Value::Text(t) => Ok(quote_literal(t)),
+            Value::Text(t) => Ok(Rendered::Text(t.clone())),
             _ => bad(),
         },
         _ => match value {
             Value::Bytes(b) => match std::str::from_utf8(b) {
-                Ok(t) if !t.contains('\0') => Ok(quote_literal(t)),
+                Ok(t) if !t.contains('\0') => Ok(Rendered::Text(t.to_owned())),
                 _ => bad(),
             },
             other => match text_of(other) {
-                Some(t) if !t.contains('\0') => Ok(quote_literal(&t)),
+                Some(t) if !t.contains('\0') => Ok(Rendered::Text(t)),
                 _ => bad(),
             },
         },
@@ -266,6 +321,36 @@ mod tests {
         assert_eq!(literal(&Value::Int(3), &DataType::Text).unwrap(), "'3'");
         assert!(literal(&Value::Bytes(vec![0xff]), &DataType::Text).is_err());
         assert_eq!(literal(&Value::Null, &DataType::Int64).unwrap(), "NULL");
+    }
+
+    #[test]
+    fn copy_fields_are_escaped() {
+        let field = |v: Value, t: DataType| {
+            let mut out = String::new();
+            copy_field(&v, &t, &mut out).map(|()| out)
+        };
+        assert_eq!(field(Value::Null, DataType::Text).unwrap(), "\\N");
+        assert_eq!(
+            field(Value::Text("a\tb\nc\\d\re".into()), DataType::Text).unwrap(),
+            "a\\tb\\nc\\\\d\\re"
+        );
+        assert_eq!(
+            field(Value::Bytes(vec![0, 255]), DataType::Bytes).unwrap(),
+            "\\\\x00ff"
+        );
+        assert_eq!(field(Value::Int(1), DataType::Bool).unwrap(), "true");
+        assert!(field(Value::Int(2), DataType::Bool).is_err());
+        assert_eq!(
+            field(
+                Value::Decimal("1.10".into()),
+                DataType::Numeric {
+                    precision: None,
+                    scale: None
+                }
+            )
+            .unwrap(),
+            "1.10"
+        );
     }
 
     #[test]
