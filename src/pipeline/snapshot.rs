@@ -58,12 +58,12 @@ pub async fn run(
     let supported = match (spec.source.engine, spec.target.engine) {
         (EngineKind::Postgres, EngineKind::Postgres) => true,
         (EngineKind::Sqlite, t) => t != EngineKind::Mysql,
-        (EngineKind::Mysql, EngineKind::Postgres) => true,
+        (EngineKind::Mysql, EngineKind::Postgres | EngineKind::Mysql) => true,
         _ => false,
     };
     if !supported {
         return Err(Error::Definite(format!(
-            "moving {} to {} is not supported yet: this version moves PostgreSQL to PostgreSQL, MySQL/MariaDB to PostgreSQL, and SQLite to SQLite or PostgreSQL",
+            "moving {} to {} is not supported yet: this version moves PostgreSQL to PostgreSQL, MySQL/MariaDB to PostgreSQL or MySQL/MariaDB, and SQLite to SQLite or PostgreSQL",
             spec.source.redacted(),
             spec.target.redacted()
         )));

@@ -68,6 +68,7 @@ pub struct Assembler {
     pub cursor: BinlogCursor,
     open: Option<Vec<RowEvent>>,
     gtid: Option<String>,
+    zero_dates: decode::ZeroDates,
 }
 
 /// Event type numbers kuaka acts on beyond what `mysql_common` decodes.
@@ -75,8 +76,14 @@ const MARIADB_GTID_EVENT: u8 = 162;
 const MARIADB_GTID_LIST_EVENT: u8 = 163;
 
 impl Assembler {
-    pub fn new(database: &str, tables: &[MyTable], cursor: BinlogCursor) -> Assembler {
+    pub fn new(
+        database: &str,
+        tables: &[MyTable],
+        cursor: BinlogCursor,
+        zero_dates: decode::ZeroDates,
+    ) -> Assembler {
         Assembler {
+            zero_dates,
             database: database.to_owned(),
             tables: tables
                 .iter()
@@ -196,7 +203,7 @@ impl Assembler {
                         table.columns.len()
                     ));
                 }
-                let changes = convert_rows(&table, &rows, tme)?;
+                let changes = convert_rows(&table, &rows, tme, self.zero_dates)?;
                 match &mut self.open {
                     Some(open) => open.extend(changes),
                     // Rows outside BEGIN/COMMIT (should not happen with ROW format): a
@@ -240,6 +247,7 @@ fn convert_rows(
     table: &MyTable,
     rows: &RowsEventData<'_>,
     tme: &TableMapEvent<'_>,
+    zero: decode::ZeroDates,
 ) -> std::result::Result<Vec<RowEvent>, String> {
     let mut out = Vec::new();
     if matches!(rows, RowsEventData::PartialUpdateRowsEvent(_)) {
@@ -255,7 +263,7 @@ fn convert_rows(
             let Some(row) = row else { return Ok(None) };
             let mut values = Vec::with_capacity(table.columns.len());
             for (i, column) in table.columns.iter().enumerate() {
-                let value = decode::from_binlog(column, row.as_ref(i)).map_err(|e| {
+                let value = decode::from_binlog_as(column, row.as_ref(i), zero).map_err(|e| {
                     format!("table {}, column {}: {e}", table.name(), column.name)
                 })?;
                 values.push(value);

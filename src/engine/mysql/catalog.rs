@@ -88,6 +88,9 @@ pub struct MyColumn {
     pub nullable: bool,
     pub generated: bool,
     pub auto_increment: bool,
+    /// `ON UPDATE CURRENT_TIMESTAMP`: MySQL sets it on every update that does not assign it
+    /// (InnoDB's cascades do not).
+    pub on_update_now: bool,
     /// The PostgreSQL type it is created with.
     pub pg_type: String,
 }
@@ -400,7 +403,7 @@ pub async fn read(conn: &mut Conn, database: &str) -> Result<MyCatalog> {
         };
         if kind == "VIEW" {
             catalog.skipped.push(format!(
-                "view {name} is not created on the target (MySQL SQL); create it by hand"
+                "view {name} is not created on the target; create it by hand"
             ));
             continue;
         }
@@ -474,6 +477,7 @@ pub async fn read(conn: &mut Conn, database: &str) -> Result<MyCatalog> {
             nullable,
             generated,
             auto_increment: extra.contains("auto_increment"),
+            on_update_now: extra.contains("on update"),
             pg_type,
         };
         if generated {
@@ -641,13 +645,13 @@ pub async fn read(conn: &mut Conn, database: &str) -> Result<MyCatalog> {
             continue;
         };
         catalog.skipped.push(format!(
-            "trigger {name} on {table} is not created on PostgreSQL (MySQL SQL); the rows it writes are copied and streamed like any other"
+            "trigger {name} on {table} is not created on the target; the rows it writes are copied and streamed like any other"
         ));
     }
     for r in &routines {
         if let (Some(kind), Some(name)) = (text(r, 0), text(r, 1)) {
             catalog.skipped.push(format!(
-                "{} {name} is not created on PostgreSQL (MySQL SQL)",
+                "{} {name} is not created on the target",
                 kind.to_ascii_lowercase()
             ));
         }

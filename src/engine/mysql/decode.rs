@@ -33,9 +33,20 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
+/// What zero dates become: NULL (PostgreSQL cannot hold them; an error in a NOT NULL column),
+/// or kept as they are (a MySQL target).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ZeroDates {
+    Null,
+    Keep,
+}
+
 /// A zero or partly zero date (`0000-00-00`, `2020-00-10`): NULL, or an error for a NOT NULL
 /// column.
-fn zero_date(column: &MyColumn, shown: &str) -> Result<Value, ValueError> {
+fn zero_date(column: &MyColumn, shown: &str, zero: ZeroDates) -> Result<Value, ValueError> {
+    if zero == ZeroDates::Keep {
+        return Ok(Value::Text(shown.to_owned()));
+    }
     if column.nullable {
         Ok(Value::Null)
     } else {
@@ -145,7 +156,7 @@ pub fn from_text(column: &MyColumn, value: Option<&[u8]>) -> Result<Value, Value
         Kind::Date | Kind::Datetime | Kind::Timestamp => {
             let t = ascii();
             if is_zero_date(&t) {
-                return zero_date(column, &t);
+                return zero_date(column, &t, ZeroDates::Null);
             }
             if column.kind == Kind::Timestamp {
                 Value::Text(format!("{t}+00"))
@@ -174,10 +185,19 @@ fn check_json(text: &str) -> Result<(), ValueError> {
         .map_err(|e| format!("the value is not valid JSON ({e})"))
 }
 
-/// A value from a binlog row image.
+/// A value from a binlog row image, zero dates as NULL.
 pub fn from_binlog(
     column: &MyColumn,
     value: Option<&BinlogValue<'_>>,
+) -> Result<Value, ValueError> {
+    from_binlog_as(column, value, ZeroDates::Null)
+}
+
+/// A value from a binlog row image.
+pub fn from_binlog_as(
+    column: &MyColumn,
+    value: Option<&BinlogValue<'_>>,
+    zero: ZeroDates,
 ) -> Result<Value, ValueError> {
     let value = match value {
         None | Some(BinlogValue::Value(MyValue::NULL)) => return Ok(Value::Null),
@@ -229,26 +249,27 @@ pub fn from_binlog(
                 .parse()
                 .map_err(|_| unexpected())?;
             if secs == 0 && micros == 0 {
-                return zero_date(column, "0000-00-00 00:00:00");
+                return zero_date(column, "0000-00-00 00:00:00", zero);
             }
             Value::Text(timestamp_text(secs, micros))
         }
         (Kind::Timestamp, MyValue::Int(secs)) => {
             if *secs == 0 {
-                return zero_date(column, "0000-00-00 00:00:00");
+                return zero_date(column, "0000-00-00 00:00:00", zero);
             }
             Value::Text(timestamp_text(*secs, 0))
         }
         (Kind::Date | Kind::Datetime | Kind::Timestamp, MyValue::Date(y, m, d, h, mi, s, us)) => {
             let date = format!("{y:04}-{m:02}-{d:02}");
-            if *y == 0 || *m == 0 || *d == 0 {
-                return zero_date(column, &date);
-            }
-            if column.kind == Kind::Date {
-                Value::Text(date)
+            let text = if column.kind == Kind::Date {
+                date
             } else {
-                Value::Text(format!("{date} {h:02}:{mi:02}:{s:02}.{us:06}"))
+                format!("{date} {h:02}:{mi:02}:{s:02}.{us:06}")
+            };
+            if *y == 0 || *m == 0 || *d == 0 {
+                return zero_date(column, &text, zero);
             }
+            Value::Text(text)
         }
         (Kind::Time, MyValue::Time(negative, days, h, m, s, us)) => Value::Text(format!(
             "{}{}:{m:02}:{s:02}.{us:06}",
@@ -400,6 +421,7 @@ mod tests {
             nullable,
             generated: false,
             auto_increment: false,
+            on_update_now: false,
             pg_type,
         }
     }

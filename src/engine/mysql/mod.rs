@@ -12,6 +12,7 @@
 //! (managed services forbid it). The snapshot → binlog hand-off uses binlog positions read
 //! before and after the copy (DESIGN.md's P0/P1 rule).
 
+pub mod apply;
 pub mod binlog;
 pub mod catalog;
 pub mod decode;

@@ -1,0 +1,235 @@
+//! MySQL/MariaDB as a target: literals by column kind, multi-row upserts and deletes, and
+//! kuaka's bookkeeping tables (in a `kuaka` database on the target).
+//!
+//! The target session runs with `FOREIGN_KEY_CHECKS = 0` (the source enforced them, and a
+//! batch is not in the source's row order) and `sql_mode = ''` (zero dates and the like are
+//! stored as the source had them; backslash escapes in literals are on). Target triggers
+//! cannot be switched off for one session on MySQL, so kuaka does not create them while it
+//! applies changes.
+
+use super::catalog::Kind;
+use super::quote_ident;
+use crate::engine::postgres::rows::float_text;
+use crate::model::value::Value;
+
+/// kuaka's tables on a MySQL/MariaDB target.
+pub const BOOKKEEPING: &str = "CREATE DATABASE IF NOT EXISTS kuaka; \
+    CREATE TABLE IF NOT EXISTS kuaka.apply_position (job_id varchar(64) NOT NULL, worker int NOT NULL, \
+      position varchar(1024) NOT NULL, commit_time timestamp(6) NULL, \
+      applied_at timestamp(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6), PRIMARY KEY (job_id, worker)) ENGINE=InnoDB; \
+    CREATE TABLE IF NOT EXISTS kuaka.row_copied (job_id varchar(64) NOT NULL, table_name varchar(200) NOT NULL, \
+      `rows` bigint NOT NULL, PRIMARY KEY (job_id, table_name)) ENGINE=InnoDB";
+
+/// A MySQL string literal of arbitrary bytes that are text in the connection's character set.
+pub fn quote_bytes(bytes: &[u8], out: &mut String) {
+    out.push('\'');
+    for &b in bytes {
+        match b {
+            b'\\' => out.push_str("\\\\"),
+            b'\'' => out.push_str("\\'"),
+            0 => out.push_str("\\0"),
+            b'\n' => out.push_str("\\n"),
+            b'\r' => out.push_str("\\r"),
+            0x1a => out.push_str("\\Z"),
+            _ => out.push(b as char),
+        }
+    }
+    out.push('\'');
+}
+
+fn quote_text(text: &str, out: &mut String) {
+    out.push('\'');
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\'' => out.push_str("\\'"),
+            '\0' => out.push_str("\\0"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\u{1a}' => out.push_str("\\Z"),
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+}
+
+fn hex(bytes: &[u8], out: &mut String) {
+    if bytes.is_empty() {
+        out.push_str("''");
+        return;
+    }
+    out.push_str("X'");
+    for b in bytes {
+        out.push_str(&format!("{b:02X}"));
+    }
+    out.push('\'');
+}
+
+/// A value as the same-engine server sent it in the text protocol (`None` = NULL), as a
+/// literal for a column of the same kind: binary kinds as hex, the rest as quoted text.
+pub fn raw_literal(kind: Kind, raw: Option<&[u8]>, out: &mut String) {
+    match raw {
+        None => out.push_str("NULL"),
+        Some(bytes) => match kind {
+            Kind::Binary { .. } | Kind::Geometry | Kind::Bit { .. } => hex(bytes, out),
+            Kind::Bool | Kind::Int { .. } | Kind::Decimal | Kind::Year
+                if bytes
+                    .iter()
+                    .all(|b| b.is_ascii_digit() || *b == b'-' || *b == b'.') =>
+            {
+                out.push_str(&String::from_utf8_lossy(bytes))
+            }
+            _ => {
+                // The text is UTF-8 (the session is utf8mb4): quote it as text.
+                match std::str::from_utf8(bytes) {
+                    Ok(t) => quote_text(t, out),
+                    Err(_) => quote_bytes(bytes, out),
+                }
+            }
+        },
+    }
+}
+
+/// A model value (decoded from the binlog) as a literal for a column of `kind`.
+pub fn literal(kind: Kind, value: &Value, out: &mut String) -> Result<(), String> {
+    let bad = || format!("{value:?} does not fit a column of kind {kind:?}");
+    match (kind, value) {
+        (_, Value::Null) => out.push_str("NULL"),
+        (_, Value::Int(i)) => out.push_str(&i.to_string()),
+        (_, Value::UInt(u)) => out.push_str(&u.to_string()),
+        (_, Value::Bool(b)) => out.push_str(if *b { "1" } else { "0" }),
+        (_, Value::Decimal(d)) => out.push_str(d),
+        (_, Value::Float(f)) if f.is_finite() => out.push_str(&float_text(*f)),
+        (Kind::Bit { .. }, Value::Text(bits)) if bits.chars().all(|c| c == '0' || c == '1') => {
+            out.push_str("b'");
+            out.push_str(bits);
+            out.push('\'');
+        }
+        (Kind::Timestamp, Value::Text(t)) => quote_text(t.strip_suffix("+00").unwrap_or(t), out),
+        (_, Value::Text(t)) | (_, Value::Native(t)) => quote_text(t, out),
+        (_, Value::Bytes(b)) => hex(b, out),
+        _ => return Err(bad()),
+    }
+    Ok(())
+}
+
+/// `INSERT INTO `t` (...) VALUES ..., ... ON DUPLICATE KEY UPDATE c = VALUES(c), ...` for
+/// tuples already rendered (`(1, 'a')`).
+pub fn upsert(table: &str, columns: &[String], key: &[String], tuples: &[String]) -> String {
+    let cols: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
+    let mut updates: Vec<String> = columns
+        .iter()
+        .filter(|c| !key.contains(c))
+        .map(|c| format!("{0} = VALUES({0})", quote_ident(c)))
+        .collect();
+    if updates.is_empty() {
+        // Only key columns: a duplicate is the same row.
+        let k = quote_ident(&columns[0]);
+        updates.push(format!("{k} = {k}"));
+    }
+    format!(
+        "INSERT INTO {} ({}) VALUES {} ON DUPLICATE KEY UPDATE {};\n",
+        quote_ident(table),
+        cols.join(", "),
+        tuples.join(", "),
+        updates.join(", ")
+    )
+}
+
+/// `DELETE FROM `t` WHERE (k1, k2) IN ((...), (...))`.
+pub fn delete(table: &str, key: &[String], tuples: &[String]) -> String {
+    format!(
+        "DELETE FROM {} WHERE ({}) IN ({});\n",
+        quote_ident(table),
+        key.iter()
+            .map(|c| quote_ident(c))
+            .collect::<Vec<_>>()
+            .join(", "),
+        tuples.join(", ")
+    )
+}
+
+/// `CREATE TABLE` text from `SHOW CREATE TABLE` without its foreign keys (added after the
+/// data), and the foreign-key clauses taken out.
+pub fn split_foreign_keys(create: &str) -> (String, Vec<String>) {
+    let mut kept: Vec<&str> = Vec::new();
+    let mut foreign = Vec::new();
+    for line in create.lines() {
+        let trimmed = line.trim();
+        if trimmed.starts_with("CONSTRAINT ") && trimmed.contains(" FOREIGN KEY ") {
+            foreign.push(trimmed.trim_end_matches(',').to_owned());
+        } else {
+            kept.push(line);
+        }
+    }
+    // The line before the closing parenthesis must not end with a comma any more.
+    let mut text = kept.join("\n");
+    if let Some(close) = text.rfind("\n)") {
+        let (body, tail) = text.split_at(close);
+        text = format!("{}{tail}", body.trim_end().trim_end_matches(','));
+    }
+    (text, foreign)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn literals() {
+        let lit = |k: Kind, v: Value| {
+            let mut s = String::new();
+            literal(k, &v, &mut s).map(|()| s)
+        };
+        let text = Kind::Text;
+        assert_eq!(
+            lit(text, Value::Text("it's a \\ \n".into())).unwrap(),
+            "'it\\'s a \\\\ \\n'"
+        );
+        assert_eq!(
+            lit(Kind::Bit { bits: 4 }, Value::Text("0101".into())).unwrap(),
+            "b'0101'"
+        );
+        assert_eq!(
+            lit(
+                Kind::Timestamp,
+                Value::Text("2001-02-03 04:05:06.000000+00".into())
+            )
+            .unwrap(),
+            "'2001-02-03 04:05:06.000000'"
+        );
+        assert_eq!(
+            lit(Kind::Binary { pad_to: None }, Value::Bytes(vec![0, 0xff])).unwrap(),
+            "X'00FF'"
+        );
+        assert_eq!(
+            lit(Kind::Binary { pad_to: None }, Value::Bytes(vec![])).unwrap(),
+            "''"
+        );
+        assert!(lit(Kind::Double, Value::Float(f64::NAN)).is_err());
+        let mut s = String::new();
+        raw_literal(Kind::Geometry, Some(&[1, 2]), &mut s);
+        raw_literal(
+            Kind::Int {
+                bits: 32,
+                unsigned: false,
+            },
+            Some(b"-5"),
+            &mut s,
+        );
+        raw_literal(Kind::Text, None, &mut s);
+        raw_literal(Kind::Date, Some(b"0000-00-00"), &mut s);
+        assert_eq!(s, "X'0102'-5NULL'0000-00-00'");
+    }
+
+    #[test]
+    fn foreign_keys_come_out_of_create_table() {
+        let create = "CREATE TABLE `c` (\n  `id` int NOT NULL,\n  `p` int,\n  PRIMARY KEY (`id`),\n  KEY `p` (`p`),\n  CONSTRAINT `fk` FOREIGN KEY (`p`) REFERENCES `parent` (`id`) ON DELETE CASCADE\n) ENGINE=InnoDB";
+        let (table, fks) = split_foreign_keys(create);
+        assert_eq!(
+            fks,
+            vec!["CONSTRAINT `fk` FOREIGN KEY (`p`) REFERENCES `parent` (`id`) ON DELETE CASCADE"]
+        );
+        assert!(table.contains("KEY `p` (`p`)\n) ENGINE=InnoDB"), "{table}");
+    }
+}
