@@ -15,14 +15,17 @@
 # a temp dir on a free port, stopped and removed on exit. Both on this one machine: source
 # reads and target writes share its cores (2 here) for every tool alike.
 #
-# Not measured here yet: MariaDB -> MariaDB against mydumper/myloader and
-# mysqldump | mariadb (kuaka has no MySQL/MariaDB target yet).
+#   (3) MariaDB -> MariaDB snapshot on the same data: `kuaka run --snapshot-only` vs
+#       `mydumper | myloader` (dump to files, then load; JOBS threads each, myloader with
+#       --enable-binlog so it writes the binlog like kuaka does) vs
+#       `mariadb-dump --single-transaction | mariadb`; into fresh databases of the same server.
 #
 # Usage: bench/mysql.sh [-h]
 # Environment:
 #   TABLES=4 TABLE_SIZE=500000   sysbench data (default 2M rows)
 #   JOBS=2                       kuaka --jobs; pgloader gets workers=JOBS*2, concurrency=1
-#   TOOLS="kuaka pgloader"       which snapshot tools to run
+#   TOOLS="kuaka pgloader"       which MariaDB -> PostgreSQL tools to run
+#   MY_TOOLS="kuaka mydumper mysqldump"   which MariaDB -> MariaDB tools to run
 #   LAG=1 LAG_SECONDS=30 RATE=200   the CDC part (LAG=0 skips it)
 #   SKIP_BUILD=1                 use target/release/kuaka as it is
 #   KUAKA_BIN=path               another kuaka binary
@@ -37,6 +40,7 @@ TABLES=${TABLES:-4}
 TABLE_SIZE=${TABLE_SIZE:-500000}
 JOBS=${JOBS:-2}
 TOOLS=${TOOLS:-"kuaka pgloader"}
+MY_TOOLS=${MY_TOOLS:-"kuaka mydumper mysqldump"}
 LAG=${LAG:-1}
 LAG_SECONDS=${LAG_SECONDS:-30}
 RATE=${RATE:-200}
@@ -198,6 +202,65 @@ if [[ ${status[kuaka]:-} == ok && ${status[pgloader]:-} == ok ]]; then
         'BEGIN { printf "kuaka speedup over pgloader: %.2fx (pgloader seconds / kuaka seconds)\n", p / k }'
 fi
 
+# --------------------------------------------------------- MariaDB -> MariaDB --
+declare -A my_seconds my_status
+my_rows() {
+    local total=0
+    for t in $(my -e "SELECT table_name FROM information_schema.tables WHERE table_schema = '$1' AND table_type = 'BASE TABLE'"); do
+        total=$((total + $(my "$1" -e "SELECT count(*) FROM \`$t\`")))
+    done
+    echo "$total"
+}
+for tool in $MY_TOOLS; do
+    db=my_$tool
+    my -e "DROP DATABASE IF EXISTS $db; CREATE DATABASE $db"
+    sync
+    log "$tool (MariaDB -> MariaDB): copying"
+    start=$(date +%s.%N)
+    rc=0
+    case $tool in
+    kuaka)
+        "$KUAKA_BIN" run --no-progress --snapshot-only --jobs "$JOBS" --source "$SOURCE" \
+            --target "mysql://root@127.0.0.1:$MY_PORT/$db" --state "$BENCH_DIR/state.my" \
+            >"$BENCH_DIR/my-$tool.log" 2>&1 || rc=$?
+        ;;
+    mydumper)
+        rm -rf "$BENCH_DIR/dump"
+        { mydumper -h 127.0.0.1 -P "$MY_PORT" -u root -B src -o "$BENCH_DIR/dump" -t "$JOBS" --rows 250000 &&
+            myloader -h 127.0.0.1 -P "$MY_PORT" -u root -B "$db" -d "$BENCH_DIR/dump" -t "$JOBS" --enable-binlog; } \
+            >"$BENCH_DIR/my-$tool.log" 2>&1 || rc=$?
+        ;;
+    mysqldump)
+        { mariadb-dump -h 127.0.0.1 -P "$MY_PORT" -u root --single-transaction src |
+            mariadb -h 127.0.0.1 -P "$MY_PORT" -u root "$db"; } >"$BENCH_DIR/my-$tool.log" 2>&1 || rc=$?
+        ;;
+    esac
+    end=$(date +%s.%N)
+    my_seconds[$tool]=$(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.2f", b - a }')
+    rows=$(my_rows "$db")
+    if ((rc == 0 && rows >= source_rows)); then my_status[$tool]=ok; else
+        my_status[$tool]="FAILED (exit $rc, $rows rows)"
+        tail -n 5 "$BENCH_DIR/my-$tool.log" >&2
+    fi
+    log "$tool: ${my_seconds[$tool]} s, ${my_status[$tool]}"
+    my -e "DROP DATABASE IF EXISTS $db"
+done
+if [[ -n $MY_TOOLS ]]; then
+    echo
+    echo "MariaDB -> MariaDB snapshot: $source_rows rows, $source_mb MB, JOBS=$JOBS"
+    printf '%-10s %10s %12s  %s\n' tool seconds rows/s status
+    for tool in $MY_TOOLS; do
+        printf '%-10s %10s %12.0f  %s\n' "$tool" "${my_seconds[$tool]}" \
+            "$(awk -v r="$source_rows" -v s="${my_seconds[$tool]}" 'BEGIN { print r / s }')" "${my_status[$tool]}"
+    done
+    for peer in mydumper mysqldump; do
+        if [[ ${my_status[kuaka]:-} == ok && ${my_status[$peer]:-} == ok ]]; then
+            awk -v k="${my_seconds[kuaka]}" -v p="${my_seconds[$peer]}" -v n="$peer" \
+                'BEGIN { printf "kuaka speedup over %s: %.2fx\n", n, p / k }'
+        fi
+    done
+fi
+
 # ---------------------------------------------------------------------- lag --
 if ((LAG)); then
     echo
@@ -212,7 +275,7 @@ if ((LAG)); then
     kuaka_pid=$!
     bg_pids="$kuaka_pid"
     for _ in $(seq 600); do
-        phase=$("$KUAKA_BIN" status --json --state "$BENCH_DIR/state.cdc" 2>/dev/null | sed -n 's/.*"phase": *"\([a-z_]*\)".*/\1/p' | head -1)
+        phase=$("$KUAKA_BIN" status --json --state "$BENCH_DIR/state.cdc" 2>/dev/null | sed -n 's/.*"phase": *"\([a-z_]*\)".*/\1/p' | head -1 || true)
         [[ $phase == streaming ]] && break
         kill -0 "$kuaka_pid" 2>/dev/null || die "kuaka stopped: $(tail -n 3 "$BENCH_DIR/cdc.log")"
         sleep 1

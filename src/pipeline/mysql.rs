@@ -398,9 +398,11 @@ pub async fn run(
     Ok(summary)
 }
 
-/// `CREATE TABLE` on PostgreSQL (columns and primary key; the rest comes after the data).
+/// `CREATE TABLE` on PostgreSQL: the columns only. The primary key and the rest come after the
+/// data: one index build is cheaper than maintaining the index row by row during COPY, and
+/// each chunk is one transaction with its marker, so the copy needs no key to be idempotent.
 fn create_table(t: &MyTable) -> String {
-    let mut parts: Vec<String> = t
+    let parts: Vec<String> = t
         .columns
         .iter()
         .filter(|c| !c.generated)
@@ -420,16 +422,6 @@ fn create_table(t: &MyTable) -> String {
             )
         })
         .collect();
-    if !t.key.is_empty() && t.table.primary_key.is_some() {
-        parts.push(format!(
-            "PRIMARY KEY ({})",
-            t.key
-                .iter()
-                .map(|c| quote_ident(c))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
-    }
     format!(
         "CREATE TABLE public.{} ({});\n",
         quote_ident(t.name()),
@@ -454,6 +446,16 @@ async fn post_data(target: &mut Sink, store: &StateStore, catalog: &MyCatalog) -
     let mut steps: Vec<(String, String)> = Vec::new();
     for t in &catalog.tables {
         let table = format!("public.{}", quote_ident(t.name()));
+        if let Some(pk) = &t.table.primary_key {
+            steps.push((
+                format!("primary key of {}", t.name()),
+                format!(
+                    "ALTER TABLE {table} ADD CONSTRAINT {} PRIMARY KEY ({});",
+                    quote_ident(&pk.name),
+                    idents(&pk.columns)
+                ),
+            ));
+        }
         for k in &t.table.unique_keys {
             steps.push((
                 format!("unique key {} on {}", k.name, t.name()),
@@ -533,6 +535,7 @@ async fn post_data(target: &mut Sink, store: &StateStore, catalog: &MyCatalog) -
                 if e.code().is_some_and(|c| {
                     *c == tokio_postgres::error::SqlState::DUPLICATE_OBJECT
                         || *c == tokio_postgres::error::SqlState::DUPLICATE_TABLE
+                        || *c == tokio_postgres::error::SqlState::INVALID_TABLE_DEFINITION
                 }) => {}
             Err(e) => return Err(pg_error(&format!("creating {what}"), e)),
         }
@@ -800,6 +803,33 @@ async fn copy_chunk(
     Ok(count)
 }
 
+/// The fast path of the copy into PostgreSQL: a text-protocol value whose text PostgreSQL
+/// reads as it is (numbers, text, non-zero dates, times), escaped for COPY without decoding.
+/// `false` when the value needs [`decode::from_text`] (booleans, timestamps, bits, binary,
+/// JSON, zero dates, text with a NUL byte).
+fn copy_raw(kind: catalog::Kind, raw: Option<&[u8]>, out: &mut String) -> bool {
+    use catalog::Kind::*;
+    let Some(bytes) = raw else {
+        out.push_str("\\N");
+        return true;
+    };
+    let plain = match kind {
+        Int { .. } | Decimal | Float | Double | Year | Time | Text | Enum | Set => true,
+        Date | Datetime => {
+            bytes.first().is_some_and(|b| *b != b'0') && !bytes.windows(3).any(|w| w == b"-00")
+        }
+        _ => false,
+    };
+    if !plain || bytes.contains(&0) {
+        return false;
+    }
+    let Ok(text) = std::str::from_utf8(bytes) else {
+        return false;
+    };
+    pgrows::copy_escape(text, out);
+    true
+}
+
 /// One chunk into PostgreSQL: `COPY ... FROM STDIN` (text format) and the chunk's marker in
 /// one transaction.
 #[allow(clippy::too_many_arguments)]
@@ -848,12 +878,15 @@ async fn copy_to_postgres(
                 Some(mysql_async::Value::Bytes(b)) => Some(b.as_slice()),
                 _ => None,
             };
-            let value = decode::from_text(column, raw).map_err(|e| {
-                Error::Definite(format!("table {}, column {}: {e}", t.name(), column.name))
-            })?;
             if pos > 0 {
                 buffer.push('\t');
             }
+            if copy_raw(column.kind, raw, &mut buffer) {
+                continue;
+            }
+            let value = decode::from_text(column, raw).map_err(|e| {
+                Error::Definite(format!("table {}, column {}: {e}", t.name(), column.name))
+            })?;
             pgrows::copy_field(&value, &shape.types[pos], &mut buffer).map_err(|e| {
                 Error::Definite(format!("table {}, column {}: {e}", t.name(), column.name))
             })?;
@@ -1363,6 +1396,27 @@ mod tests {
 
     fn shape(name: &str) -> Shape {
         Shape::for_test(name, Dialect::Postgres, vec![])
+    }
+
+    #[test]
+    fn copy_fast_path_takes_only_text_postgres_reads_as_is() {
+        use catalog::Kind;
+        let mut out = String::new();
+        assert!(copy_raw(Kind::Text, Some(b"a\tb\\c"), &mut out));
+        assert!(copy_raw(Kind::Date, Some(b"2024-02-29"), &mut out));
+        assert!(copy_raw(Kind::Text, None, &mut out));
+        assert_eq!(out, "a\\tb\\\\c2024-02-29\\N");
+        for (kind, raw) in [
+            (Kind::Date, &b"0000-00-00"[..]),
+            (Kind::Datetime, b"2020-00-05 10:00:00"),
+            (Kind::Bool, b"1"),
+            (Kind::Timestamp, b"2020-01-01 00:00:00"),
+            (Kind::Text, b"nul\0byte"),
+            (Kind::Binary { pad_to: None }, b"x"),
+            (Kind::Json, b"{}"),
+        ] {
+            assert!(!copy_raw(kind, Some(raw), &mut out), "{kind:?}");
+        }
     }
 
     #[test]

@@ -65,20 +65,28 @@ pub fn literal(value: &Value, data_type: &DataType) -> Result<String, String> {
     })
 }
 
+/// Text as a field of `COPY ... FROM STDIN` text format: backslash, tab, newline and carriage
+/// return escaped.
+pub fn copy_escape(text: &str, out: &mut String) {
+    if !text.contains(['\\', '\t', '\n', '\r']) {
+        out.push_str(text);
+        return;
+    }
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\t' => out.push_str("\\t"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            c => out.push(c),
+        }
+    }
+}
+
 /// A value as one field of `COPY ... FROM STDIN` text format (`\N` for NULL, backslash,
 /// tab, newline and carriage return escaped), checked like [`literal`].
 pub fn copy_field(value: &Value, data_type: &DataType, out: &mut String) -> Result<(), String> {
-    let escape = |text: &str, out: &mut String| {
-        for c in text.chars() {
-            match c {
-                '\\' => out.push_str("\\\\"),
-                '\t' => out.push_str("\\t"),
-                '\n' => out.push_str("\\n"),
-                '\r' => out.push_str("\\r"),
-                c => out.push(c),
-            }
-        }
-    };
+    let escape = copy_escape;
     match render(value, data_type)? {
         Rendered::Null => out.push_str("\\N"),
         Rendered::Plain(p) => out.push_str(&p),
