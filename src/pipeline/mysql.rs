@@ -375,7 +375,7 @@ pub async fn run(
     store.set_position("p1", &cursor_text(&p1))?;
 
     match dialect {
-        Dialect::Postgres => post_data(&mut target, store, &catalog).await?,
+        Dialect::Postgres => post_data(spec, &mut target, store, &catalog).await?,
         Dialect::Mysql => mysql_post_data(&mut source, &mut target, store, &catalog).await?,
     }
 
@@ -430,7 +430,12 @@ fn create_table(t: &MyTable) -> String {
 }
 
 /// Unique keys, indexes, foreign keys and identity counters, each step once.
-async fn post_data(target: &mut Sink, store: &StateStore, catalog: &MyCatalog) -> Result<()> {
+async fn post_data(
+    spec: &JobSpec,
+    target: &mut Sink,
+    store: &StateStore,
+    catalog: &MyCatalog,
+) -> Result<()> {
     let Sink::Postgres(target) = target else {
         return Ok(());
     };
@@ -443,8 +448,12 @@ async fn post_data(target: &mut Sink, store: &StateStore, catalog: &MyCatalog) -
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let mut steps: Vec<(String, String)> = Vec::new();
+    // Per table: keys, indexes, identity counter (`steps[i]` for table i); built with up to
+    // --jobs connections at once. Foreign keys after all of them.
+    let mut per_table: Vec<Vec<(String, String)>> = Vec::new();
     for t in &catalog.tables {
+        per_table.push(Vec::new());
+        let steps = per_table.last_mut().expect("just pushed");
         let table = format!("public.{}", quote_ident(t.name()));
         if let Some(pk) = &t.table.primary_key {
             steps.push((
@@ -500,6 +509,28 @@ async fn post_data(target: &mut Sink, store: &StateStore, catalog: &MyCatalog) -
             ));
         }
     }
+    let queue = std::sync::Mutex::new(per_table.iter().collect::<std::collections::VecDeque<_>>());
+    let workers = spec.jobs.clamp(1, per_table.len().max(1));
+    let work = (0..workers).map(|_| async {
+        let Sink::Postgres(client) = Sink::connect(&spec.target, "indexes").await? else {
+            return Ok(());
+        };
+        client
+            .batch_execute(&format!(
+                "SET maintenance_work_mem = {}",
+                quote_literal(&spec.index_memory)
+            ))
+            .await
+            .map_err(|e| pg_error("setting maintenance_work_mem (--index-memory)", e))?;
+        loop {
+            let next = queue.lock().expect("index queue").pop_front();
+            let Some(steps) = next else { break };
+            run_steps(&client, store, steps).await?;
+        }
+        Ok::<(), Error>(())
+    });
+    futures_util::future::try_join_all(work).await?;
+    let mut steps: Vec<(String, String)> = Vec::new();
     let names: Vec<&str> = catalog.tables.iter().map(|t| t.name()).collect();
     for t in &catalog.tables {
         for fk in &t.table.foreign_keys {
@@ -523,7 +554,14 @@ async fn post_data(target: &mut Sink, store: &StateStore, catalog: &MyCatalog) -
             ));
         }
     }
-    for (what, sql) in &steps {
+    run_steps(target, store, &steps).await?;
+    store.mark_step("mysql:post_data", "post_data")?;
+    Ok(())
+}
+
+/// Run post-data steps in order, each once (recorded in the state store).
+async fn run_steps(target: &Client, store: &StateStore, steps: &[(String, String)]) -> Result<()> {
+    for (what, sql) in steps {
         let step = format!("mysql:post:{what}");
         if store.step_done(&step)? {
             continue;
@@ -541,7 +579,6 @@ async fn post_data(target: &mut Sink, store: &StateStore, catalog: &MyCatalog) -
         }
         store.mark_step(&step, "post_data")?;
     }
-    store.mark_step("mysql:post_data", "post_data")?;
     Ok(())
 }
 

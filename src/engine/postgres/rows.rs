@@ -68,19 +68,23 @@ pub fn literal(value: &Value, data_type: &DataType) -> Result<String, String> {
 /// Text as a field of `COPY ... FROM STDIN` text format: backslash, tab, newline and carriage
 /// return escaped.
 pub fn copy_escape(text: &str, out: &mut String) {
-    if !text.contains(['\\', '\t', '\n', '\r']) {
-        out.push_str(text);
-        return;
+    // Copy runs between the special bytes whole (they are ASCII, so every cut is at a char
+    // boundary); most values have none.
+    let bytes = text.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let escaped = match b {
+            b'\\' => "\\\\",
+            b'\t' => "\\t",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            _ => continue,
+        };
+        out.push_str(&text[start..i]);
+        out.push_str(escaped);
+        start = i + 1;
     }
-    for c in text.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '\t' => out.push_str("\\t"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            c => out.push(c),
-        }
-    }
+    out.push_str(&text[start..]);
 }
 
 /// A value as one field of `COPY ... FROM STDIN` text format (`\N` for NULL, backslash,
