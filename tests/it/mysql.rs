@@ -783,3 +783,78 @@ fn mariadb_employees_to_postgres_with_cascading_deletes() {
     let gone = query_rows(&target, "SELECT count(*) FROM salary WHERE emp_no % 97 = 0");
     assert_eq!(gone[0][0], "0");
 }
+
+#[test]
+fn mariadb_add_column_is_followed_to_postgres() {
+    ddl_add_column(false);
+}
+
+#[test]
+fn mariadb_add_column_is_followed_to_mariadb() {
+    ddl_add_column(true);
+}
+
+/// `ALTER TABLE ... ADD COLUMN` while streaming is followed (existing rows get the default on
+/// both sides); a later `DROP COLUMN` stops the job with the statement in the message, after
+/// everything before it was applied.
+fn ddl_add_column(to_mariadb: bool) {
+    let server = mariadb();
+    let db = if to_mariadb {
+        "my_ddl_src2"
+    } else {
+        "my_ddl_src"
+    };
+    let source = server.create_db(db);
+    let dest = Dest::new(
+        to_mariadb,
+        if to_mariadb {
+            "my_ddl_dst2"
+        } else {
+            "my_ddl_dst"
+        },
+    );
+    let target = dest.url();
+    server.exec_script(
+        db,
+        "CREATE TABLE item (id int PRIMARY KEY, name varchar(20)) ENGINE=InnoDB;
+         INSERT INTO item SELECT seq, CONCAT('i', seq) FROM seq_1_to_100;",
+    );
+    let state = tempfile::tempdir().expect("state dir");
+    let mut background = Background::spawn(stream_command(&source, &target, state.path(), &[]));
+    wait_streaming(&mut background, state.path());
+    server.exec_script(
+        db,
+        "INSERT INTO item VALUES (101, 'before');
+         ALTER TABLE item ADD COLUMN note varchar(20) DEFAULT 'n/a', ADD COLUMN qty int NOT NULL;
+         INSERT INTO item VALUES (102, 'after', 'new', 7);
+         UPDATE item SET qty = 3, note = NULL WHERE id = 5;",
+    );
+    wait_until("the new rows", Duration::from_secs(60), || {
+        dest.value("SELECT count(*) FROM item WHERE id = 102") == "1"
+    });
+    dest.assert_same_rows(server, db);
+    // A change that cannot be followed stops the job before it.
+    server.exec_script(
+        db,
+        "INSERT INTO item VALUES (103, 'last', 'x', 1);
+         ALTER TABLE item DROP COLUMN note;
+         INSERT INTO item VALUES (104, 'never', 2);",
+    );
+    let output = background.wait(Duration::from_secs(60));
+    output.assert_exit_code(2);
+    assert!(
+        output.stderr.contains("DROP COLUMN note") && output.stderr.contains("item"),
+        "{}",
+        output.stderr
+    );
+    assert_eq!(dest.value("SELECT count(*) FROM item WHERE id = 103"), "1");
+    assert_eq!(dest.value("SELECT count(*) FROM item WHERE id = 104"), "0");
+    // It stays stopped on a rerun (the position is still before the DROP).
+    let rerun = run(stream_command(
+        &source,
+        &target,
+        state.path(),
+        &["--until", "caught-up"],
+    ));
+    rerun.assert_exit_code(2);
+}

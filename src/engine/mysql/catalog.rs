@@ -44,7 +44,7 @@ use crate::model::schema::{
 };
 
 /// How values of a column are read and converted.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Kind {
     Bool,
     /// Integers of `bits` width; `unsigned` ones above `i64::MAX` become `UInt`.
@@ -76,7 +76,7 @@ pub enum Kind {
 }
 
 /// A column with what conversion needs.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct MyColumn {
     pub name: String,
     pub kind: Kind,
@@ -88,6 +88,9 @@ pub struct MyColumn {
     pub nullable: bool,
     pub generated: bool,
     pub auto_increment: bool,
+    /// `COLUMN_DEFAULT` as the server prints it (MariaDB: an expression, `'text'`, `NULL`).
+    #[serde(default)]
+    pub default: Option<String>,
     /// `ON UPDATE CURRENT_TIMESTAMP`: MySQL sets it on every update that does not assign it
     /// (InnoDB's cascades do not).
     pub on_update_now: bool,
@@ -97,7 +100,7 @@ pub struct MyColumn {
 
 /// A foreign key's referential actions, for reproducing InnoDB cascades (which the binlog
 /// does not contain) on the target.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct ForeignKeyRule {
     pub name: String,
     pub child: String,
@@ -117,7 +120,7 @@ impl ForeignKeyRule {
 }
 
 /// One table of a MySQL source.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct MyTable {
     pub table: Table,
     /// All columns, in the server's order (binlog rows carry them all).
@@ -141,7 +144,7 @@ impl MyTable {
 }
 
 /// Everything read from the source database.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct MyCatalog {
     pub tables: Vec<MyTable>,
     pub foreign_keys: Vec<ForeignKeyRule>,
@@ -352,7 +355,7 @@ pub async fn read(conn: &mut Conn, database: &str) -> Result<MyCatalog> {
         "columns",
         format!(
             "SELECT TABLE_NAME, COLUMN_NAME, DATA_TYPE, COLUMN_TYPE, IS_NULLABLE, CHARACTER_SET_NAME, \
-             CHARACTER_MAXIMUM_LENGTH, NUMERIC_PRECISION, NUMERIC_SCALE, DATETIME_PRECISION, EXTRA, COLUMN_COMMENT \
+             CHARACTER_MAXIMUM_LENGTH, NUMERIC_PRECISION, NUMERIC_SCALE, DATETIME_PRECISION, EXTRA, COLUMN_COMMENT, COLUMN_DEFAULT \
              FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = {db} ORDER BY TABLE_NAME, ORDINAL_POSITION"
         ),
     )
@@ -477,6 +480,7 @@ pub async fn read(conn: &mut Conn, database: &str) -> Result<MyCatalog> {
             nullable,
             generated,
             auto_increment: extra.contains("auto_increment"),
+            default: text(r, 12),
             on_update_now: extra.contains("on update"),
             pg_type,
         };

@@ -421,6 +421,7 @@ mod tests {
             nullable,
             generated: false,
             auto_increment: false,
+            default: None,
             on_update_now: false,
             pg_type,
         }
