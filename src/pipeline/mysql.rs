@@ -88,24 +88,31 @@ fn pg_error(what: &str, e: tokio_postgres::Error) -> Error {
     crate::engine::postgres::Error::query(what.to_owned(), e).into()
 }
 
-/// `SHOW CREATE TABLE` of a source table, without its foreign keys, and those foreign keys.
+/// `SHOW CREATE TABLE` of a source table, split for loading (see `split_create_table`).
 async fn show_create_table(
     source: &mut mysql_async::Conn,
-    table: &str,
-) -> Result<(String, Vec<String>)> {
+    table: &MyTable,
+) -> Result<myapply::CreateParts> {
+    let name = table.name();
     let row: Option<(String, String)> = source
-        .query_first(format!("SHOW CREATE TABLE {}", my_ident(table)))
+        .query_first(format!("SHOW CREATE TABLE {}", my_ident(name)))
         .await
-        .map_err(|e| mysql::error(format!("reading the definition of {table}"), e))?;
+        .map_err(|e| mysql::error(format!("reading the definition of {name}"), e))?;
     let (_, create) =
-        row.ok_or_else(|| Error::Definite(format!("table {table} disappeared from the source")))?;
-    Ok(myapply::split_foreign_keys(&create))
+        row.ok_or_else(|| Error::Definite(format!("table {name} disappeared from the source")))?;
+    let auto = table
+        .columns
+        .iter()
+        .find(|c| c.auto_increment)
+        .map(|c| c.name.as_str());
+    Ok(myapply::split_create_table(&create, auto))
 }
 
 /// MySQL/MariaDB target after the data: the foreign keys (not checked: the target session
 /// runs with foreign_key_checks = 0, and the source's rows already obeyed them); triggers
 /// only for `--snapshot-only` runs (they would fire on applied changes otherwise).
 async fn mysql_post_data(
+    spec: &JobSpec,
     source: &mut mysql_async::Conn,
     target: &mut Sink,
     store: &StateStore,
@@ -114,11 +121,58 @@ async fn mysql_post_data(
     if store.step_done("mysql:post_data")? {
         return Ok(());
     }
-    let names: Vec<&str> = catalog.tables.iter().map(|t| t.name()).collect();
+    let mut parts = Vec::new();
     for t in &catalog.tables {
-        let (_, foreign_keys) = show_create_table(source, t.name()).await?;
-        for fk in foreign_keys {
-            let step = format!("mysql:post:{}:{fk}", t.name());
+        parts.push((t.name(), show_create_table(source, t).await?));
+    }
+    // Secondary indexes: one ALTER per table (one scan, sorted builds), several tables at once.
+    let queue = std::sync::Mutex::new(
+        parts
+            .iter()
+            .filter(|(_, p)| !p.indexes.is_empty())
+            .collect::<std::collections::VecDeque<_>>(),
+    );
+    let workers = spec.jobs.clamp(1, catalog.tables.len().max(1));
+    let work = (0..workers).map(|_| async {
+        let mut conn = None;
+        loop {
+            let next = queue.lock().expect("index queue").pop_front();
+            let Some((table, p)) = next else { break };
+            let step = format!("mysql:post:{table}:indexes");
+            if store.step_done(&step)? {
+                continue;
+            }
+            if conn.is_none() {
+                conn = Some(Sink::connect(&spec.target, "indexes").await?);
+            }
+            let sink = conn.as_mut().expect("connected");
+            let sql = format!(
+                "ALTER TABLE {} {}",
+                my_ident(table),
+                p.indexes
+                    .iter()
+                    .map(|i| format!("ADD {i}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            match sink
+                .execute(&sql, &format!("creating the indexes of {table}"))
+                .await
+            {
+                Ok(()) => {}
+                // Built before a crash that came before the step was recorded.
+                Err(Error::Mysql(e)) if e.message.contains("(error 1061)") => {}
+                Err(e) => return Err(e),
+            }
+            store.mark_step(&step, "post_data")?;
+        }
+        Ok::<(), Error>(())
+    });
+    futures_util::future::try_join_all(work).await?;
+    let names: Vec<&str> = catalog.tables.iter().map(|t| t.name()).collect();
+    for (table, p) in &parts {
+        for fk in &p.foreign_keys {
+            let step = format!("mysql:post:{table}:{fk}");
             if store.step_done(&step)? {
                 continue;
             }
@@ -126,19 +180,16 @@ async fn mysql_post_data(
                 .iter()
                 .any(|n| fk.contains(&format!("REFERENCES {}", my_ident(n))));
             if !parent_moved {
-                tracing::warn!(
-                    "{fk} of {} references a table that is not moved; not created",
-                    t.name()
-                );
+                tracing::warn!("{fk} of {table} references a table that is not moved; not created");
                 continue;
             }
             match target
                 .execute(
                     &format!(
                         "SET SESSION foreign_key_checks = 0; ALTER TABLE {} ADD {fk}",
-                        my_ident(t.name())
+                        my_ident(table)
                     ),
-                    &format!("creating a foreign key of {}", t.name()),
+                    &format!("creating a foreign key of {table}"),
                 )
                 .await
             {
@@ -154,7 +205,7 @@ async fn mysql_post_data(
     }
     for skipped in catalog.skipped.iter().filter(|s| s.starts_with("trigger ")) {
         tracing::warn!(
-            "on a MySQL target: {skipped}; create it at cutover (it would fire on applied changes)"
+            "{skipped}: on a MySQL/MariaDB target it would fire on applied changes; create it at cutover"
         );
     }
     store.mark_step("mysql:post_data", "post_data")?;
@@ -332,8 +383,8 @@ pub async fn run(
                 // transactional: a crash here leaves tables that --target-exists drop clears.
                 sql.insert_str(0, "SET SESSION foreign_key_checks = 0;\n");
                 for t in &catalog.tables {
-                    let (create, _) = show_create_table(&mut source, t.name()).await?;
-                    sql.push_str(&create);
+                    let parts = show_create_table(&mut source, t).await?;
+                    sql.push_str(&parts.table);
                     sql.push_str(";\n");
                 }
                 target.execute(&sql, "creating the target tables").await?;
@@ -391,7 +442,7 @@ pub async fn run(
 
     match dialect {
         Dialect::Postgres => post_data(spec, &mut target, store, &catalog).await?,
-        Dialect::Mysql => mysql_post_data(&mut source, &mut target, store, &catalog).await?,
+        Dialect::Mysql => mysql_post_data(spec, &mut source, &mut target, store, &catalog).await?,
     }
 
     let mut summary = Summary {

@@ -365,6 +365,21 @@ fn assert_same_rows_mariadb(server: &MariaDbServer, source_db: &str, target_db: 
         checked += source.len();
     }
     eprintln!("same rows: {} tables, {checked} rows", tables.len());
+    // The same indexes and foreign keys (created after the data on the target).
+    for (what, sql) in [
+        (
+            "index columns",
+            "SELECT TABLE_NAME, INDEX_NAME, COLUMN_NAME, NON_UNIQUE FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = '{db}' ORDER BY 1, 2, 3",
+        ),
+        (
+            "foreign keys",
+            "SELECT TABLE_NAME, CONSTRAINT_NAME, UPDATE_RULE, DELETE_RULE FROM information_schema.REFERENTIAL_CONSTRAINTS WHERE CONSTRAINT_SCHEMA = '{db}' ORDER BY 1, 2",
+        ),
+    ] {
+        let source = server.rows(source_db, &sql.replace("{db}", source_db));
+        let target = server.rows(target_db, &sql.replace("{db}", target_db));
+        assert_eq!(source, target, "{what} differ");
+    }
 }
 
 #[test]

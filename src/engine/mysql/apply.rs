@@ -149,15 +149,40 @@ pub fn delete(table: &str, key: &[String], tuples: &[String]) -> String {
     )
 }
 
-/// `CREATE TABLE` text from `SHOW CREATE TABLE` without its foreign keys (added after the
-/// data), and the foreign-key clauses taken out.
-pub fn split_foreign_keys(create: &str) -> (String, Vec<String>) {
+/// `SHOW CREATE TABLE` split for loading: the table with its primary key only, the secondary
+/// indexes (built once after the data, a sorted build instead of row-by-row maintenance), and
+/// the foreign keys (added last). An index that leads with the `AUTO_INCREMENT` column stays:
+/// MySQL requires that column to be indexed.
+#[derive(Debug, Default, PartialEq)]
+pub struct CreateParts {
+    pub table: String,
+    pub indexes: Vec<String>,
+    pub foreign_keys: Vec<String>,
+}
+
+pub fn split_create_table(create: &str, auto_increment: Option<&str>) -> CreateParts {
+    let mut parts = CreateParts::default();
     let mut kept: Vec<&str> = Vec::new();
-    let mut foreign = Vec::new();
+    let auto_key = auto_increment.map(|c| format!("(`{}`", c.replace('`', "``")));
     for line in create.lines() {
         let trimmed = line.trim();
+        let clause = trimmed.trim_end_matches(',').to_owned();
         if trimmed.starts_with("CONSTRAINT ") && trimmed.contains(" FOREIGN KEY ") {
-            foreign.push(trimmed.trim_end_matches(',').to_owned());
+            parts.foreign_keys.push(clause);
+        } else if [
+            "KEY ",
+            "UNIQUE KEY ",
+            "FULLTEXT KEY ",
+            "SPATIAL KEY ",
+            "INDEX ",
+        ]
+        .iter()
+        .any(|p| trimmed.starts_with(p))
+            && !auto_key
+                .as_ref()
+                .is_some_and(|k| trimmed.contains(k.as_str()))
+        {
+            parts.indexes.push(clause);
         } else {
             kept.push(line);
         }
@@ -168,7 +193,8 @@ pub fn split_foreign_keys(create: &str) -> (String, Vec<String>) {
         let (body, tail) = text.split_at(close);
         text = format!("{}{tail}", body.trim_end().trim_end_matches(','));
     }
-    (text, foreign)
+    parts.table = text;
+    parts
 }
 
 #[cfg(test)]
@@ -223,13 +249,20 @@ mod tests {
     }
 
     #[test]
-    fn foreign_keys_come_out_of_create_table() {
-        let create = "CREATE TABLE `c` (\n  `id` int NOT NULL,\n  `p` int,\n  PRIMARY KEY (`id`),\n  KEY `p` (`p`),\n  CONSTRAINT `fk` FOREIGN KEY (`p`) REFERENCES `parent` (`id`) ON DELETE CASCADE\n) ENGINE=InnoDB";
-        let (table, fks) = split_foreign_keys(create);
+    fn indexes_and_foreign_keys_come_out_of_create_table() {
+        let create = "CREATE TABLE `c` (\n  `id` int NOT NULL,\n  `p` int,\n  `n` int NOT NULL AUTO_INCREMENT,\n  PRIMARY KEY (`id`),\n  KEY `p` (`p`),\n  UNIQUE KEY `n` (`n`),\n  CONSTRAINT `fk` FOREIGN KEY (`p`) REFERENCES `parent` (`id`) ON DELETE CASCADE\n) ENGINE=InnoDB";
+        let parts = split_create_table(create, Some("n"));
         assert_eq!(
-            fks,
+            parts.foreign_keys,
             vec!["CONSTRAINT `fk` FOREIGN KEY (`p`) REFERENCES `parent` (`id`) ON DELETE CASCADE"]
         );
-        assert!(table.contains("KEY `p` (`p`)\n) ENGINE=InnoDB"), "{table}");
+        assert_eq!(parts.indexes, vec!["KEY `p` (`p`)"]);
+        assert!(
+            parts
+                .table
+                .contains("PRIMARY KEY (`id`),\n  UNIQUE KEY `n` (`n`)\n) ENGINE=InnoDB"),
+            "{}",
+            parts.table
+        );
     }
 }
