@@ -766,10 +766,31 @@ fn load_employees(server: &MariaDbServer, db: &str) -> String {
 
 #[test]
 fn mariadb_employees_to_postgres_with_cascading_deletes() {
+    employees_with_cascading_deletes(false);
+}
+
+#[test]
+fn mariadb_employees_to_mariadb_with_cascading_deletes() {
+    employees_with_cascading_deletes(true);
+}
+
+fn employees_with_cascading_deletes(to_mariadb: bool) {
     let server = mariadb();
-    let db = "my_employees_src";
+    let db = if to_mariadb {
+        "my_employees_src2"
+    } else {
+        "my_employees_src"
+    };
     let source = load_employees(server, db);
-    let target = pg().create_db("my_employees_dst");
+    let dest = Dest::new(
+        to_mariadb,
+        if to_mariadb {
+            "my_employees_dst2"
+        } else {
+            "my_employees_dst"
+        },
+    );
+    let target = dest.url();
     let state = tempfile::tempdir().expect("state dir");
     let mut background = Background::spawn(stream_command(
         &source,
@@ -794,9 +815,11 @@ fn mariadb_employees_to_postgres_with_cascading_deletes() {
         &["--until", "caught-up"],
     ))
     .assert_success();
-    assert_same_rows(server, db, &target);
-    let gone = query_rows(&target, "SELECT count(*) FROM salary WHERE emp_no % 97 = 0");
-    assert_eq!(gone[0][0], "0");
+    dest.assert_same_rows(server, db);
+    assert_eq!(
+        dest.value("SELECT count(*) FROM salary WHERE emp_no % 97 = 0"),
+        "0"
+    );
 }
 
 #[test]
