@@ -14,24 +14,11 @@ use mysql_async::Value as MyValue;
 use mysql_async::binlog::value::BinlogValue;
 
 use super::catalog::{Kind, MyColumn};
+use crate::engine::postgres::rows::civil_from_days;
 use crate::model::value::Value;
 
 /// Why a value cannot be converted (the caller names table, column and key).
 pub type ValueError = String;
-
-/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian.
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
-}
 
 /// What zero dates become: NULL (PostgreSQL cannot hold them; an error in a NOT NULL column),
 /// or kept as they are (a MySQL target).
