@@ -417,6 +417,35 @@ async fn clean(args: &CleanArgs) -> u8 {
             }
         }
     }
+    if target.engine == crate::config::EngineKind::Mysql {
+        // kuaka's bookkeeping on a MySQL/MariaDB target lives in its `kuaka` database.
+        let result = async {
+            use mysql_async::prelude::Queryable;
+            let mut conn = crate::engine::mysql::connect(&target, "clean").await?;
+            for table in ["kuaka.apply_position", "kuaka.row_copied"] {
+                conn.exec_drop(
+                    format!("DELETE FROM {table} WHERE job_id = ?"),
+                    (job.job_id.as_str(),),
+                )
+                .await
+                .or_else(|e| match &e {
+                    // No bookkeeping yet: nothing to remove.
+                    mysql_async::Error::Server(s) if s.code == 1146 || s.code == 1049 => Ok(()),
+                    _ => Err(crate::engine::mysql::error(
+                        format!("removing the job's rows from {table}"),
+                        e,
+                    )),
+                })?;
+            }
+            conn.disconnect().await.ok();
+            Ok::<_, crate::engine::mysql::Error>(())
+        }
+        .await;
+        if let Err(e) = result {
+            eprintln!("kuaka: {e}");
+            return EXIT_ERROR;
+        }
+    }
     let result = async {
         if target.engine != crate::config::EngineKind::Postgres {
             return Ok(());

@@ -87,6 +87,27 @@ impl SourceTable {
     pub fn name(&self) -> &str {
         &self.table.name.name
     }
+
+    /// The model type of each copied column, in copy order.
+    pub fn column_types(&self) -> Vec<DataType> {
+        self.columns
+            .iter()
+            .map(|c| {
+                self.table
+                    .column(c)
+                    .map(|col| col.data_type.clone())
+                    .unwrap_or(DataType::Text)
+            })
+            .collect()
+    }
+
+    /// Where each key column sits among the copied columns.
+    pub fn key_index(&self) -> Vec<usize> {
+        self.key
+            .iter()
+            .map(|k| self.columns.iter().position(|c| c == k).unwrap_or(0))
+            .collect()
+    }
 }
 
 /// Everything read from a SQLite source's catalog.

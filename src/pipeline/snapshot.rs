@@ -55,15 +55,15 @@ pub async fn run(
     cancel: &CancellationToken,
 ) -> Result<Summary> {
     let started = Instant::now();
-    let supported = match (spec.source.engine, spec.target.engine) {
-        (EngineKind::Postgres, EngineKind::Postgres) => true,
-        (EngineKind::Sqlite, t) => t != EngineKind::Mysql,
-        (EngineKind::Mysql, EngineKind::Postgres | EngineKind::Mysql) => true,
-        _ => false,
-    };
+    let supported = matches!(
+        (spec.source.engine, spec.target.engine),
+        (EngineKind::Postgres, EngineKind::Postgres)
+            | (EngineKind::Sqlite, _)
+            | (EngineKind::Mysql, EngineKind::Postgres | EngineKind::Mysql)
+    );
     if !supported {
         return Err(Error::Definite(format!(
-            "moving {} to {} is not supported yet: this version moves PostgreSQL to PostgreSQL, MySQL/MariaDB to PostgreSQL or MySQL/MariaDB, and SQLite to SQLite or PostgreSQL",
+            "moving {} to {} is not supported yet: this version moves PostgreSQL to PostgreSQL, MySQL/MariaDB to PostgreSQL or MySQL/MariaDB, and SQLite to SQLite, PostgreSQL or MySQL/MariaDB",
             spec.source.redacted(),
             spec.target.redacted()
         )));

@@ -9,6 +9,7 @@ use std::time::Duration;
 use kuaka::demo_data::table_digest;
 use rusqlite::Connection;
 
+use crate::support::mariadb::mariadb;
 use crate::support::postgres::query_rows;
 use crate::support::{Background, kuaka, pg, run};
 
@@ -87,11 +88,52 @@ fn sqlite_rows(path: &Path, sql: &str) -> Vec<String> {
     .expect("rows")
 }
 
-/// The rows of a SQLite query and of a PostgreSQL query are the same (only the first
+/// A target database of the SQLite tests, and how to read it with the engine's own client.
+enum Dest {
+    Postgres(String),
+    /// A database of the suite's MariaDB server.
+    Mariadb(String),
+}
+
+impl Dest {
+    fn postgres(name: &str) -> Dest {
+        Dest::Postgres(pg().create_db(name))
+    }
+
+    fn mariadb(name: &str) -> Dest {
+        mariadb().create_db(name);
+        Dest::Mariadb(name.to_owned())
+    }
+
+    fn url(&self) -> String {
+        match self {
+            Dest::Postgres(url) => url.clone(),
+            Dest::Mariadb(db) => mariadb().url(db),
+        }
+    }
+
+    /// An identifier quoted for this engine.
+    fn q(&self, name: &str) -> String {
+        match self {
+            Dest::Postgres(_) => format!("\"{name}\""),
+            Dest::Mariadb(_) => format!("`{name}`"),
+        }
+    }
+
+    fn rows(&self, sql: &str) -> Vec<Vec<String>> {
+        match self {
+            Dest::Postgres(url) => query_rows(url, sql),
+            Dest::Mariadb(db) => mariadb().rows(db, sql),
+        }
+    }
+}
+
+/// The rows of a SQLite query and of a target query are the same (only the first
 /// differences are printed).
-fn compare(source: &Path, target: &str, sqlite_sql: &str, pg_sql: &str, what: &str) {
+fn compare(source: &Path, target: &Dest, sqlite_sql: &str, target_sql: &str, what: &str) {
     let a = sqlite_rows(source, sqlite_sql);
-    let b: Vec<String> = query_rows(target, pg_sql)
+    let b: Vec<String> = target
+        .rows(target_sql)
         .into_iter()
         .map(|r| r.join("|"))
         .collect();
@@ -116,9 +158,19 @@ fn compare(source: &Path, target: &str, sqlite_sql: &str, pg_sql: &str, what: &s
 /// values.
 #[test]
 fn sqlite_chinook_to_postgres_under_writes_with_sigkill() {
+    chinook_under_writes_with_sigkill(Dest::postgres("sqlite_chinook_dst"));
+}
+
+/// The same into MariaDB.
+#[test]
+fn sqlite_chinook_to_mariadb_under_writes_with_sigkill() {
+    chinook_under_writes_with_sigkill(Dest::mariadb("sqlite_chinook_dst"));
+}
+
+fn chinook_under_writes_with_sigkill(dest: Dest) {
     let dir = tempfile::tempdir().expect("dir");
     let source = chinook_copy(dir.path());
-    let target = pg().create_db("sqlite_chinook_dst");
+    let target = dest.url();
     let state = dir.path().join("state");
     let mut first = Background::spawn(stream(&url(&source), &target, &state, &[]));
     let stop = Arc::new(AtomicBool::new(false));
@@ -153,24 +205,39 @@ fn sqlite_chinook_to_postgres_under_writes_with_sigkill() {
     ] {
         compare(
             &source,
-            &target,
+            &dest,
             &format!("SELECT {key} FROM {table} ORDER BY 1"),
-            &format!("SELECT \"{key}\" FROM \"{table}\" ORDER BY 1"),
+            &format!("SELECT {} FROM {} ORDER BY 1", dest.q(key), dest.q(table)),
             &format!("keys of {table}"),
         );
     }
+    let q = |n: &str| dest.q(n);
     compare(
         &source,
-        &target,
+        &dest,
         "SELECT TrackId, Name, printf('%.2f', UnitPrice) FROM Track ORDER BY 1",
-        "SELECT \"TrackId\", \"Name\", \"UnitPrice\" FROM \"Track\" ORDER BY 1",
+        &format!(
+            "SELECT {}, {}, {} FROM {} ORDER BY 1",
+            q("TrackId"),
+            q("Name"),
+            q("UnitPrice"),
+            q("Track")
+        ),
         "Track",
     );
     compare(
         &source,
-        &target,
+        &dest,
         "SELECT InvoiceLineId, InvoiceId, TrackId, printf('%.2f', UnitPrice), Quantity FROM InvoiceLine ORDER BY 1",
-        "SELECT \"InvoiceLineId\", \"InvoiceId\", \"TrackId\", \"UnitPrice\", \"Quantity\" FROM \"InvoiceLine\" ORDER BY 1",
+        &format!(
+            "SELECT {}, {}, {}, {}, {} FROM {} ORDER BY 1",
+            q("InvoiceLineId"),
+            q("InvoiceId"),
+            q("TrackId"),
+            q("UnitPrice"),
+            q("Quantity"),
+            q("InvoiceLine")
+        ),
         "InvoiceLine",
     );
     // Clean removes the triggers and the change table from the source.
@@ -193,6 +260,7 @@ const ODD_SCHEMA: &str = "
     CREATE TABLE pairs (a TEXT, b BLOB, note TEXT, PRIMARY KEY (a, b)) WITHOUT ROWID;
     INSERT INTO anything VALUES (1, 42), (2, 2.5), (3, 'forty-two'), (4, NULL), (5, '中文 😀');
     INSERT INTO pairs VALUES ('k', X'01', 'blob key'), ('k', '01', 'text key'), ('😀', X'', 'emoji');
+    INSERT INTO pairs VALUES ('K', X'01', 'upper case'), ('k ', X'01', 'trailing space');
 ";
 
 const ODD_CHANGES: &str = "
@@ -257,13 +325,24 @@ fn sqlite_mixed_storage_classes_and_without_rowid_to_sqlite() {
 /// not fit their column are refused with the table, column and key.
 #[test]
 fn sqlite_mixed_storage_classes_to_postgres() {
+    mixed_storage_classes(Dest::postgres("sqlite_odd_dst"));
+}
+
+/// The same to MariaDB: text and blob keys become varchar/varbinary compared byte by byte, so
+/// `'k'`, `X'6b'`-like neighbours stay distinct.
+#[test]
+fn sqlite_mixed_storage_classes_to_mariadb() {
+    mixed_storage_classes(Dest::mariadb("sqlite_odd_dst"));
+}
+
+fn mixed_storage_classes(dest: Dest) {
     let dir = tempfile::tempdir().expect("dir");
     let source = dir.path().join("odd.db");
     Connection::open(&source)
         .expect("open")
         .execute_batch(ODD_SCHEMA)
         .expect("schema");
-    let target = pg().create_db("sqlite_odd_dst");
+    let target = dest.url();
     let state = dir.path().join("state");
     run(stream(
         &url(&source),
@@ -283,10 +362,7 @@ fn sqlite_mixed_storage_classes_to_postgres() {
         &["--until", "caught-up"],
     ))
     .assert_exit_code(0);
-    let rows = query_rows(
-        &target,
-        "SELECT id, coalesce(v, '<null>') FROM anything ORDER BY id",
-    );
+    let rows = dest.rows("SELECT id, coalesce(v, '<null>') FROM anything ORDER BY id");
     let flat: Vec<String> = rows.into_iter().map(|r| r.join("=")).collect();
     assert_eq!(
         flat,
@@ -300,12 +376,25 @@ fn sqlite_mixed_storage_classes_to_postgres() {
             "7=-0.0"
         ]
     );
-    let rows = query_rows(
-        &target,
-        "SELECT a, encode(b, 'hex'), note FROM pairs ORDER BY a, b",
+    let hex = match dest {
+        Dest::Postgres(_) => "encode(b, 'hex')",
+        Dest::Mariadb(_) => "lower(hex(b))",
+    };
+    // Keys that differ only in case or a trailing space stay distinct rows (sorted here, not by
+    // the target's collation).
+    let rows = dest.rows(&format!("SELECT a, {hex}, note FROM pairs"));
+    let mut flat: Vec<String> = rows.into_iter().map(|r| r.join("|")).collect();
+    flat.sort();
+    assert_eq!(
+        flat,
+        [
+            "K|01|upper case",
+            "k |01|trailing space",
+            "k|02|ünïcödé",
+            "k|3031|text key",
+            "moved||emoji"
+        ]
     );
-    let flat: Vec<String> = rows.into_iter().map(|r| r.join("|")).collect();
-    assert_eq!(flat, ["k|02|ünïcödé", "k|3031|text key", "moved||emoji"]);
     // A value PostgreSQL cannot hold in its column: a clear error, nothing applied.
     Connection::open(&source)
         .expect("open")

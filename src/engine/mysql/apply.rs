@@ -10,6 +10,7 @@
 use super::catalog::Kind;
 use super::quote_ident;
 use crate::engine::postgres::rows::float_text;
+use crate::model::DataType;
 use crate::model::value::Value;
 
 /// kuaka's tables on a MySQL/MariaDB target.
@@ -197,6 +198,72 @@ pub fn split_create_table(create: &str, auto_increment: Option<&str>) -> CreateP
     parts
 }
 
+/// Bytes of an InnoDB index key (DYNAMIC rows, MySQL 5.7+ and MariaDB 10.2+).
+const INDEX_KEY_BYTES: u32 = 3072;
+
+/// The MySQL column type for a column of another engine (SQLite or PostgreSQL).
+///
+/// `key_share` is set for a column inside a primary key, unique key or index, with the number
+/// of string columns of the widest such index: unbounded text and blobs then become
+/// `varchar`/`varbinary` sized so that the index fits InnoDB's 3072-byte key (text in
+/// utf8mb4 counts 4 bytes per character). A longer value is refused by the target (the
+/// session is strict) with the column named.
+pub fn column_type(t: &DataType, key_share: Option<u32>) -> String {
+    let text = |bound: Option<u32>| match key_share {
+        Some(n) => format!(
+            "varchar({})",
+            bound
+                .unwrap_or(u32::MAX)
+                .min(INDEX_KEY_BYTES / 4 / n.max(1))
+        ),
+        None => match bound {
+            Some(b) if b <= 16_383 => format!("varchar({b})"),
+            _ => "longtext".into(),
+        },
+    };
+    match t {
+        DataType::Bool => "tinyint(1)".into(),
+        DataType::Int16 => "smallint".into(),
+        DataType::Int32 => "int".into(),
+        DataType::Int64 => "bigint".into(),
+        DataType::Float32 => "float".into(),
+        DataType::Float64 => "double".into(),
+        DataType::Numeric {
+            precision: Some(p),
+            scale,
+        } if *p <= 65 && scale.unwrap_or(0) <= 30 => {
+            format!("decimal({p},{})", scale.unwrap_or(0))
+        }
+        DataType::Numeric { .. } => "decimal(65,30)".into(),
+        DataType::Money => "decimal(19,2)".into(),
+        DataType::Char { length: Some(n) } if *n <= 255 => format!("char({n})"),
+        DataType::Char { length } | DataType::Varchar { length } => text(*length),
+        DataType::Bytes => match key_share {
+            Some(n) => format!("varbinary({})", INDEX_KEY_BYTES / n.max(1)),
+            None => "longblob".into(),
+        },
+        DataType::Date => "date".into(),
+        DataType::Time => "time(6)".into(),
+        DataType::Timestamp | DataType::TimestampTz => "datetime(6)".into(),
+        DataType::Uuid => "char(36)".into(),
+        DataType::Json | DataType::Jsonb if key_share.is_none() => "json".into(),
+        _ => text(None),
+    }
+}
+
+/// A value of another engine as a literal for a column made by [`column_type`], checked like
+/// a PostgreSQL literal of the same model type (the error says what does not fit).
+pub fn typed_literal(value: &Value, data_type: &DataType, out: &mut String) -> Result<(), String> {
+    use crate::engine::postgres::rows::{Rendered, render};
+    match render(value, data_type)? {
+        Rendered::Null => out.push_str("NULL"),
+        Rendered::Plain(p) => out.push_str(&p),
+        Rendered::Text(t) => quote_text(&t, out),
+        Rendered::Bytes(b) => hex(&b, out),
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -264,5 +331,44 @@ mod tests {
             "{}",
             parts.table
         );
+    }
+
+    #[test]
+    fn types_from_other_engines() {
+        use crate::model::DataType as T;
+        assert_eq!(column_type(&T::Text, None), "longtext");
+        // Two string columns in one key share InnoDB's 3072 bytes.
+        assert_eq!(column_type(&T::Text, Some(2)), "varchar(384)");
+        assert_eq!(column_type(&T::Bytes, Some(1)), "varbinary(3072)");
+        assert_eq!(
+            column_type(&T::Varchar { length: Some(20) }, Some(1)),
+            "varchar(20)"
+        );
+        assert_eq!(
+            column_type(
+                &T::Numeric {
+                    precision: Some(10),
+                    scale: Some(2)
+                },
+                None
+            ),
+            "decimal(10,2)"
+        );
+        assert_eq!(
+            column_type(
+                &T::Numeric {
+                    precision: None,
+                    scale: None
+                },
+                None
+            ),
+            "decimal(65,30)"
+        );
+        let mut out = String::new();
+        typed_literal(&Value::Text("it's \\ 😀".into()), &T::Text, &mut out).unwrap();
+        typed_literal(&Value::Int(86_400), &T::Timestamp, &mut out).unwrap();
+        typed_literal(&Value::Bytes(vec![0, 255]), &T::Bytes, &mut out).unwrap();
+        assert_eq!(out, "'it\\'s \\\\ 😀''1970-01-02 00:00:00.000000'X'00FF'");
+        assert!(typed_literal(&Value::Text("x".into()), &T::Int64, &mut out).is_err());
     }
 }

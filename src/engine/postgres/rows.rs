@@ -44,7 +44,7 @@ pub fn pg_type(data_type: &DataType) -> String {
 
 /// A value checked against its column's type, before it is written as an SQL literal or a
 /// COPY field.
-enum Rendered {
+pub(crate) enum Rendered {
     Null,
     /// Digits or a boolean keyword: valid SQL as they are.
     Plain(String),
@@ -106,7 +106,7 @@ pub fn copy_field(value: &Value, data_type: &DataType, out: &mut String) -> Resu
     Ok(())
 }
 
-fn render(value: &Value, data_type: &DataType) -> Result<Rendered, String> {
+pub(crate) fn render(value: &Value, data_type: &DataType) -> Result<Rendered, String> {
     let text_of = |v: &Value| -> Option<String> {
         match v {
             Value::Int(i) => Some(i.to_string()),

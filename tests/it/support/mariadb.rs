@@ -248,7 +248,7 @@ impl MariaDbServer {
         }
         String::from_utf8_lossy(&output.stdout)
             .lines()
-            .map(|l| l.split('\t').map(str::to_owned).collect())
+            .map(|l| l.split('\t').map(unescape_batch).collect())
             .collect()
     }
 
@@ -278,4 +278,25 @@ fn mariadb_test_server_starts() {
         String::from_utf8_lossy(&tcp.stdout).trim(),
         server.port.to_string()
     );
+}
+
+/// A field of the client's batch output as the stored text: batch mode writes backslash,
+/// tab, newline and NUL as `\\`, `\t`, `\n` and `\0`.
+fn unescape_batch(field: &str) -> String {
+    let mut out = String::with_capacity(field.len());
+    let mut chars = field.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('t') => out.push('\t'),
+            Some('n') => out.push('\n'),
+            Some('0') => out.push('\0'),
+            Some(other) => out.push(other),
+            None => out.push('\\'),
+        }
+    }
+    out
 }
