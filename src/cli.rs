@@ -41,6 +41,9 @@ pub enum Command {
     /// Migrate a generated shop database (SQLite → SQLite, no server needed) while a writer
     /// keeps changing it: snapshot, capture, apply, catch up, verify.
     Demo(DemoArgs),
+    /// Compare source and target row by row (any engine pair kuaka moves): exit 0 when equal,
+    /// 1 when differences are found, 2 on error.
+    Verify(VerifyArgs),
     /// Remove a job: drop its replication slot and publication on the source, its positions
     /// on the target, and its state directory.
     Clean(CleanArgs),
@@ -58,6 +61,45 @@ pub struct DemoArgs {
     /// How long the writer keeps changing the source while kuaka streams, in seconds.
     #[arg(long, default_value_t = 5)]
     pub seconds: u64,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct VerifyArgs {
+    /// The job's state directory: its source and target (and re-reads of differences, since
+    /// the job may be applying changes).
+    #[arg(long, env = "KUAKA_STATE")]
+    pub state: Option<PathBuf>,
+    /// Source URL (default: the job's, with --state).
+    #[arg(long, hide_env_values = true)]
+    pub source: Option<String>,
+    /// Target URL (default: the job's, with --state).
+    #[arg(long, hide_env_values = true)]
+    pub target: Option<String>,
+    #[arg(long, value_name = "VAR")]
+    pub source_password_env: Option<String>,
+    #[arg(long, value_name = "VAR")]
+    pub target_password_env: Option<String>,
+    #[command(flatten)]
+    pub selection: SelectionArgs,
+    /// Only row counts and smallest/largest keys per table (seconds, for a cutover window).
+    #[arg(long)]
+    pub quick: bool,
+    /// Print the report as JSON on standard output.
+    #[arg(long)]
+    pub json: bool,
+    /// Show the differing rows' values (they may be sensitive; off by default).
+    #[arg(long)]
+    pub show_values: bool,
+    /// Re-read differing rows this many times (0.5 s, 1 s, 2 s, ... apart) before reporting
+    /// them (default: 3 with --state, where a job may be applying changes; else 0).
+    #[arg(long)]
+    pub rechecks: Option<u32>,
+    /// Source keys per compared chunk.
+    #[arg(long, default_value_t = 10_000)]
+    pub chunk_rows: usize,
+    /// Tables compared at once.
+    #[arg(long, default_value_t = default_jobs())]
+    pub jobs: usize,
 }
 
 #[derive(Args, Debug, Clone)]

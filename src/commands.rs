@@ -5,7 +5,9 @@ use std::fmt::Write as _;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::{CleanArgs, Cli, Command, DemoArgs, PlanArgs, RunArgs, StatusArgs};
+use crate::cli::{
+    CleanArgs, Cli, Command, DemoArgs, EndpointArgs, PlanArgs, RunArgs, StatusArgs, VerifyArgs,
+};
 use crate::config::ConfigError;
 use crate::engine::postgres::snapshot::{CopyFormat, ExportedSnapshot, plan_chunks};
 use crate::engine::postgres::{self, Context, Side, catalog, ddl};
@@ -25,6 +27,7 @@ pub async fn dispatch(cli: Cli, writer: &LogWriter, cancel: &CancellationToken) 
         Command::Plan(args) => plan(&args).await,
         Command::Status(args) => status(&args),
         Command::Clean(args) => clean(&args).await,
+        Command::Verify(args) => verify(&args, cancel).await,
         Command::Demo(args) => demo(&args, &ui, cancel).await,
     }
 }
@@ -515,6 +518,104 @@ async fn clean(args: &CleanArgs) -> u8 {
     let _ = std::fs::remove_dir(dir);
     eprintln!("kuaka: job {} removed", job.job_id);
     EXIT_OK
+}
+
+/// `kuaka verify`: 0 when source and target are equal, 1 when they differ, 2 on error.
+async fn verify(args: &VerifyArgs, cancel: &CancellationToken) -> u8 {
+    let stored = match &args.state {
+        Some(dir) => match StateStore::open_for_reading(dir) {
+            Ok(Some(store)) => match store.job() {
+                Ok(Some(job)) => Some((job.source, job.target)),
+                Ok(None) => None,
+                Err(e) => {
+                    eprintln!("kuaka: {e}");
+                    return EXIT_ERROR;
+                }
+            },
+            Ok(None) => {
+                eprintln!("kuaka: no job in {} (no state.db)", dir.display());
+                return EXIT_ERROR;
+            }
+            Err(e) => {
+                eprintln!("kuaka: {e}");
+                return EXIT_ERROR;
+            }
+        },
+        None => None,
+    };
+    let pick = |given: &Option<String>, stored: Option<&String>, flag: &str| {
+        given
+            .clone()
+            .or_else(|| stored.cloned())
+            .ok_or_else(|| format!("kuaka: verify needs {flag} (or --state of a job that has one)"))
+    };
+    let (source, target) = match (
+        pick(&args.source, stored.as_ref().map(|s| &s.0), "--source"),
+        pick(&args.target, stored.as_ref().map(|s| &s.1), "--target"),
+    ) {
+        (Ok(s), Ok(t)) => (s, t),
+        (s, t) => {
+            for e in [s.err(), t.err()].into_iter().flatten() {
+                eprintln!("{e}");
+            }
+            return EXIT_ERROR;
+        }
+    };
+    let endpoints = EndpointArgs {
+        source,
+        target,
+        source_password_env: args.source_password_env.clone(),
+        target_password_env: args.target_password_env.clone(),
+    }
+    .resolve();
+    let (source, target) = match endpoints {
+        Ok(e) => e,
+        Err(errors) => return config_errors(errors),
+    };
+    let selection = match args.selection.resolve() {
+        Ok(s) => s,
+        Err(errors) => return config_errors(errors),
+    };
+    if args.chunk_rows == 0 {
+        eprintln!("kuaka: --chunk-rows must be at least 1");
+        return EXIT_ERROR;
+    }
+    let options = crate::verify::Options {
+        source,
+        target,
+        selection,
+        quick: args.quick,
+        show_values: args.show_values,
+        rechecks: args
+            .rechecks
+            .unwrap_or(if args.state.is_some() { 3 } else { 0 }),
+        chunk_rows: args.chunk_rows,
+        jobs: args.jobs,
+    };
+    let result = tokio::select! {
+        r = crate::verify::run(&options) => r,
+        _ = cancel.cancelled() => return EXIT_INTERRUPTED,
+    };
+    match result {
+        Ok(report) => {
+            if args.json {
+                match serde_json::to_string_pretty(&report) {
+                    Ok(j) => println!("{j}"),
+                    Err(e) => {
+                        eprintln!("kuaka: writing the report: {e}");
+                        return EXIT_ERROR;
+                    }
+                }
+            } else {
+                print!("{}", crate::verify::render(&report));
+            }
+            if report.equal { EXIT_OK } else { 1 }
+        }
+        Err(e) => {
+            eprintln!("kuaka: verify: {e}");
+            EXIT_ERROR
+        }
+    }
 }
 
 /// `kuaka demo`: the whole product on embedded defaults, with no server.

@@ -14,3 +14,4 @@ pub mod model;
 pub mod pipeline;
 pub mod state;
 pub mod ui;
+pub mod verify;

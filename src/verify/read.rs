@@ -1,0 +1,469 @@
+//! Reading one side of a comparison: tables with their keys, and rows by key ranges or by
+//! keys, as model values, from PostgreSQL, MySQL/MariaDB or SQLite.
+//!
+//! Key order is binary on every engine (PostgreSQL `COLLATE "C"`, MySQL `BINARY`, SQLite's
+//! default), so a key range holds the same rows on both sides whatever the columns'
+//! collations are. For text keys this ordering cannot use a non-binary index: correct, but
+//! slower on large tables.
+
+use mysql_async::prelude::Queryable;
+use rusqlite::Connection;
+use tokio_postgres::Client;
+
+use crate::config::{Endpoint, EngineKind, Selection};
+use crate::engine::mysql::catalog::{Kind, MyColumn};
+use crate::engine::mysql::{self, apply as myapply, decode};
+use crate::engine::postgres::{self, Side as PgSide};
+use crate::engine::sqlite;
+use crate::model::schema::{QualifiedName, quote_ident as pg_ident, quote_literal};
+use crate::model::value::{Row, Value};
+use crate::model::{Column, DataType};
+use crate::pipeline::{Error, Result};
+
+/// A table as one side holds it.
+#[derive(Clone, Debug)]
+pub struct SideTable {
+    pub name: QualifiedName,
+    /// Copied (not generated) columns.
+    pub columns: Vec<Column>,
+    /// Key columns (primary key, or a NOT NULL unique key on MySQL); empty: no key.
+    pub key: Vec<String>,
+    /// MySQL/MariaDB: the columns as the decoder needs them.
+    pub my_columns: Vec<MyColumn>,
+}
+
+impl SideTable {
+    pub fn column(&self, name: &str) -> Option<&Column> {
+        self.columns.iter().find(|c| c.name == name)
+    }
+}
+
+/// A connection to one side.
+pub enum Reader {
+    Postgres(Client),
+    Mysql(mysql_async::Conn, String),
+    Sqlite(Connection),
+}
+
+fn block<R>(f: impl FnOnce() -> R) -> R {
+    tokio::task::block_in_place(f)
+}
+
+fn is_text(t: &DataType) -> bool {
+    matches!(
+        t,
+        DataType::Text | DataType::Varchar { .. } | DataType::Char { .. }
+    )
+}
+
+impl Reader {
+    pub async fn connect(endpoint: &Endpoint, role: &str) -> Result<Reader> {
+        match endpoint.engine {
+            EngineKind::Postgres => {
+                let client = postgres::connect(endpoint, PgSide::Source, role).await?;
+                // Text output in one fixed form: UTC offsets, shortest exact floats, hex bytea.
+                client
+                    .batch_execute(
+                        "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET extra_float_digits = 3; \
+                         SET bytea_output = 'hex'; SET IntervalStyle = 'postgres'",
+                    )
+                    .await
+                    .map_err(|e| postgres::Error::query(format!("setting up {role}"), e))?;
+                Ok(Reader::Postgres(client))
+            }
+            EngineKind::Mysql => {
+                let conn = mysql::connect(endpoint, role).await?;
+                Ok(Reader::Mysql(conn, endpoint.database.clone()))
+            }
+            EngineKind::Sqlite => {
+                let path = endpoint.database.clone();
+                let conn = block(|| sqlite::open(&path, false))?;
+                Ok(Reader::Sqlite(conn))
+            }
+        }
+    }
+
+    /// The side's tables (selected ones), with their copied columns and keys.
+    pub async fn tables(&mut self, selection: &Selection) -> Result<Vec<SideTable>> {
+        match self {
+            Reader::Postgres(client) => {
+                let schema = postgres::catalog::read_schema(client, selection).await?;
+                Ok(schema
+                    .tables
+                    .into_iter()
+                    .filter(|t| t.holds_rows())
+                    .map(|t| SideTable {
+                        key: t
+                            .primary_key
+                            .as_ref()
+                            .map(|k| k.columns.clone())
+                            .unwrap_or_default(),
+                        columns: t.copied_columns().cloned().collect(),
+                        name: t.name,
+                        my_columns: Vec::new(),
+                    })
+                    .collect())
+            }
+            Reader::Mysql(conn, database) => {
+                let catalog = mysql::catalog::read(conn, database).await?;
+                Ok(catalog
+                    .tables
+                    .into_iter()
+                    .filter(|t| selection.selects(&t.table.name) && !t.name().is_empty())
+                    .map(|t| {
+                        let keep: Vec<usize> = t.copied();
+                        SideTable {
+                            name: t.table.name.clone(),
+                            columns: t
+                                .table
+                                .columns
+                                .iter()
+                                .filter(|c| c.generated.is_none())
+                                .cloned()
+                                .collect(),
+                            key: t.key.clone(),
+                            my_columns: keep.iter().map(|&i| t.columns[i].clone()).collect(),
+                        }
+                    })
+                    .collect())
+            }
+            Reader::Sqlite(conn) => {
+                let catalog = block(|| sqlite::read_catalog(conn))?;
+                Ok(catalog
+                    .tables
+                    .into_iter()
+                    .filter(|t| selection.selects(&t.table.name))
+                    .map(|t| SideTable {
+                        name: t.table.name.clone(),
+                        columns: t
+                            .columns
+                            .iter()
+                            .filter_map(|c| t.table.column(c).cloned())
+                            .collect(),
+                        key: t.key.clone(),
+                        my_columns: Vec::new(),
+                    })
+                    .collect())
+            }
+        }
+    }
+
+    /// Rows of `columns` (names) with key in `(after, upto]` (open ends when `None`), in
+    /// binary key order, at most `limit`. `key_at` are the key columns' places in `columns`.
+    pub async fn range(
+        &mut self,
+        t: &SideTable,
+        columns: &[String],
+        after: Option<&Row>,
+        upto: Option<&Row>,
+        limit: usize,
+    ) -> Result<Vec<Row>> {
+        let mut conditions = Vec::new();
+        if let Some(a) = after {
+            conditions.push(self.key_compare(t, ">", a)?);
+        }
+        if let Some(u) = upto {
+            conditions.push(self.key_compare(t, "<=", u)?);
+        }
+        let order = t
+            .key
+            .iter()
+            .map(|k| self.key_expr(t, k))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let filter = if conditions.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", conditions.join(" AND "))
+        };
+        let sql = format!(
+            "SELECT {} FROM {}{filter} ORDER BY {order} LIMIT {limit}",
+            self.select_list(columns),
+            self.table_name(t)
+        );
+        self.query(t, columns, &sql).await
+    }
+
+    /// Rows of `columns` whose key is one of `keys`.
+    pub async fn by_keys(
+        &mut self,
+        t: &SideTable,
+        columns: &[String],
+        keys: &[Row],
+    ) -> Result<Vec<Row>> {
+        let mut rows = Vec::new();
+        for chunk in keys.chunks(500) {
+            let tuples = chunk
+                .iter()
+                .map(|k| self.key_tuple(t, k))
+                .collect::<Result<Vec<_>>>()?;
+            let lhs = t
+                .key
+                .iter()
+                .map(|k| self.key_expr(t, k))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!(
+                "SELECT {} FROM {} WHERE ({lhs}) IN ({})",
+                self.select_list(columns),
+                self.table_name(t),
+                tuples.join(", ")
+            );
+            rows.extend(self.query(t, columns, &sql).await?);
+        }
+        Ok(rows)
+    }
+
+    /// Row count, and the smallest and largest key as text (single-column keys).
+    pub async fn quick(&mut self, t: &SideTable) -> Result<(i64, Option<String>, Option<String>)> {
+        let (min, max) = match t.key.as_slice() {
+            [k] => (
+                format!("min({})", self.key_expr(t, k)),
+                format!("max({})", self.key_expr(t, k)),
+            ),
+            _ => ("NULL".to_owned(), "NULL".to_owned()),
+        };
+        let table = self.table_name(t);
+        let what = format!("counting the rows of {}", t.name.display_name());
+        match self {
+            Reader::Postgres(c) => {
+                let sql = format!("SELECT count(*), ({min})::text, ({max})::text FROM {table}");
+                let row = c
+                    .query_one(&sql, &[])
+                    .await
+                    .map_err(|e| postgres::Error::query(what, e))?;
+                Ok((row.get(0), row.get(1), row.get(2)))
+            }
+            Reader::Mysql(c, _) => {
+                let sql = format!(
+                    "SELECT COUNT(*), CAST({min} AS CHAR), CAST({max} AS CHAR) FROM {table}"
+                );
+                let row: Option<(i64, Option<String>, Option<String>)> =
+                    c.query_first(sql)
+                        .await
+                        .map_err(|e| mysql::error(what, e))?;
+                Ok(row.unwrap_or((0, None, None)))
+            }
+            Reader::Sqlite(c) => block(|| {
+                c.query_row(
+                    &format!(
+                        "SELECT count(*), CAST({min} AS TEXT), CAST({max} AS TEXT) FROM {table}"
+                    ),
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .map_err(|e| Error::Definite(format!("{what}: {e}")))
+            }),
+        }
+    }
+
+    fn table_name(&self, t: &SideTable) -> String {
+        match self {
+            Reader::Postgres(_) => t.name.to_string(),
+            Reader::Mysql(..) => mysql::quote_ident(&t.name.name),
+            Reader::Sqlite(_) => sqlite::quote_ident(&t.name.name),
+        }
+    }
+
+    fn select_list(&self, columns: &[String]) -> String {
+        columns
+            .iter()
+            .map(|c| match self {
+                // Everything as PostgreSQL's text output; the encoder reads it by type.
+                Reader::Postgres(_) => format!("{}::text", pg_ident(c)),
+                Reader::Mysql(..) => mysql::quote_ident(c),
+                Reader::Sqlite(_) => sqlite::quote_ident(c),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// A key column as compared and ordered: binary for text.
+    fn key_expr(&self, t: &SideTable, k: &str) -> String {
+        let text = t.column(k).is_some_and(|c| is_text(&c.data_type));
+        match self {
+            Reader::Postgres(_) if text => format!("{} COLLATE \"C\"", pg_ident(k)),
+            Reader::Postgres(_) => pg_ident(k),
+            Reader::Mysql(..) if text => format!("BINARY {}", mysql::quote_ident(k)),
+            Reader::Mysql(..) => mysql::quote_ident(k),
+            Reader::Sqlite(_) => sqlite::quote_ident(k),
+        }
+    }
+
+    fn key_compare(&self, t: &SideTable, op: &str, key: &Row) -> Result<String> {
+        let lhs = t
+            .key
+            .iter()
+            .map(|k| self.key_expr(t, k))
+            .collect::<Vec<_>>()
+            .join(", ");
+        Ok(format!("({lhs}) {op} {}", self.key_tuple(t, key)?))
+    }
+
+    /// A key as a literal tuple of this engine.
+    fn key_tuple(&self, t: &SideTable, key: &Row) -> Result<String> {
+        let mut parts = Vec::with_capacity(key.len());
+        for (name, v) in t.key.iter().zip(key) {
+            let column = t
+                .column(name)
+                .ok_or_else(|| Error::Definite(format!("key column {name} is not in the table")))?;
+            parts.push(match self {
+                Reader::Postgres(_) => match v {
+                    Value::Null => "NULL".to_owned(),
+                    Value::Bytes(b) => {
+                        let mut s = String::from("'\\x");
+                        for byte in b {
+                            s.push_str(&format!("{byte:02x}"));
+                        }
+                        s.push_str("'::bytea");
+                        s
+                    }
+                    other => {
+                        let text = match other {
+                            Value::Text(t) | Value::Native(t) | Value::Decimal(t) => t.clone(),
+                            Value::Int(i) => i.to_string(),
+                            Value::UInt(u) => u.to_string(),
+                            Value::Bool(b) => b.to_string(),
+                            Value::Float(f) => format!("{f:?}"),
+                            _ => String::new(),
+                        };
+                        let collate = if is_text(&column.data_type) {
+                            " COLLATE \"C\""
+                        } else {
+                            ""
+                        };
+                        format!("{}::{}{collate}", quote_literal(&text), column.native_type)
+                    }
+                },
+                Reader::Mysql(..) => {
+                    let kind = t
+                        .my_columns
+                        .iter()
+                        .find(|c| &c.name == name)
+                        .map(|c| c.kind)
+                        .unwrap_or(Kind::Text);
+                    let mut s = String::new();
+                    myapply::literal(kind, v, &mut s).map_err(|e| {
+                        Error::Definite(format!("key column {name} of {}: {e}", t.name.name))
+                    })?;
+                    if is_text(&column.data_type) {
+                        format!("BINARY {s}")
+                    } else {
+                        s
+                    }
+                }
+                Reader::Sqlite(_) => sqlite_literal(v),
+            });
+        }
+        Ok(format!("({})", parts.join(", ")))
+    }
+
+    async fn query(&mut self, t: &SideTable, columns: &[String], sql: &str) -> Result<Vec<Row>> {
+        let what = || format!("reading table {}", t.name.display_name());
+        match self {
+            Reader::Postgres(client) => {
+                let bytea: Vec<bool> = columns
+                    .iter()
+                    .map(|c| t.column(c).is_some_and(|c| c.data_type == DataType::Bytes))
+                    .collect();
+                let rows = client
+                    .simple_query(sql)
+                    .await
+                    .map_err(|e| postgres::Error::query(what(), e))?;
+                let mut out = Vec::new();
+                for message in rows {
+                    if let tokio_postgres::SimpleQueryMessage::Row(r) = message {
+                        let mut row = Vec::with_capacity(columns.len());
+                        for (i, &is_bytea) in bytea.iter().enumerate() {
+                            row.push(match r.get(i) {
+                                None => Value::Null,
+                                Some(s) if is_bytea => Value::Bytes(unhex(s).ok_or_else(|| {
+                                    Error::Definite(format!("{}: bytea {s:?} is not hex", what()))
+                                })?),
+                                Some(s) => Value::Text(s.to_owned()),
+                            });
+                        }
+                        out.push(row);
+                    }
+                }
+                Ok(out)
+            }
+            Reader::Mysql(conn, _) => {
+                let cols: Vec<&MyColumn> = columns
+                    .iter()
+                    .map(|c| {
+                        t.my_columns
+                            .iter()
+                            .find(|m| &m.name == c)
+                            .ok_or_else(|| Error::Definite(format!("{}: no column {c}", what())))
+                    })
+                    .collect::<Result<_>>()?;
+                let rows: Vec<mysql_async::Row> =
+                    conn.query(sql).await.map_err(|e| mysql::error(what(), e))?;
+                rows.iter()
+                    .map(|r| {
+                        cols.iter()
+                            .enumerate()
+                            .map(|(i, c)| {
+                                let raw = match r.as_ref(i) {
+                                    Some(mysql_async::Value::Bytes(b)) => Some(b.as_slice()),
+                                    _ => None,
+                                };
+                                decode::from_text(c, raw).map_err(|e| {
+                                    Error::Definite(format!("{}, column {}: {e}", what(), c.name))
+                                })
+                            })
+                            .collect()
+                    })
+                    .collect()
+            }
+            Reader::Sqlite(conn) => block(|| {
+                let mut stmt = conn
+                    .prepare_cached(sql)
+                    .map_err(|e| Error::Definite(format!("{}: {e}", what())))?;
+                let n = columns.len();
+                stmt.query_map([], |r| {
+                    (0..n)
+                        .map(|i| r.get_ref(i).map(sqlite::to_value))
+                        .collect::<rusqlite::Result<Row>>()
+                })
+                .and_then(|rows| rows.collect())
+                .map_err(|e| Error::Definite(format!("{}: {e}", what())))
+            }),
+        }
+    }
+}
+
+fn sqlite_literal(v: &Value) -> String {
+    match v {
+        Value::Null => "NULL".into(),
+        Value::Int(i) => i.to_string(),
+        Value::UInt(u) => u.to_string(),
+        Value::Float(f) => format!("{f:?}"),
+        Value::Bool(b) => i64::from(*b).to_string(),
+        Value::Bytes(b) => {
+            let mut s = String::from("X'");
+            for byte in b {
+                s.push_str(&format!("{byte:02X}"));
+            }
+            s.push('\'');
+            s
+        }
+        Value::Text(t) | Value::Native(t) | Value::Decimal(t) => sqlite_quote(t),
+    }
+}
+
+fn sqlite_quote(t: &str) -> String {
+    format!("'{}'", t.replace('\'', "''"))
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    let hex = s.strip_prefix("\\x")?;
+    if hex.len() % 2 != 0 {
+        return None;
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok())
+        .collect()
+}
