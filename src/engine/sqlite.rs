@@ -552,6 +552,18 @@ pub fn remove_capture(conn: &Connection) -> Result<usize> {
 
 /// The newest change position (0 before any change).
 pub fn current_position(conn: &Connection) -> Result<i64> {
+    // No capture installed (a snapshot-only copy of a file without AUTOINCREMENT tables):
+    // SQLite has not created sqlite_sequence, and no change was ever recorded.
+    let has_sequence: bool = conn
+        .query_row(
+            "SELECT count(*) > 0 FROM sqlite_schema WHERE type = 'table' AND name = 'sqlite_sequence'",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(sql_error("reading the SQLite change position"))?;
+    if !has_sequence {
+        return Ok(0);
+    }
     conn.query_row(
         "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = ?1), 0)",
         [CHANGE_TABLE],

@@ -11,3 +11,4 @@ mod pg_snapshot_more;
 mod pg_tls;
 mod sqlite;
 mod support;
+mod verify;

@@ -112,6 +112,7 @@ fn type_matrix() {
     job.run(&["--chunk-rows", "2", "--jobs", "2"])
         .assert_success();
     job.assert_migrated();
+    crate::verify::assert_verified(job.state.path());
 }
 
 // ---- crash tests -------------------------------------------------------------------------

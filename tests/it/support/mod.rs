@@ -384,3 +384,16 @@ impl Drop for Background {
         }
     }
 }
+
+/// The phase of the job in `state`, as `kuaka status --json` reports it (empty if unknown).
+pub fn job_phase(state: &Path) -> String {
+    let output = kuaka()
+        .args(["status", "--json", "--state"])
+        .arg(state)
+        .output()
+        .expect("kuaka status");
+    serde_json::from_slice::<serde_json::Value>(&output.stdout)
+        .ok()
+        .and_then(|v| v["phase"].as_str().map(str::to_owned))
+        .unwrap_or_default()
+}

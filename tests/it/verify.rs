@@ -1,0 +1,233 @@
+//! `kuaka verify`: planted differences of every kind are found (and nothing else), across
+//! engine pairs; equal copies verify clean.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use rusqlite::Connection;
+
+use crate::support::mariadb::mariadb;
+use crate::support::postgres::psql;
+use crate::support::{RunOutput, kuaka, pg, run};
+
+/// `kuaka verify --json` between two URLs (or a state dir), parsed.
+pub fn verify(args: &[&str]) -> (RunOutput, serde_json::Value) {
+    let mut c = kuaka();
+    c.arg("verify").arg("--json").args(args);
+    let out = run(c);
+    let json = serde_json::from_str(&out.stdout).unwrap_or(serde_json::Value::Null);
+    (out, json)
+}
+
+/// Verify a job's copy through its state dir: exit 0, every table equal.
+pub fn assert_verified(state: &Path) {
+    let (out, json) = verify(&["--state", state.to_str().expect("utf-8 path")]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "verify found differences or failed:\n{}\n{}",
+        out.stdout,
+        out.stderr
+    );
+    assert_eq!(json["equal"], true);
+}
+
+/// (key, kind, differing columns) of every reported difference.
+fn differences(json: &serde_json::Value) -> BTreeSet<(String, String, String)> {
+    let mut found = BTreeSet::new();
+    for t in json["tables"].as_array().expect("tables") {
+        for d in t["differences"].as_array().into_iter().flatten() {
+            let key = d["key"]
+                .as_array()
+                .expect("key")
+                .iter()
+                .map(|k| k.as_str().unwrap_or_default().to_owned())
+                .collect::<Vec<_>>()
+                .join(",");
+            let columns = d["columns"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|c| c.as_str().unwrap_or_default().to_owned())
+                .collect::<Vec<_>>()
+                .join(",");
+            found.insert((
+                key,
+                d["kind"].as_str().unwrap_or_default().to_owned(),
+                columns,
+            ));
+        }
+    }
+    found
+}
+
+const ROWS: &str = "INSERT INTO planted (id, name, note, amount, free, at) VALUES
+    (1, 'one', 'n', 1.10, 1.10, '2024-01-02 03:04:05.123456'),
+    (2, 'two', 'n', 1.10, 1.10, '2024-01-02 03:04:05.123456'),
+    (3, 'three', NULL, 1.10, 1.10, '2024-01-02 03:04:05.123456'),
+    (4, 'four', 'n', 1.10, 1.10, '2024-01-02 03:04:05.123456'),
+    (5, 'five', 'n', 1.10, 1.10, '2024-01-02 03:04:05.123456'),
+    (6, 'six', 'n', 1.10, 1.10, '2024-01-02 03:04:05.123456'),
+    (7, 'seven', 'n', 1.10, 1.10, '2024-01-02 03:04:05.123456'),
+    (8, 'eight', 'n', 1.10, 1.10, '2024-01-02 03:04:05.123456');";
+
+/// Plant every kind of difference into the target, then check verify names exactly them.
+/// `plus_one_microsecond` is the engine's SQL for `at + 1 µs`.
+fn plant_and_check(
+    source: &str,
+    target: &str,
+    exec_target: impl Fn(&str),
+    plus_one_microsecond: &str,
+) {
+    let (out, json) = verify(&["--source", source, "--target", target]);
+    assert_eq!(out.status.code(), Some(0), "{}\n{}", out.stdout, out.stderr);
+    assert_eq!(json["equal"], true);
+    exec_target(&format!(
+        "UPDATE planted SET name = 'uno' WHERE id = 1;
+         DELETE FROM planted WHERE id = 2;
+         INSERT INTO planted (id, name) VALUES (100, 'extra');
+         UPDATE planted SET note = '' WHERE id = 3;
+         UPDATE planted SET name = 'four ' WHERE id = 4;
+         UPDATE planted SET at = {plus_one_microsecond} WHERE id = 5;
+         UPDATE planted SET free = 1.1 WHERE id = 6;
+         UPDATE planted SET amount = 1.11 WHERE id = 7;"
+    ));
+    let (out, json) = verify(&["--source", source, "--target", target, "--show-values"]);
+    assert_eq!(out.status.code(), Some(1), "{}\n{}", out.stdout, out.stderr);
+    let expected: BTreeSet<(String, String, String)> = [
+        ("1", "differs", "name"),
+        ("2", "missing in target", ""),
+        ("3", "differs", "note"),
+        ("4", "differs", "name"),
+        ("5", "differs", "at"),
+        ("7", "differs", "amount"),
+        ("100", "extra in target", ""),
+    ]
+    .into_iter()
+    .map(|(a, b, c)| (a.to_owned(), b.to_owned(), c.to_owned()))
+    .collect();
+    assert_eq!(differences(&json), expected, "{json:#}");
+    // Values only when asked for.
+    assert!(out.stdout.contains("uno"), "{}", out.stdout);
+    let (_, quiet) = verify(&["--source", source, "--target", target]);
+    assert!(!quiet.to_string().contains("uno"), "{quiet}");
+    // Text output names the table and the key; --quick sees the count difference only.
+    let mut text = kuaka();
+    text.args(["verify", "--source", source, "--target", target]);
+    let text = run(text);
+    assert_eq!(text.status.code(), Some(1));
+    assert!(
+        text.stdout.contains("planted") && text.stdout.contains("key (2): missing in target"),
+        "{}",
+        text.stdout
+    );
+    // Same row count on both sides (one missing, one extra), but the largest key differs.
+    let (out, json) = verify(&["--source", source, "--target", target, "--quick"]);
+    assert_eq!(out.status.code(), Some(1), "{json:#}");
+    assert!(
+        json.to_string().contains("keys range from 1 to 8"),
+        "{json:#}"
+    );
+}
+
+fn snapshot(source: &str, target: &str, state: &Path) {
+    let mut c = kuaka();
+    c.args([
+        "run",
+        "--snapshot-only",
+        "--source",
+        source,
+        "--target",
+        target,
+        "--state",
+    ])
+    .arg(state);
+    run(c).assert_success();
+}
+
+#[test]
+fn verify_pg_to_pg_finds_every_planted_difference() {
+    let source = pg().create_db("verify_src");
+    let target = pg().create_db("verify_dst");
+    psql(
+        &source,
+        &format!(
+            "CREATE TABLE planted (id int PRIMARY KEY, name varchar(20), note text, amount numeric(10,2), free numeric, at timestamp(6)); {ROWS}"
+        ),
+    );
+    let state = tempfile::tempdir().expect("state");
+    snapshot(&source, &target, state.path());
+    plant_and_check(
+        &source,
+        &target,
+        |sql| {
+            psql(&target, sql);
+        },
+        "at + interval '1 microsecond'",
+    );
+}
+
+#[test]
+fn verify_mariadb_to_pg_finds_every_planted_difference() {
+    let server = mariadb();
+    let source = server.create_db("verify_my_src");
+    server.exec_script(
+        "verify_my_src",
+        &format!(
+            "CREATE TABLE planted (id int PRIMARY KEY, name varchar(20), note text, amount decimal(10,2), free decimal(20,5), at datetime(6)); {ROWS}"
+        ),
+    );
+    let target = pg().create_db("verify_my_dst");
+    let state = tempfile::tempdir().expect("state");
+    snapshot(&source, &target, state.path());
+    plant_and_check(
+        &source,
+        &target,
+        |sql| {
+            psql(&target, sql);
+        },
+        "at + interval '1 microsecond'",
+    );
+}
+
+#[test]
+fn verify_sqlite_to_mariadb_finds_every_planted_difference() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("planted.db");
+    Connection::open(&path)
+        .expect("open")
+        .execute_batch(&format!(
+            "CREATE TABLE planted (id INTEGER PRIMARY KEY, name VARCHAR(20), note TEXT, amount NUMERIC(10,2), free NUMERIC, at DATETIME); {ROWS}"
+        ))
+        .expect("schema");
+    let source = format!("sqlite://{}", path.display());
+    let server = mariadb();
+    let target = server.create_db("verify_lite_dst");
+    snapshot(&source, &target, &dir.path().join("state"));
+    plant_and_check(
+        &source,
+        &target,
+        |sql| server.exec_script("verify_lite_dst", sql),
+        "at + INTERVAL 1 MICROSECOND",
+    );
+}
+
+/// Errors are errors (exit 2), not differences.
+#[test]
+fn verify_errors_exit_2() {
+    let mut c = kuaka();
+    c.args([
+        "verify",
+        "--source",
+        "postgres://nobody@127.0.0.1:1/x",
+        "--target",
+    ])
+    .arg(pg().url("postgres"));
+    let out = run(c);
+    assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
+    let mut c = kuaka();
+    c.args(["verify", "--source", "sqlite:///nonexistent/dir/x.db"]);
+    let out = run(c);
+    assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains("--target"), "{}", out.stderr);
+}
