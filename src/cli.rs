@@ -94,6 +94,10 @@ pub struct VerifyArgs {
     /// them (default: 3 with --state, where a job may be applying changes; else 0).
     #[arg(long)]
     pub rechecks: Option<u32>,
+    /// Re-copy the differing rows from the source (upsert, or delete where the source has no
+    /// row), then read them again; exit 0 when nothing is left different.
+    #[arg(long)]
+    pub repair: bool,
     /// Source keys per compared chunk.
     #[arg(long, default_value_t = 10_000)]
     pub chunk_rows: usize,

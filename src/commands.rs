@@ -589,6 +589,7 @@ async fn verify(args: &VerifyArgs, cancel: &CancellationToken) -> u8 {
         rechecks: args
             .rechecks
             .unwrap_or(if args.state.is_some() { 3 } else { 0 }),
+        repair: args.repair,
         chunk_rows: args.chunk_rows,
         jobs: args.jobs,
     };

@@ -12,6 +12,7 @@
 
 pub mod canon;
 pub mod read;
+pub mod repair;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -36,6 +37,8 @@ pub struct Options {
     pub show_values: bool,
     /// Re-reads of differing rows before they are reported.
     pub rechecks: u32,
+    /// Re-copy differing keys from the source, then read them again.
+    pub repair: bool,
     pub chunk_rows: usize,
     pub jobs: usize,
 }
@@ -64,6 +67,8 @@ pub struct TableReport {
     pub differences: Vec<Difference>,
     /// Differences seen once and gone on a re-read (the change was on its way).
     pub transient: u64,
+    /// Differences `--repair` fixed (the ones left are in `differences`).
+    pub repaired: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -437,8 +442,56 @@ async fn compare_table(
         found = diff(pair, &s, &t, options.show_values);
         report.transient += before.saturating_sub(found.len()) as u64;
     }
+    if options.repair && !found.is_empty() {
+        let keys: Vec<Row> = found.iter().map(|(_, k)| k.clone()).collect();
+        let source_rows = source.by_keys(&pair.source, &source_columns, &keys).await?;
+        let present: std::collections::HashSet<Vec<u8>> = source_rows
+            .iter()
+            .map(|r| encode_row(r, pair).key)
+            .collect();
+        let gone: Vec<Row> = keys
+            .iter()
+            .filter(|k| !present.contains(&key_bytes(pair, k)))
+            .cloned()
+            .collect();
+        let types: Vec<crate::model::DataType> = target_columns
+            .iter()
+            .map(|c| {
+                pair.target
+                    .column(c)
+                    .map(|c| c.data_type.clone())
+                    .unwrap_or(crate::model::DataType::Text)
+            })
+            .collect();
+        let same_engine_mysql = (options.source.engine == EngineKind::Mysql
+            && options.target.engine == EngineKind::Mysql)
+            .then_some(pair.source.my_columns.as_slice());
+        let plan = repair::Plan {
+            table: &pair.target,
+            columns: &target_columns,
+            types: &types,
+            key_at: &pair.key_at,
+            same_engine_mysql,
+        };
+        let mut writer = repair::Writer::connect(&options.target).await?;
+        writer.write(&plan, &source_rows, &gone).await?;
+        let s = source.by_keys(&pair.source, &source_columns, &keys).await?;
+        let t = target.by_keys(&pair.target, &target_columns, &keys).await?;
+        let before = found.len();
+        found = diff(pair, &s, &t, options.show_values);
+        report.repaired = before.saturating_sub(found.len()) as u64;
+    }
     report.differences = found.into_iter().map(|(d, _)| d).collect();
     Ok(report)
+}
+
+/// The canonical bytes of a key given as its values alone.
+fn key_bytes(pair: &Pair, key: &Row) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (v, &i) in key.iter().zip(&pair.key_at) {
+        canon::encode(v, &pair.canon[i], &mut out);
+    }
+    out
 }
 
 /// The report as text, for people.
@@ -450,6 +503,9 @@ pub fn render(report: &Report) -> String {
             "{:<40} {status:<9} {} source rows, {} target rows",
             t.source, t.source_rows, t.target_rows
         ));
+        if t.repaired > 0 {
+            out.push_str(&format!(" ({} differences repaired)", t.repaired));
+        }
         if t.transient > 0 {
             out.push_str(&format!(" ({} differences gone on a re-read)", t.transient));
         }

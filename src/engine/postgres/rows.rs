@@ -260,6 +260,16 @@ pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
 /// `INSERT … VALUES (…), (…) ON CONFLICT (key) DO UPDATE` for rows already rendered as literal
 /// tuples.
 pub fn upsert(table: &str, columns: &[String], key: &[String], tuples: &[String]) -> String {
+    upsert_into(
+        &format!("public.{}", quote_ident(table)),
+        columns,
+        key,
+        tuples,
+    )
+}
+
+/// [`upsert`] into a table named by its quoted, qualified name.
+pub fn upsert_into(table: &str, columns: &[String], key: &[String], tuples: &[String]) -> String {
     let cols = columns.iter().map(|c| quote_ident(c)).collect::<Vec<_>>();
     let updates: Vec<String> = columns
         .iter()
@@ -268,15 +278,13 @@ pub fn upsert(table: &str, columns: &[String], key: &[String], tuples: &[String]
         .collect();
     if key.is_empty() {
         return format!(
-            "INSERT INTO public.{} ({}) VALUES {};\n",
-            quote_ident(table),
+            "INSERT INTO {table} ({}) VALUES {};\n",
             cols.join(", "),
             tuples.join(", ")
         );
     }
     format!(
-        "INSERT INTO public.{} ({}) VALUES {} ON CONFLICT ({}) DO {};\n",
-        quote_ident(table),
+        "INSERT INTO {table} ({}) VALUES {} ON CONFLICT ({}) DO {};\n",
         cols.join(", "),
         tuples.join(", "),
         key.iter()
@@ -293,9 +301,13 @@ pub fn upsert(table: &str, columns: &[String], key: &[String], tuples: &[String]
 
 /// `DELETE … WHERE (key) IN ((…), (…))`.
 pub fn delete(table: &str, key: &[String], tuples: &[String]) -> String {
+    delete_from(&format!("public.{}", quote_ident(table)), key, tuples)
+}
+
+/// [`delete`] from a table named by its quoted, qualified name.
+pub fn delete_from(table: &str, key: &[String], tuples: &[String]) -> String {
     format!(
-        "DELETE FROM public.{} WHERE ({}) IN ({});\n",
-        quote_ident(table),
+        "DELETE FROM {table} WHERE ({}) IN ({});\n",
         key.iter()
             .map(|c| quote_ident(c))
             .collect::<Vec<_>>()
