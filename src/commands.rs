@@ -262,6 +262,10 @@ fn status(args: &StatusArgs) -> u8 {
         return EXIT_ERROR;
     };
     let rows_total: i64 = tables.iter().map(|t| t.rows_copied).sum();
+    let last_verification: Option<serde_json::Value> =
+        std::fs::read_to_string(args.state.join(crate::verify::SUMMARY_FILE))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok());
     if args.json {
         let value = serde_json::json!({
             "job_id": job.job_id,
@@ -276,6 +280,7 @@ fn status(args: &StatusArgs) -> u8 {
             "post_data_steps_done": post_done,
             "positions": positions.iter().map(|(n, v, at)| serde_json::json!({"name": n, "value": v, "recorded_at": at})).collect::<Vec<_>>(),
             "replication_slot": slot,
+            "last_verification": last_verification,
             "applied_changes_by_table": counts,
             "tables": tables.iter().map(|t| serde_json::json!({
                 "schema": t.schema,
@@ -311,6 +316,25 @@ fn status(args: &StatusArgs) -> u8 {
     }
     for (name, value, at) in &positions {
         println!("position {name}: {value} (recorded {at})");
+    }
+    if let Some(v) = &last_verification {
+        println!(
+            "last verification ({}, {}): {} — {} tables, {} rows, {} differing rows in {} tables, {} transient, {} repaired, {:.1} s",
+            v["mode"].as_str().unwrap_or("?"),
+            v["finished_at"].as_str().unwrap_or("?"),
+            if v["equal"] == true {
+                "equal"
+            } else {
+                "DIFFERENT"
+            },
+            v["tables"],
+            v["rows"],
+            v["differences"],
+            v["tables_different"],
+            v["transient"],
+            v["repaired"],
+            v["seconds"].as_f64().unwrap_or(0.0)
+        );
     }
     if !tables.is_empty() {
         println!(
@@ -512,7 +536,13 @@ async fn clean(args: &CleanArgs) -> u8 {
     drop(store);
     let dir = &args.state;
     let _ = std::fs::remove_dir_all(pipeline::cdc::log_dir(dir));
-    for f in ["state.db", "state.db-wal", "state.db-shm", "lock"] {
+    for f in [
+        "state.db",
+        "state.db-wal",
+        "state.db-shm",
+        "lock",
+        crate::verify::SUMMARY_FILE,
+    ] {
         let _ = std::fs::remove_file(dir.join(f));
     }
     let _ = std::fs::remove_dir(dir);
@@ -599,6 +629,13 @@ async fn verify(args: &VerifyArgs, cancel: &CancellationToken) -> u8 {
     };
     match result {
         Ok(report) => {
+            if let Some(dir) = &args.state {
+                let path = dir.join(crate::verify::SUMMARY_FILE);
+                let text = crate::verify::summary(&report, args.quick).to_string();
+                if let Err(e) = std::fs::write(&path, text) {
+                    eprintln!("kuaka: warning: could not write {}: {e}", path.display());
+                }
+            }
             if args.json {
                 match serde_json::to_string_pretty(&report) {
                     Ok(j) => println!("{j}"),

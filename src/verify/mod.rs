@@ -69,6 +69,9 @@ pub struct TableReport {
     pub transient: u64,
     /// Differences `--repair` fixed (the ones left are in `differences`).
     pub repaired: u64,
+    /// `streamed` (rows digested by kuaka), `server digests` (chunks digested by each
+    /// server, differing chunks streamed) or `counts` (quick mode, keyless tables).
+    pub method: &'static str,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -99,6 +102,41 @@ struct Pair {
     canon: Vec<Canon>,
     /// Places of the key columns in `columns`.
     key_at: Vec<usize>,
+    /// Chunk digests computed by the servers (see [`pushdown_eligible`]).
+    pushdown: bool,
+}
+
+/// Same-engine MySQL pairs whose compared columns have the same declared type and character
+/// set on both sides print equal values as equal text, so each server can digest its own
+/// chunk and only the digests travel. The first chunk of every table is compared both ways
+/// (calibration); a table where they disagree is compared by streaming.
+fn pushdown_eligible(
+    options: &Options,
+    source: &SideTable,
+    target: &SideTable,
+    columns: &[(String, String)],
+) -> bool {
+    if options.source.engine != EngineKind::Mysql || options.target.engine != EngineKind::Mysql {
+        return false;
+    }
+    let [k] = source.key.as_slice() else {
+        return false;
+    };
+    if !source.column(k).is_some_and(|c| {
+        matches!(
+            c.data_type,
+            crate::model::DataType::Int16
+                | crate::model::DataType::Int32
+                | crate::model::DataType::Int64
+        )
+    }) {
+        return false;
+    }
+    columns.iter().all(|(s, t)| {
+        let a = source.my_columns.iter().find(|c| &c.name == s);
+        let b = target.my_columns.iter().find(|c| &c.name == t);
+        matches!((a, b), (Some(a), Some(b)) if a.column_type == b.column_type && a.charset == b.charset)
+    })
 }
 
 /// Run a verification.
@@ -166,30 +204,65 @@ pub async fn run(options: &Options) -> Result<Report> {
             );
         }
         report.tables.push(table);
+        let target = SideTable {
+            key: key_at.iter().map(|&i| columns[i].1.clone()).collect(),
+            ..tt.clone()
+        };
+        let pushdown = !exact
+            && key_at.len() == 1
+            && st.key.len() == 1
+            && pushdown_eligible(options, &st, &target, &columns);
         pairs.push(Pair {
-            target: SideTable {
-                key: key_at.iter().map(|&i| columns[i].1.clone()).collect(),
-                ..tt.clone()
-            },
+            target,
             source: st,
             columns,
             canon,
             key_at,
+            pushdown,
         });
     }
-    drop((source, target));
+    drop(target);
 
-    // Tables in parallel, each worker with its own connections.
-    let queue = std::sync::Arc::new(tokio::sync::Mutex::new(pairs.into_iter()));
+    // Work: tables, and big tables with a single integer key cut into key ranges, so one
+    // table also keeps every job busy.
+    let mut tasks: Vec<(usize, Option<Row>, Option<Row>)> = Vec::new();
+    for (index, pair) in pairs.iter().enumerate() {
+        let segments = (pair.source.estimated_rows / options.chunk_rows.max(1) as i64)
+            .clamp(1, 4 * options.jobs.max(1) as i64);
+        let keyed = !pair.key_at.is_empty() && pair.key_at.len() == pair.source.key.len();
+        let bounds = if options.quick || !keyed || segments < 2 {
+            None
+        } else {
+            source.integer_key_bounds(&pair.source).await?
+        };
+        match bounds {
+            Some((lo, hi)) if hi > lo => {
+                let span = (hi as i128 - lo as i128 + 1) as f64 / segments as f64;
+                let mut after: Option<Row> = None;
+                for n in 1..segments {
+                    let cut = lo as i128 - 1 + (span * n as f64) as i128;
+                    let upto = Some(vec![Value::Int(cut as i64)]);
+                    tasks.push((index, after, upto.clone()));
+                    after = upto;
+                }
+                tasks.push((index, after, None));
+            }
+            _ => tasks.push((index, None, None)),
+        }
+    }
+    drop(source);
+    let pairs = std::sync::Arc::new(pairs);
+    let queue = std::sync::Arc::new(tokio::sync::Mutex::new(tasks.into_iter()));
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..options.jobs.max(1) {
         let queue = queue.clone();
+        let pairs = pairs.clone();
         let options = options.clone();
         workers.spawn(async move {
-            let mut done: Vec<(String, TableReport)> = Vec::new();
+            let mut done: Vec<(usize, TableReport)> = Vec::new();
             let mut readers: Option<(Reader, Reader)> = None;
             loop {
-                let Some(pair) = queue.lock().await.next() else {
+                let Some((index, after, upto)) = queue.lock().await.next() else {
                     break;
                 };
                 if readers.is_none() {
@@ -199,22 +272,38 @@ pub async fn run(options: &Options) -> Result<Report> {
                     ));
                 }
                 let (s, t) = readers.as_mut().expect("connected");
-                let table = compare_table(&pair, s, t, &options).await?;
-                done.push((pair.source.name.display_name(), table));
+                let part = compare_range(&pairs[index], s, t, &options, after, upto).await?;
+                done.push((index, part));
             }
             Ok::<_, Error>(done)
         });
     }
+    let mut parts: Vec<Vec<TableReport>> = (0..pairs.len()).map(|_| Vec::new()).collect();
     while let Some(result) = workers.join_next().await {
         let done =
             result.map_err(|e| Error::Definite(format!("a verify worker failed: {e}")))??;
-        for (name, table) in done {
-            if let Some(slot) = report.tables.iter_mut().find(|t| t.source == name) {
-                let problems = std::mem::take(&mut slot.problems);
-                *slot = table;
-                slot.problems.splice(0..0, problems);
-            }
+        for (index, part) in done {
+            parts[index].push(part);
         }
+    }
+    for (pair, parts) in pairs.iter().zip(parts) {
+        let name = pair.source.name.display_name();
+        let Some(slot) = report.tables.iter_mut().find(|t| t.source == name) else {
+            continue;
+        };
+        for part in parts {
+            slot.source_rows += part.source_rows;
+            slot.target_rows += part.target_rows;
+            slot.chunks += part.chunks;
+            slot.transient += part.transient;
+            slot.repaired += part.repaired;
+            if slot.method.is_empty() || part.method != "server digests" {
+                slot.method = part.method;
+            }
+            slot.problems.extend(part.problems);
+            slot.differences.extend(part.differences);
+        }
+        slot.differences.sort_by(|a, b| a.key.cmp(&b.key));
     }
     report.rows = report.tables.iter().map(|t| t.source_rows).sum();
     report.equal = report.tables.iter().all(TableReport::equal);
@@ -222,32 +311,222 @@ pub async fn run(options: &Options) -> Result<Report> {
     Ok(report)
 }
 
-/// A row encoded: canonical key bytes, digest, and per-column encodings for naming what
-/// differs.
-struct Encoded {
-    key: Vec<u8>,
-    digest: u128,
-    cells: Vec<Vec<u8>>,
+/// Compare `(lower, upper]` by streaming both sides' rows and digesting them here.
+#[allow(clippy::too_many_arguments)]
+async fn stream_range(
+    pair: &Pair,
+    source: &mut Reader,
+    target: &mut Reader,
+    options: &Options,
+    lower: Option<Row>,
+    upper: Option<Row>,
+    report: &mut TableReport,
+    found: &mut Vec<(Difference, Row)>,
+) -> Result<()> {
+    let source_columns: Vec<String> = pair.columns.iter().map(|(s, _)| s.clone()).collect();
+    let target_columns: Vec<String> = pair.columns.iter().map(|(_, t)| t.clone()).collect();
+    let key_of = |r: &Row| -> Row { pair.key_at.iter().map(|&i| r[i].clone()).collect() };
+    let chunk = options.chunk_rows;
+    // The first source page; after that, each source page is read while the target reads
+    // the previous page's key range.
+    let mut after = lower;
+    let mut rows = source
+        .range(
+            &pair.source,
+            &source_columns,
+            after.as_ref(),
+            upper.as_ref(),
+            chunk,
+        )
+        .await?;
+    loop {
+        let last = rows.len() < chunk;
+        let upto = if last {
+            upper.clone()
+        } else {
+            rows.last().map(key_of)
+        };
+        let target_read = async {
+            let mut target_rows: Vec<Row> = Vec::new();
+            let mut target_after = after.clone();
+            loop {
+                let page = target
+                    .range(
+                        &pair.target,
+                        &target_columns,
+                        target_after.as_ref(),
+                        upto.as_ref(),
+                        chunk,
+                    )
+                    .await?;
+                let full = page.len() == chunk;
+                target_after = page.last().map(key_of);
+                target_rows.extend(page);
+                if !full {
+                    return Ok::<_, Error>(target_rows);
+                }
+            }
+        };
+        let source_read = async {
+            if last {
+                Ok(Vec::new())
+            } else {
+                source
+                    .range(
+                        &pair.source,
+                        &source_columns,
+                        upto.as_ref(),
+                        upper.as_ref(),
+                        chunk,
+                    )
+                    .await
+            }
+        };
+        let (target_rows, next) = tokio::try_join!(target_read, source_read)?;
+        report.chunks += 1;
+        report.source_rows += rows.len() as u64;
+        report.target_rows += target_rows.len() as u64;
+        found.extend(diff(pair, &rows, &target_rows, options.show_values));
+        if last {
+            break;
+        }
+        after = upto;
+        rows = next;
+    }
+    Ok(())
 }
 
-fn encode_row(row: &Row, pair: &Pair) -> Encoded {
-    let mut cells = Vec::with_capacity(row.len());
-    let mut all = Vec::new();
-    for (v, c) in row.iter().zip(&pair.canon) {
-        let mut cell = Vec::new();
-        canon::encode(v, c, &mut cell);
-        all.extend_from_slice(&cell);
-        cells.push(cell);
+/// Compare `(lower, upper]` of a single-integer-key table by chunk digests computed on each
+/// server; a chunk whose digests differ is streamed to name its rows.
+#[allow(clippy::too_many_arguments)]
+async fn pushdown_range(
+    pair: &Pair,
+    source: &mut Reader,
+    target: &mut Reader,
+    options: &Options,
+    lower: Option<Row>,
+    upper: Option<Row>,
+    report: &mut TableReport,
+    found: &mut Vec<(Difference, Row)>,
+) -> Result<()> {
+    let int = |r: &Option<Row>| match r.as_ref().and_then(|r| r.first()) {
+        Some(Value::Int(i)) => Some(*i),
+        _ => None,
+    };
+    let Some((min, max)) = source.integer_key_bounds(&pair.source).await? else {
+        // Empty source: whatever the target has is extra.
+        return stream_range(pair, source, target, options, lower, upper, report, found).await;
+    };
+    let target_bounds = target.integer_key_bounds(&pair.target).await?;
+    let (min, max) = match target_bounds {
+        Some((a, b)) => (min.min(a), max.max(b)),
+        None => (min, max),
+    };
+    // Key width of a chunk, from the row estimate over the key span.
+    let span = (max as i128 - min as i128 + 1).max(1);
+    let rows = pair.source.estimated_rows.max(1) as i128;
+    let width = (span * options.chunk_rows as i128 / rows).clamp(1, i64::MAX as i128) as i64;
+    let mut lo = int(&lower)
+        .unwrap_or(min.saturating_sub(1))
+        .max(min.saturating_sub(1));
+    let end = int(&upper).unwrap_or(max).min(max);
+    let source_columns: Vec<String> = pair.columns.iter().map(|(s, _)| s.clone()).collect();
+    let target_columns: Vec<String> = pair.columns.iter().map(|(_, t)| t.clone()).collect();
+    let mut calibrated = false;
+    while lo < end {
+        let hi = lo.saturating_add(width).min(end);
+        let (a, b) = tokio::try_join!(
+            source.chunk_digest(&pair.source, &source_columns, lo, hi),
+            target.chunk_digest(&pair.target, &target_columns, lo, hi)
+        )?;
+        report.chunks += 1;
+        let bounds = (Some(vec![Value::Int(lo)]), Some(vec![Value::Int(hi)]));
+        if a != b || !calibrated {
+            // Name the rows (and, on the first chunk, check the servers' digests agree with
+            // the streamed comparison).
+            let mut part = TableReport::default();
+            let before = found.len();
+            stream_range(
+                pair, source, target, options, bounds.0, bounds.1, &mut part, found,
+            )
+            .await?;
+            let streamed_equal = found.len() == before;
+            if !calibrated && streamed_equal != (a == b) {
+                tracing::warn!(
+                    "table {}: the servers' chunk digests disagree with the row comparison; comparing it by streaming",
+                    pair.source.name.display_name()
+                );
+                report.method = "streamed (server digests disagreed)";
+                let rest = (Some(vec![Value::Int(hi)]), upper.clone());
+                report.source_rows += part.source_rows;
+                report.target_rows += part.target_rows;
+                return stream_range(pair, source, target, options, rest.0, rest.1, report, found)
+                    .await;
+            }
+            calibrated = true;
+            report.source_rows += part.source_rows;
+            report.target_rows += part.target_rows;
+        } else {
+            report.source_rows += a.0 as u64;
+            report.target_rows += b.0 as u64;
+        }
+        lo = hi;
     }
+    // Keys beyond the bounds read at the start (rows inserted since, on either side).
+    if lower.is_none() {
+        let below = Some(vec![Value::Int(min.saturating_sub(1))]);
+        stream_range(pair, source, target, options, None, below, report, found).await?;
+    }
+    if upper.is_none() {
+        stream_range(
+            pair,
+            source,
+            target,
+            options,
+            Some(vec![Value::Int(end)]),
+            None,
+            report,
+            found,
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// A row's canonical key bytes and the digest of its whole encoding. `scratch` is reused
+/// between rows (the encoding itself is not kept).
+fn encode_row(row: &Row, pair: &Pair, scratch: &mut Vec<u8>) -> (Vec<u8>, u128) {
+    scratch.clear();
     let mut key = Vec::new();
-    for &i in &pair.key_at {
-        key.extend_from_slice(&cells[i]);
+    for (i, (v, c)) in row.iter().zip(&pair.canon).enumerate() {
+        let start = scratch.len();
+        canon::encode(v, c, scratch);
+        if pair.key_at.contains(&i) {
+            key.extend_from_slice(&scratch[start..]);
+        }
     }
-    Encoded {
-        key,
-        digest: canon::digest(&all),
-        cells,
+    // Key bytes in key order (the key's columns may sit anywhere in the row).
+    if pair.key_at.len() > 1 || pair.key_at.first().is_some_and(|&k| k != 0) {
+        key.clear();
+        for &k in &pair.key_at {
+            canon::encode(&row[k], &pair.canon[k], &mut key);
+        }
     }
+    (key, canon::digest(scratch))
+}
+
+/// The columns whose encodings differ between two rows.
+fn differing_columns(pair: &Pair, a: &Row, b: &Row) -> Vec<String> {
+    let mut out = Vec::new();
+    for (i, c) in pair.canon.iter().enumerate() {
+        let (mut x, mut y) = (Vec::new(), Vec::new());
+        canon::encode(&a[i], c, &mut x);
+        canon::encode(&b[i], c, &mut y);
+        if x != y {
+            out.push(pair.columns[i].0.clone());
+        }
+    }
+    out
 }
 
 fn show(v: &Value) -> String {
@@ -272,46 +551,71 @@ fn show(v: &Value) -> String {
 /// Differences between source and target rows of the same key range, with the key of each
 /// (as the side that has the row holds it, to re-read it).
 fn diff(pair: &Pair, source: &[Row], target: &[Row], show_values: bool) -> Vec<(Difference, Row)> {
-    let mut target_by_key: HashMap<Vec<u8>, (Encoded, &Row)> = target
-        .iter()
-        .map(|r| {
-            let e = encode_row(r, pair);
-            (e.key.clone(), (e, r))
-        })
-        .collect();
+    let mut scratch = Vec::with_capacity(1024);
+    // Both sides come in the same (binary) key order: walk them together while the keys
+    // match, which is every row when the copy is equal; from the first mismatch on, match
+    // the rest by key.
+    let mut same = 0;
+    let mut differing: Vec<usize> = Vec::new();
+    while same < source.len() && same < target.len() {
+        let (ks, ds) = encode_row(&source[same], pair, &mut scratch);
+        let (kt, dt) = encode_row(&target[same], pair, &mut scratch);
+        if ks != kt {
+            break;
+        }
+        if ds != dt {
+            differing.push(same);
+        }
+        same += 1;
+    }
+    let (source_rest, target_rest) = (&source[same..], &target[same..]);
+    let mut target_by_key: HashMap<Vec<u8>, (u128, usize)> =
+        HashMap::with_capacity(target_rest.len());
+    for (i, r) in target_rest.iter().enumerate() {
+        let (key, digest) = encode_row(r, pair, &mut scratch);
+        target_by_key.insert(key, (digest, same + i));
+    }
     let key_of = |r: &Row| -> Row { pair.key_at.iter().map(|&i| r[i].clone()).collect() };
     let values = |r: &Row| show_values.then(|| r.iter().map(show).collect::<Vec<_>>());
     let mut out = Vec::new();
-    for r in source {
-        let e = encode_row(r, pair);
-        let key = key_of(r);
-        match target_by_key.remove(&e.key) {
-            None => out.push((
-                Difference {
-                    key: key.iter().map(show).collect(),
-                    kind: "missing in target",
-                    columns: Vec::new(),
-                    source: values(r),
-                    target: None,
-                },
-                key,
-            )),
-            Some((t, tr)) if t.digest != e.digest => {
-                let columns = e
-                    .cells
-                    .iter()
-                    .zip(&t.cells)
-                    .zip(&pair.columns)
-                    .filter(|((a, b), _)| a != b)
-                    .map(|(_, (name, _))| name.clone())
-                    .collect();
+    for i in differing {
+        let key = key_of(&source[i]);
+        out.push((
+            Difference {
+                key: key.iter().map(show).collect(),
+                kind: "differs",
+                columns: differing_columns(pair, &source[i], &target[i]),
+                source: values(&source[i]),
+                target: values(&target[i]),
+            },
+            key,
+        ));
+    }
+    for r in source_rest {
+        let (key_bytes, digest) = encode_row(r, pair, &mut scratch);
+        match target_by_key.remove(&key_bytes) {
+            None => {
+                let key = key_of(r);
+                out.push((
+                    Difference {
+                        key: key.iter().map(show).collect(),
+                        kind: "missing in target",
+                        columns: Vec::new(),
+                        source: values(r),
+                        target: None,
+                    },
+                    key,
+                ))
+            }
+            Some((d, i)) if d != digest => {
+                let key = key_of(r);
                 out.push((
                     Difference {
                         key: key.iter().map(show).collect(),
                         kind: "differs",
-                        columns,
+                        columns: differing_columns(pair, r, &target[i]),
                         source: values(r),
-                        target: values(tr),
+                        target: values(&target[i]),
                     },
                     key,
                 ));
@@ -321,15 +625,15 @@ fn diff(pair: &Pair, source: &[Row], target: &[Row], show_values: bool) -> Vec<(
     }
     let mut extra: Vec<(Difference, Row)> = target_by_key
         .into_values()
-        .map(|(_, tr)| {
-            let key = key_of(tr);
+        .map(|(_, i)| {
+            let key = key_of(&target[i]);
             (
                 Difference {
                     key: key.iter().map(show).collect(),
                     kind: "extra in target",
                     columns: Vec::new(),
                     source: None,
-                    target: values(tr),
+                    target: values(&target[i]),
                 },
                 key,
             )
@@ -340,18 +644,18 @@ fn diff(pair: &Pair, source: &[Row], target: &[Row], show_values: bool) -> Vec<(
     out
 }
 
-async fn compare_table(
+/// Compare the keys in `(lower, upper]` of one table (open ends when `None`).
+async fn compare_range(
     pair: &Pair,
     source: &mut Reader,
     target: &mut Reader,
     options: &Options,
+    lower: Option<Row>,
+    upper: Option<Row>,
 ) -> Result<TableReport> {
-    let mut report = TableReport {
-        source: pair.source.name.display_name(),
-        target: pair.target.name.display_name(),
-        ..TableReport::default()
-    };
+    let mut report = TableReport::default();
     if options.quick || pair.key_at.len() != pair.source.key.len() || pair.key_at.is_empty() {
+        report.method = "counts";
         let (sc, smin, smax) = source.quick(&pair.source).await?;
         let (tc, tmin, tmax) = target.quick(&pair.target).await?;
         report.source_rows = sc as u64;
@@ -384,48 +688,36 @@ async fn compare_table(
     }
     let source_columns: Vec<String> = pair.columns.iter().map(|(s, _)| s.clone()).collect();
     let target_columns: Vec<String> = pair.columns.iter().map(|(_, t)| t.clone()).collect();
-    let key_of = |r: &Row| -> Row { pair.key_at.iter().map(|&i| r[i].clone()).collect() };
-    let mut after: Option<Row> = None;
     let mut found: Vec<(Difference, Row)> = Vec::new();
-    loop {
-        let rows = source
-            .range(
-                &pair.source,
-                &source_columns,
-                after.as_ref(),
-                None,
-                options.chunk_rows,
-            )
-            .await?;
-        let last = rows.len() < options.chunk_rows;
-        let upto = if last { None } else { rows.last().map(key_of) };
-        let mut target_rows: Vec<Row> = Vec::new();
-        let mut target_after = after.clone();
-        loop {
-            let page = target
-                .range(
-                    &pair.target,
-                    &target_columns,
-                    target_after.as_ref(),
-                    upto.as_ref(),
-                    options.chunk_rows,
-                )
-                .await?;
-            let full = page.len() == options.chunk_rows;
-            target_after = page.last().map(key_of);
-            target_rows.extend(page);
-            if !full {
-                break;
-            }
-        }
-        report.chunks += 1;
-        report.source_rows += rows.len() as u64;
-        report.target_rows += target_rows.len() as u64;
-        found.extend(diff(pair, &rows, &target_rows, options.show_values));
-        if last {
-            break;
-        }
-        after = upto;
+    report.method = if pair.pushdown {
+        "server digests"
+    } else {
+        "streamed"
+    };
+    if pair.pushdown {
+        pushdown_range(
+            pair,
+            source,
+            target,
+            options,
+            lower,
+            upper,
+            &mut report,
+            &mut found,
+        )
+        .await?;
+    } else {
+        stream_range(
+            pair,
+            source,
+            target,
+            options,
+            lower,
+            upper,
+            &mut report,
+            &mut found,
+        )
+        .await?;
     }
     // Re-read what differs: a change may have been on its way.
     let mut delay = Duration::from_millis(500);
@@ -447,7 +739,7 @@ async fn compare_table(
         let source_rows = source.by_keys(&pair.source, &source_columns, &keys).await?;
         let present: std::collections::HashSet<Vec<u8>> = source_rows
             .iter()
-            .map(|r| encode_row(r, pair).key)
+            .map(|r| encode_row(r, pair, &mut Vec::new()).0)
             .collect();
         let gone: Vec<Row> = keys
             .iter()
@@ -500,8 +792,15 @@ pub fn render(report: &Report) -> String {
     for t in &report.tables {
         let status = if t.equal() { "equal" } else { "DIFFERENT" };
         out.push_str(&format!(
-            "{:<40} {status:<9} {} source rows, {} target rows",
-            t.source, t.source_rows, t.target_rows
+            "{:<40} {status:<9} {} source rows, {} target rows{}",
+            t.source,
+            t.source_rows,
+            t.target_rows,
+            if t.method.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", t.method)
+            }
         ));
         if t.repaired > 0 {
             out.push_str(&format!(" ({} differences repaired)", t.repaired));
@@ -555,4 +854,35 @@ pub fn render(report: &Report) -> String {
         }
     ));
     out
+}
+
+/// Where a verification run with `--state` leaves its summary, for `kuaka status`.
+pub const SUMMARY_FILE: &str = "verify.json";
+
+/// The summary of a report that `kuaka status` shows (no keys or values: the state dir may be
+/// shared more widely than the report).
+pub fn summary(report: &Report, quick: bool) -> serde_json::Value {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let (y, m, d) = crate::engine::postgres::rows::civil_from_days(now.div_euclid(86_400));
+    let secs = now.rem_euclid(86_400);
+    serde_json::json!({
+        "finished_at": format!(
+            "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+            secs / 3600,
+            secs / 60 % 60,
+            secs % 60
+        ),
+        "mode": if quick { "quick" } else { "full" },
+        "equal": report.equal,
+        "tables": report.tables.len(),
+        "tables_different": report.tables.iter().filter(|t| !t.equal()).count(),
+        "rows": report.rows,
+        "differences": report.tables.iter().map(|t| t.differences.len()).sum::<usize>(),
+        "transient": report.tables.iter().map(|t| t.transient).sum::<u64>(),
+        "repaired": report.tables.iter().map(|t| t.repaired).sum::<u64>(),
+        "seconds": report.seconds,
+    })
 }

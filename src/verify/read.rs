@@ -30,6 +30,8 @@ pub struct SideTable {
     pub key: Vec<String>,
     /// MySQL/MariaDB: the columns as the decoder needs them.
     pub my_columns: Vec<MyColumn>,
+    /// The catalog's row estimate (0 when unknown).
+    pub estimated_rows: i64,
 }
 
 impl SideTable {
@@ -99,6 +101,7 @@ impl Reader {
                             .map(|k| k.columns.clone())
                             .unwrap_or_default(),
                         columns: t.copied_columns().cloned().collect(),
+                        estimated_rows: t.estimated_rows.unwrap_or(0),
                         name: t.name,
                         my_columns: Vec::new(),
                     })
@@ -123,6 +126,7 @@ impl Reader {
                                 .collect(),
                             key: t.key.clone(),
                             my_columns: keep.iter().map(|&i| t.columns[i].clone()).collect(),
+                            estimated_rows: t.table.estimated_rows.unwrap_or(0),
                         }
                     })
                     .collect())
@@ -142,10 +146,104 @@ impl Reader {
                             .collect(),
                         key: t.key.clone(),
                         my_columns: Vec::new(),
+                        estimated_rows: t.table.estimated_rows.unwrap_or(0),
                     })
                     .collect())
             }
         }
+    }
+
+    /// Row count and a 64-bit digest (two CRC32 sums, exact) of the rows with a single
+    /// integer key in `(lo, hi]`, computed by the server (MySQL/MariaDB only).
+    pub async fn chunk_digest(
+        &mut self,
+        t: &SideTable,
+        columns: &[String],
+        lo: i64,
+        hi: i64,
+    ) -> Result<(i64, String, String)> {
+        let Reader::Mysql(conn, _) = self else {
+            return Err(Error::Definite(
+                "server-side chunk digests are computed on MySQL/MariaDB only".into(),
+            ));
+        };
+        // Values joined by the unit separator, then one flag per nullable column (as
+        // pt-table-checksum does): CONCAT_WS skips NULLs, the flags tell where they were.
+        let mut parts: Vec<String> = columns.iter().map(|c| mysql::quote_ident(c)).collect();
+        let flags: Vec<String> = columns
+            .iter()
+            .filter(|c| {
+                t.my_columns
+                    .iter()
+                    .find(|m| &m.name == *c)
+                    .is_none_or(|m| m.nullable)
+            })
+            .map(|c| format!("ISNULL({})", mysql::quote_ident(c)))
+            .collect();
+        if !flags.is_empty() {
+            parts.push(format!("CONCAT({})", flags.join(", ")));
+        }
+        let row = parts.join(", ");
+        let key = mysql::quote_ident(&t.key[0]);
+        let sql = format!(
+            "SELECT COUNT(*), CAST(IFNULL(SUM(CRC32(r)), 0) AS CHAR), CAST(IFNULL(SUM(CRC32(CONCAT(r, '~'))), 0) AS CHAR) \
+             FROM (SELECT CONCAT_WS(CHAR(31), {row}) AS r FROM {} WHERE {key} > {lo} AND {key} <= {hi}) x",
+            mysql::quote_ident(&t.name.name)
+        );
+        let what = format!("digesting rows of {}", t.name.display_name());
+        let row: Option<(i64, String, String)> = conn
+            .query_first(sql)
+            .await
+            .map_err(|e| mysql::error(what, e))?;
+        Ok(row.unwrap_or((0, "0".into(), "0".into())))
+    }
+
+    /// The smallest and largest value of a single integer key (index lookups), `None` for
+    /// an empty table or another kind of key.
+    pub async fn integer_key_bounds(&mut self, t: &SideTable) -> Result<Option<(i64, i64)>> {
+        let [k] = t.key.as_slice() else {
+            return Ok(None);
+        };
+        if !t.column(k).is_some_and(|c| {
+            matches!(
+                c.data_type,
+                DataType::Int16 | DataType::Int32 | DataType::Int64
+            )
+        }) {
+            return Ok(None);
+        }
+        let sql = format!(
+            "SELECT CAST(min({0}) AS {2}), CAST(max({0}) AS {2}) FROM {1}",
+            self.key_expr(t, k),
+            self.table_name(t),
+            match self {
+                Reader::Postgres(_) => "bigint",
+                Reader::Mysql(..) => "SIGNED",
+                Reader::Sqlite(_) => "INTEGER",
+            }
+        );
+        let what = format!("reading the key range of {}", t.name.display_name());
+        let bounds: Option<(Option<i64>, Option<i64>)> = match self {
+            Reader::Postgres(c) => {
+                let row = c
+                    .query_one(&sql, &[])
+                    .await
+                    .map_err(|e| postgres::Error::query(what, e))?;
+                Some((row.get(0), row.get(1)))
+            }
+            Reader::Mysql(c, _) => c
+                .query_first(sql)
+                .await
+                .map_err(|e| mysql::error(what, e))?,
+            Reader::Sqlite(c) => Some(block(|| {
+                c.query_row(&sql, [], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .map_err(|e| Error::Definite(format!("{what}: {e}")))
+            })?),
+        };
+        Ok(match bounds {
+            Some((Some(lo), Some(hi))) => Some((lo, hi)),
+            _ => None,
+        })
     }
 
     /// Rows of `columns` (names) with key in `(after, upto]` (open ends when `None`), in
@@ -400,16 +498,16 @@ impl Reader {
                     .collect::<Result<_>>()?;
                 let rows: Vec<mysql_async::Row> =
                     conn.query(sql).await.map_err(|e| mysql::error(what(), e))?;
-                rows.iter()
-                    .map(|r| {
+                rows.into_iter()
+                    .map(|mut r| {
                         cols.iter()
                             .enumerate()
                             .map(|(i, c)| {
-                                let raw = match r.as_ref(i) {
-                                    Some(mysql_async::Value::Bytes(b)) => Some(b.as_slice()),
+                                let raw = match r.take::<mysql_async::Value, _>(i) {
+                                    Some(mysql_async::Value::Bytes(b)) => Some(b),
                                     _ => None,
                                 };
-                                decode::from_text(c, raw).map_err(|e| {
+                                fast_value(c, raw).map_err(|e| {
                                     Error::Definite(format!("{}, column {}: {e}", what(), c.name))
                                 })
                             })
@@ -432,6 +530,32 @@ impl Reader {
             }),
         }
     }
+}
+
+/// A value of the text protocol: integers, text and binary without copies (the decoder's
+/// rules otherwise).
+fn fast_value(column: &MyColumn, raw: Option<Vec<u8>>) -> std::result::Result<Value, String> {
+    let Some(bytes) = raw else {
+        return Ok(Value::Null);
+    };
+    match column.kind {
+        Kind::Int { .. } => {
+            if let Some(i) = std::str::from_utf8(&bytes)
+                .ok()
+                .and_then(|t| t.parse::<i64>().ok())
+            {
+                return Ok(Value::Int(i));
+            }
+        }
+        Kind::Text | Kind::Enum | Kind::Set => {
+            return String::from_utf8(bytes)
+                .map(Value::Text)
+                .map_err(|_| "the server sent text that is not UTF-8".to_owned());
+        }
+        Kind::Binary { .. } | Kind::Geometry => return Ok(Value::Bytes(bytes)),
+        _ => {}
+    }
+    decode::from_text(column, Some(&bytes))
 }
 
 fn sqlite_literal(v: &Value) -> String {

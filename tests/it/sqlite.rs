@@ -12,7 +12,7 @@ use rusqlite::Connection;
 use crate::support::mariadb::mariadb;
 use crate::support::postgres::query_rows;
 use crate::support::{Background, kuaka, pg, run};
-use crate::verify::assert_verified;
+use crate::verify::{assert_verified, verify};
 
 fn chinook_copy(dir: &Path) -> PathBuf {
     let path = dir.join("chinook.db");
@@ -319,6 +319,10 @@ fn sqlite_mixed_storage_classes_and_without_rowid_to_sqlite() {
         let a = table_digest(&s, table).expect("digest");
         assert_eq!(a, table_digest(&t, table).expect("digest"), "{table}");
     }
+    // kuaka verify agrees, paging one key at a time through text and blob keys.
+    let state_arg = state.to_str().expect("utf-8 path");
+    let (out, json) = verify(&["--state", state_arg, "--chunk-rows", "1"]);
+    assert_eq!(out.status.code(), Some(0), "{json:#}\n{}", out.stderr);
     // The digest sees storage classes: make sure it would have caught a difference.
     t.execute("UPDATE anything SET v = '42' WHERE id = 1", [])
         .expect("plant");
@@ -328,6 +332,10 @@ fn sqlite_mixed_storage_classes_and_without_rowid_to_sqlite() {
         table_digest(&s, "anything").expect("digest"),
         table_digest(&t, "anything").expect("digest")
     );
+    // So does kuaka verify (SQLite to SQLite compares storage classes too).
+    let (out, json) = verify(&["--state", state_arg, "--rechecks", "0"]);
+    assert_eq!(out.status.code(), Some(1), "{json:#}");
+    assert!(json.to_string().contains("\"v\""), "{json:#}");
 }
 
 /// The same to PostgreSQL: an untyped column becomes text, a blob key bytea; values that do
