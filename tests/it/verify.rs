@@ -30,6 +30,14 @@ pub fn assert_verified(state: &Path) {
         out.stderr
     );
     assert_eq!(json["equal"], true);
+    // kuaka status shows the result.
+    let status = kuaka()
+        .args(["status", "--json", "--state"])
+        .arg(state)
+        .output()
+        .expect("status");
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status json");
+    assert_eq!(status["last_verification"]["equal"], true, "{status:#}");
 }
 
 /// (key, kind, differing columns) of every reported difference.
