@@ -675,7 +675,7 @@ async fn demo_inner(
     cancel: &CancellationToken,
 ) -> Result<bool, pipeline::Error> {
     use crate::config::{Endpoint, JobSpec, Until};
-    use crate::demo_data::{ShopWriter, create_shop, table_digest};
+    use crate::demo_data::{ShopWriter, create_shop};
     use pipeline::Error;
     let started = std::time::Instant::now();
     let dir = match &args.dir {
@@ -816,27 +816,37 @@ async fn demo_inner(
     let summary = pipeline::snapshot::run(&spec, &state, ui, cancel).await?;
     let stream = summary.rows_stream.unwrap_or_default();
     let catch_up = t2.elapsed().as_secs_f64();
-    // An independent check: every table's rows and storage classes, hashed on both sides.
-    let (equal, report) = tokio::task::block_in_place(|| {
-        let open = |p: &std::path::Path| {
-            rusqlite::Connection::open_with_flags(p, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-        };
-        let (src, dst) = (open(&source_path)?, open(&target_path)?);
-        let mut equal = true;
-        let mut report = Vec::new();
-        for table in ["customers", "products", "orders", "order_lines"] {
-            let a = table_digest(&src, table)?;
-            let b = table_digest(&dst, table)?;
-            equal &= a == b;
-            report.push(format!(
-                "{table}: {} rows {}",
-                b.0,
-                if a == b { "equal" } else { "DIFFERENT" }
-            ));
-        }
-        Ok::<_, rusqlite::Error>((equal, report))
+    // kuaka verify, as a user would run it: every row of every table, by value and storage
+    // class.
+    let verification = crate::verify::run(&crate::verify::Options {
+        source: spec.source.clone(),
+        target: spec.target.clone(),
+        selection: crate::config::Selection::default(),
+        quick: false,
+        show_values: false,
+        rechecks: 0,
+        repair: false,
+        chunk_rows: 10_000,
+        jobs: 2,
     })
-    .map_err(|e| Error::Definite(format!("verifying the copy: {e}")))?;
+    .await?;
+    let _ = std::fs::write(
+        state.join(crate::verify::SUMMARY_FILE),
+        crate::verify::summary(&verification, false).to_string(),
+    );
+    let equal = verification.equal;
+    let report: Vec<String> = verification
+        .tables
+        .iter()
+        .map(|t| {
+            format!(
+                "{}: {} rows {}",
+                t.source.trim_start_matches("main."),
+                t.target_rows,
+                if t.equal() { "equal" } else { "DIFFERENT" }
+            )
+        })
+        .collect();
     let total = started.elapsed().as_secs_f64();
     let copy = copied_at
         .map(|d| d.as_secs_f64())
@@ -861,7 +871,7 @@ async fn demo_inner(
     println!(
         "  verification  {}",
         if equal {
-            "source and target are equal (row counts and per-row hashes of every table)"
+            "source and target are equal (kuaka verify: every row, by value and storage class)"
         } else {
             "DIFFERENCES FOUND"
         }
