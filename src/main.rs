@@ -10,6 +10,12 @@ use tracing_subscriber::EnvFilter;
 use kuaka::cli::{Cli, LogFormat};
 use kuaka::ui::LogWriter;
 
+/// Rows travel as many small allocations (a value per cell, on both drivers); mimalloc's
+/// per-thread free lists make them cheaper than glibc's arenas (measured in bench/verify.sh
+/// and bench/mysql.sh).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let writer = LogWriter::new();
