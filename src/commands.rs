@@ -622,6 +622,8 @@ async fn verify(args: &VerifyArgs, cancel: &CancellationToken) -> u8 {
         repair: args.repair,
         chunk_rows: args.chunk_rows,
         jobs: args.jobs,
+        state: args.state.clone(),
+        follow_job: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
     };
     let result = tokio::select! {
         r = crate::verify::run(&options) => r,
@@ -828,6 +830,8 @@ async fn demo_inner(
         repair: false,
         chunk_rows: 10_000,
         jobs: 2,
+        state: None,
+        follow_job: Default::default(),
     })
     .await?;
     let _ = std::fs::write(

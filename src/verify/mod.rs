@@ -41,6 +41,11 @@ pub struct Options {
     pub repair: bool,
     pub chunk_rows: usize,
     pub jobs: usize,
+    /// The job's state directory: re-reads first wait until the job has applied what the
+    /// source held when the difference was seen.
+    pub state: Option<std::path::PathBuf>,
+    /// Cleared once the job fails to reach a position in time: no worker waits for it again.
+    pub follow_job: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The outcome of a verification.
@@ -725,6 +730,14 @@ async fn compare_range(
         if found.is_empty() {
             break;
         }
+        let follow = &options.follow_job;
+        if options.state.is_some() && follow.load(std::sync::atomic::Ordering::Relaxed) {
+            // Wait for the job to apply what the source holds now; a job that is not
+            // running (or never gets there) falls back to waiting by time, for every worker.
+            if !wait_for_apply(options, source).await? {
+                follow.store(false, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
         tokio::time::sleep(delay).await;
         delay *= 2;
         let keys: Vec<Row> = found.iter().map(|(_, k)| k.clone()).collect();
@@ -775,6 +788,54 @@ async fn compare_range(
     }
     report.differences = found.into_iter().map(|(d, _)| d).collect();
     Ok(report)
+}
+
+/// Wait (up to 30 s) until the job in `options.state` has applied the source's current
+/// position; false when it did not get there (then later re-reads only wait by time).
+async fn wait_for_apply(options: &Options, source: &mut Reader) -> Result<bool> {
+    use crate::model::Position;
+    let Some(dir) = &options.state else {
+        return Ok(false);
+    };
+    let target = match source.current_position().await {
+        Ok(Some(p)) => p,
+        Ok(None) => return Ok(false),
+        Err(e) => {
+            tracing::warn!("{e}; re-reads wait by time instead of by position");
+            return Ok(false);
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let applied: Option<Position> = tokio::task::block_in_place(|| {
+            let store = crate::state::StateStore::open_for_reading(dir).ok()??;
+            let positions = store.positions().ok()?;
+            // PostgreSQL jobs confirm WAL they have applied (or that held nothing to apply)
+            // past their last applied commit.
+            positions
+                .iter()
+                .filter(|(name, _, _)| name == "applied" || name == "confirmed")
+                .filter_map(|(_, value, _)| value.parse::<Position>().ok())
+                .max_by(|a, b| {
+                    a.partial_cmp_same_source(b)
+                        .unwrap_or(std::cmp::Ordering::Equal)
+                })
+        });
+        if let Some(applied) = applied
+            && applied
+                .partial_cmp_same_source(&target)
+                .is_some_and(|o| o != std::cmp::Ordering::Less)
+        {
+            return Ok(true);
+        }
+        if Instant::now() >= deadline {
+            tracing::warn!(
+                "the job did not reach source position {target} within 30 s; re-reading anyway"
+            );
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// The canonical bytes of a key given as its values alone.

@@ -153,6 +153,26 @@ impl Reader {
         }
     }
 
+    /// The source's current change position, as the job records its own (`pg:LSN`,
+    /// `binlog:file:offset`, `sqlite:N`).
+    pub async fn current_position(&mut self) -> Result<Option<crate::model::Position>> {
+        let text = match self {
+            Reader::Postgres(c) => {
+                let row = c
+                    .query_one("SELECT pg_current_wal_lsn()::text", &[])
+                    .await
+                    .map_err(|e| postgres::Error::query("reading the source's WAL position", e))?;
+                format!("pg:{}", row.get::<_, String>(0))
+            }
+            Reader::Mysql(c, _) => {
+                let cursor = mysql::binlog::current_position(c).await?;
+                format!("binlog:{}:{}", cursor.file, cursor.offset)
+            }
+            Reader::Sqlite(c) => format!("sqlite:{}", block(|| sqlite::current_position(c))?),
+        };
+        Ok(text.parse().ok())
+    }
+
     /// Row count and a 64-bit digest (two CRC32 sums, exact) of the rows with a single
     /// integer key in `(lo, hi]`, computed by the server (MySQL/MariaDB only).
     pub async fn chunk_digest(
