@@ -317,7 +317,15 @@ fn status(args: &StatusArgs) -> u8 {
     for (name, value, at) in &positions {
         println!("position {name}: {value} (recorded {at})");
     }
-    if let Some(v) = &last_verification {
+    if let Some(v) = last_verification.as_ref().filter(|v| v["running"] == true) {
+        println!(
+            "verification running (or interrupted) since {}: {}/{} parts, {} rows compared",
+            v["started_at"].as_str().unwrap_or("?"),
+            v["parts_done"],
+            v["parts"],
+            v["rows"]
+        );
+    } else if let Some(v) = &last_verification {
         println!(
             "last verification ({}, {}): {} — {} tables, {} rows, {} differing rows in {} tables, {} transient, {} repaired, {:.1} s",
             v["mode"].as_str().unwrap_or("?"),

@@ -111,9 +111,9 @@ struct Pair {
     pushdown: bool,
 }
 
-/// Same-engine MySQL pairs whose compared columns have the same declared type and character
-/// set on both sides print equal values as equal text, so each server can digest its own
-/// chunk and only the digests travel. The first chunk of every table is compared both ways
+/// Same-engine pairs (MySQL → MySQL, PostgreSQL → PostgreSQL) whose compared columns have the
+/// same declared type (and, on MySQL, character set) on both sides print equal values as
+/// equal text, so each server can digest its own chunk and only the digests travel. The first chunk of every table is compared both ways
 /// (calibration); a table where they disagree is compared by streaming.
 fn pushdown_eligible(
     options: &Options,
@@ -121,7 +121,11 @@ fn pushdown_eligible(
     target: &SideTable,
     columns: &[(String, String)],
 ) -> bool {
-    if options.source.engine != EngineKind::Mysql || options.target.engine != EngineKind::Mysql {
+    let engines = (options.source.engine, options.target.engine);
+    if !matches!(
+        engines,
+        (EngineKind::Mysql, EngineKind::Mysql) | (EngineKind::Postgres, EngineKind::Postgres)
+    ) {
         return false;
     }
     let [k] = source.key.as_slice() else {
@@ -138,6 +142,13 @@ fn pushdown_eligible(
         return false;
     }
     columns.iter().all(|(s, t)| {
+        if engines.0 == EngineKind::Postgres {
+            // The same type prints the same text on both servers (calibrated per table).
+            return matches!(
+                (source.column(s), target.column(t)),
+                (Some(a), Some(b)) if a.native_type == b.native_type
+            );
+        }
         let a = source.my_columns.iter().find(|c| &c.name == s);
         let b = target.my_columns.iter().find(|c| &c.name == t);
         matches!((a, b), (Some(a), Some(b)) if a.column_type == b.column_type && a.charset == b.charset)
@@ -256,6 +267,29 @@ pub async fn run(options: &Options) -> Result<Report> {
         }
     }
     drop(source);
+    // Progress for `kuaka status` while this runs (with --state): parts done, rows so far.
+    let progress = std::sync::Arc::new((
+        std::sync::atomic::AtomicU64::new(0),
+        std::sync::atomic::AtomicU64::new(0),
+    ));
+    let ticker = options.state.clone().map(|dir| {
+        let progress = progress.clone();
+        let parts = tasks.len();
+        let started_at = now_utc();
+        tokio::spawn(async move {
+            loop {
+                let value = serde_json::json!({
+                    "running": true,
+                    "started_at": started_at,
+                    "parts_done": progress.0.load(std::sync::atomic::Ordering::Relaxed),
+                    "parts": parts,
+                    "rows": progress.1.load(std::sync::atomic::Ordering::Relaxed),
+                });
+                let _ = std::fs::write(dir.join(SUMMARY_FILE), value.to_string());
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        })
+    });
     let pairs = std::sync::Arc::new(pairs);
     let queue = std::sync::Arc::new(tokio::sync::Mutex::new(tasks.into_iter()));
     let mut workers = tokio::task::JoinSet::new();
@@ -263,6 +297,7 @@ pub async fn run(options: &Options) -> Result<Report> {
         let queue = queue.clone();
         let pairs = pairs.clone();
         let options = options.clone();
+        let progress = progress.clone();
         workers.spawn(async move {
             let mut done: Vec<(usize, TableReport)> = Vec::new();
             let mut readers: Option<(Reader, Reader)> = None;
@@ -278,18 +313,38 @@ pub async fn run(options: &Options) -> Result<Report> {
                 }
                 let (s, t) = readers.as_mut().expect("connected");
                 let part = compare_range(&pairs[index], s, t, &options, after, upto).await?;
+                progress
+                    .1
+                    .fetch_add(part.source_rows, std::sync::atomic::Ordering::Relaxed);
+                progress
+                    .0
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 done.push((index, part));
             }
             Ok::<_, Error>(done)
         });
     }
     let mut parts: Vec<Vec<TableReport>> = (0..pairs.len()).map(|_| Vec::new()).collect();
+    let mut failure = None;
     while let Some(result) = workers.join_next().await {
-        let done =
-            result.map_err(|e| Error::Definite(format!("a verify worker failed: {e}")))??;
-        for (index, part) in done {
-            parts[index].push(part);
+        match result.map_err(|e| Error::Definite(format!("a verify worker failed: {e}"))) {
+            Ok(Ok(done)) => {
+                for (index, part) in done {
+                    parts[index].push(part);
+                }
+            }
+            Ok(Err(e)) | Err(e) => {
+                failure.get_or_insert(e);
+            }
         }
+    }
+    if let Some(t) = ticker {
+        // Wait for it to stop, so a write of its own cannot land after the final summary.
+        t.abort();
+        let _ = t.await;
+    }
+    if let Some(e) = failure {
+        return Err(e);
     }
     for (pair, parts) in pairs.iter().zip(parts) {
         let name = pair.source.name.display_name();
@@ -917,25 +972,31 @@ pub fn render(report: &Report) -> String {
     out
 }
 
-/// Where a verification run with `--state` leaves its summary, for `kuaka status`.
-pub const SUMMARY_FILE: &str = "verify.json";
-
-/// The summary of a report that `kuaka status` shows (no keys or values: the state dir may be
-/// shared more widely than the report).
-pub fn summary(report: &Report, quick: bool) -> serde_json::Value {
+/// The current time as `YYYY-MM-DD HH:MM:SS UTC`.
+fn now_utc() -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
     let (y, m, d) = crate::engine::postgres::rows::civil_from_days(now.div_euclid(86_400));
     let secs = now.rem_euclid(86_400);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+/// Where a verification run with `--state` leaves its progress and then its summary, for
+/// `kuaka status`.
+pub const SUMMARY_FILE: &str = "verify.json";
+
+/// The summary of a report that `kuaka status` shows (no keys or values: the state dir may be
+/// shared more widely than the report).
+pub fn summary(report: &Report, quick: bool) -> serde_json::Value {
     serde_json::json!({
-        "finished_at": format!(
-            "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
-            secs / 3600,
-            secs / 60 % 60,
-            secs % 60
-        ),
+        "finished_at": now_utc(),
         "mode": if quick { "quick" } else { "full" },
         "equal": report.equal,
         "tables": report.tables.len(),

@@ -173,8 +173,9 @@ impl Reader {
         Ok(text.parse().ok())
     }
 
-    /// Row count and a 64-bit digest (two CRC32 sums, exact) of the rows with a single
-    /// integer key in `(lo, hi]`, computed by the server (MySQL/MariaDB only).
+    /// Row count and a digest of the rows with a single integer key in `(lo, hi]`, computed
+    /// by the server: MySQL/MariaDB two exact CRC32 sums (64 bits), PostgreSQL two exact
+    /// sums of 64-bit `hashtextextended` (128 bits).
     pub async fn chunk_digest(
         &mut self,
         t: &SideTable,
@@ -182,9 +183,31 @@ impl Reader {
         lo: i64,
         hi: i64,
     ) -> Result<(i64, String, String)> {
+        if let Reader::Postgres(client) = self {
+            // The row's composite text (NULL unquoted and empty, '' quoted: distinct), hashed
+            // twice with different seeds; sums of bigints are exact numerics.
+            let row = columns
+                .iter()
+                .map(|c| pg_ident(c))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let key = pg_ident(&t.key[0]);
+            let sql = format!(
+                "SELECT count(*), coalesce(sum(hashtextextended(r, 0)), 0)::text, coalesce(sum(hashtextextended(r, 1)), 0)::text \
+                 FROM (SELECT ROW({row})::text AS r FROM {} WHERE {key} > {lo} AND {key} <= {hi}) x",
+                t.name
+            );
+            let what = format!("digesting rows of {}", t.name.display_name());
+            let r = client
+                .query_one(&sql, &[])
+                .await
+                .map_err(|e| postgres::Error::query(what, e))?;
+            return Ok((r.get(0), r.get(1), r.get(2)));
+        }
         let Reader::Mysql(conn, _) = self else {
             return Err(Error::Definite(
-                "server-side chunk digests are computed on MySQL/MariaDB only".into(),
+                "server-side chunk digests are computed on PostgreSQL and MySQL/MariaDB only"
+                    .into(),
             ));
         };
         // Values joined by the unit separator, then one flag per nullable column (as
@@ -386,9 +409,12 @@ impl Reader {
     fn select_list(&self, columns: &[String]) -> String {
         columns
             .iter()
-            .map(|c| match self {
-                // Everything as PostgreSQL's text output; the encoder reads it by type.
-                Reader::Postgres(_) => format!("{}::text", pg_ident(c)),
+            .enumerate()
+            .map(|(i, c)| match self {
+                // Everything as PostgreSQL's text output; the encoder reads it by type. The
+                // alias matters: `ORDER BY "id"` would otherwise sort the text output column
+                // named "id" ("10" before "9"), not the key.
+                Reader::Postgres(_) => format!("{}::text AS _kuaka_c{i}", pg_ident(c)),
                 Reader::Mysql(..) => mysql::quote_ident(c),
                 Reader::Sqlite(_) => sqlite::quote_ident(c),
             })
