@@ -10,7 +10,7 @@
 //! encoded by its storage class and bytes, so it still compares, and differs from every
 //! value that does fit.
 
-use crate::engine::postgres::rows::{civil_from_days, float_text};
+use crate::engine::postgres::rows::{civil_from_days, float_text, value_text as text_of};
 use crate::model::DataType;
 use crate::model::value::Value;
 
@@ -93,19 +93,6 @@ fn raw(value: &Value, out: &mut Vec<u8>) {
     let mut tagged = vec![class];
     tagged.extend_from_slice(&bytes);
     push(out, RAW, &tagged);
-}
-
-fn text_of(value: &Value) -> Option<String> {
-    match value {
-        Value::Int(i) => Some(i.to_string()),
-        Value::UInt(u) => Some(u.to_string()),
-        Value::Float(f) => Some(float_text(*f)),
-        Value::Decimal(d) => Some(d.clone()),
-        Value::Text(t) | Value::Native(t) => Some(t.clone()),
-        Value::Bool(b) => Some(b.to_string()),
-        Value::Bytes(b) => String::from_utf8(b.clone()).ok(),
-        Value::Null => None,
-    }
 }
 
 fn typed(value: &Value, t: &DataType) -> Option<(u8, Vec<u8>)> {

@@ -457,7 +457,8 @@ async fn stream_range(
 }
 
 /// Compare `(lower, upper]` of a single-integer-key table by chunk digests computed on each
-/// server; a chunk whose digests differ is streamed to name its rows.
+/// server; a chunk whose digests differ is streamed to name its rows. Tables not eligible
+/// ([`pushdown_eligible`]) are streamed whole.
 #[allow(clippy::too_many_arguments)]
 async fn pushdown_range(
     pair: &Pair,
@@ -469,6 +470,9 @@ async fn pushdown_range(
     report: &mut TableReport,
     found: &mut Vec<(Difference, Row)>,
 ) -> Result<()> {
+    if !pair.pushdown {
+        return stream_range(pair, source, target, options, lower, upper, report, found).await;
+    }
     let int = |r: &Option<Row>| match r.as_ref().and_then(|r| r.first()) {
         Some(Value::Int(i)) => Some(*i),
         _ => None,
@@ -754,31 +758,17 @@ async fn compare_range(
     } else {
         "streamed"
     };
-    if pair.pushdown {
-        pushdown_range(
-            pair,
-            source,
-            target,
-            options,
-            lower,
-            upper,
-            &mut report,
-            &mut found,
-        )
-        .await?;
-    } else {
-        stream_range(
-            pair,
-            source,
-            target,
-            options,
-            lower,
-            upper,
-            &mut report,
-            &mut found,
-        )
-        .await?;
-    }
+    pushdown_range(
+        pair,
+        source,
+        target,
+        options,
+        lower,
+        upper,
+        &mut report,
+        &mut found,
+    )
+    .await?;
     // Re-read what differs: a change may have been on its way.
     let mut delay = Duration::from_millis(500);
     for _ in 0..options.rechecks {

@@ -306,12 +306,7 @@ impl Reader {
         if let Some(u) = upto {
             conditions.push(self.key_compare(t, "<=", u)?);
         }
-        let order = t
-            .key
-            .iter()
-            .map(|k| self.key_expr(t, k))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let order = self.key_list(t);
         let filter = if conditions.is_empty() {
             String::new()
         } else {
@@ -422,6 +417,15 @@ impl Reader {
             .join(", ")
     }
 
+    /// The key columns as compared and ordered, comma-separated.
+    fn key_list(&self, t: &SideTable) -> String {
+        t.key
+            .iter()
+            .map(|k| self.key_expr(t, k))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     /// A key column as compared and ordered: binary for text.
     fn key_expr(&self, t: &SideTable, k: &str) -> String {
         let text = t.column(k).is_some_and(|c| is_text(&c.data_type));
@@ -435,12 +439,7 @@ impl Reader {
     }
 
     fn key_compare(&self, t: &SideTable, op: &str, key: &Row) -> Result<String> {
-        let lhs = t
-            .key
-            .iter()
-            .map(|k| self.key_expr(t, k))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let lhs = self.key_list(t);
         Ok(format!("({lhs}) {op} {}", self.key_tuple(t, key)?))
     }
 

@@ -40,6 +40,14 @@ pub fn assert_verified(state: &Path) {
     assert_eq!(status["last_verification"]["equal"], true, "{status:#}");
 }
 
+/// (key, kind, differing columns) as owned strings.
+fn set(items: &[(&str, &str, &str)]) -> BTreeSet<(String, String, String)> {
+    items
+        .iter()
+        .map(|(a, b, c)| ((*a).to_owned(), (*b).to_owned(), (*c).to_owned()))
+        .collect()
+}
+
 /// (key, kind, differing columns) of every reported difference.
 fn differences(json: &serde_json::Value) -> BTreeSet<(String, String, String)> {
     let mut found = BTreeSet::new();
@@ -102,7 +110,7 @@ fn plant_and_check(
     ));
     let (out, json) = verify(&["--source", source, "--target", target, "--show-values"]);
     assert_eq!(out.status.code(), Some(1), "{}\n{}", out.stdout, out.stderr);
-    let expected: BTreeSet<(String, String, String)> = [
+    let expected = set(&[
         ("1", "differs", "name"),
         ("2", "missing in target", ""),
         ("3", "differs", "note"),
@@ -110,10 +118,7 @@ fn plant_and_check(
         ("5", "differs", "at"),
         ("7", "differs", "amount"),
         ("100", "extra in target", ""),
-    ]
-    .into_iter()
-    .map(|(a, b, c)| (a.to_owned(), b.to_owned(), c.to_owned()))
-    .collect();
+    ]);
     assert_eq!(differences(&json), expected, "{json:#}");
     // Values only when asked for.
     assert!(out.stdout.contains("uno"), "{}", out.stdout);
@@ -312,14 +317,11 @@ fn verify_mariadb_server_side_digests_find_differences() {
     );
     let (out, json) = verify(&args);
     assert_eq!(out.status.code(), Some(1), "{json:#}");
-    let expected: BTreeSet<(String, String, String)> = [
+    let expected = set(&[
         ("2500", "differs", "n"),
         ("4321", "differs", "a,b"),
         ("4999", "missing in target", ""),
-    ]
-    .into_iter()
-    .map(|(a, b, c)| (a.to_owned(), b.to_owned(), c.to_owned()))
-    .collect();
+    ]);
     assert_eq!(differences(&json), expected, "{json:#}");
 }
 
@@ -359,15 +361,12 @@ fn verify_pg_server_side_digests_find_differences() {
     );
     let (out, json) = verify(&args);
     assert_eq!(out.status.code(), Some(1), "{json:#}");
-    let expected: BTreeSet<(String, String, String)> = [
+    let expected = set(&[
         ("2500", "differs", "at"),
         ("3000", "differs", "a"),
         ("4321", "differs", "a,b"),
         ("4999", "missing in target", ""),
-    ]
-    .into_iter()
-    .map(|(a, b, c)| (a.to_owned(), b.to_owned(), c.to_owned()))
-    .collect();
+    ]);
     assert_eq!(differences(&json), expected, "{json:#}");
 }
 
@@ -414,9 +413,6 @@ fn verify_streams_many_chunks_across_engines() {
         "7",
     ]);
     assert_eq!(out.status.code(), Some(1), "{json:#}");
-    let expected: BTreeSet<(String, String, String)> = [("a ", "missing in target", "")]
-        .into_iter()
-        .map(|(a, b, c)| (a.to_owned(), b.to_owned(), c.to_owned()))
-        .collect();
+    let expected = set(&[("a ", "missing in target", "")]);
     assert_eq!(differences(&json), expected, "{json:#}");
 }

@@ -106,19 +106,22 @@ pub fn copy_field(value: &Value, data_type: &DataType, out: &mut String) -> Resu
     Ok(())
 }
 
+/// A value as text: numbers in their shortest form, blobs only when they are UTF-8, NULL none.
+pub fn value_text(v: &Value) -> Option<String> {
+    match v {
+        Value::Int(i) => Some(i.to_string()),
+        Value::UInt(u) => Some(u.to_string()),
+        Value::Float(f) => Some(float_text(*f)),
+        Value::Decimal(d) => Some(d.clone()),
+        Value::Text(t) | Value::Native(t) => Some(t.clone()),
+        Value::Bool(b) => Some(b.to_string()),
+        Value::Bytes(b) => String::from_utf8(b.clone()).ok(),
+        Value::Null => None,
+    }
+}
+
 pub(crate) fn render(value: &Value, data_type: &DataType) -> Result<Rendered, String> {
-    let text_of = |v: &Value| -> Option<String> {
-        match v {
-            Value::Int(i) => Some(i.to_string()),
-            Value::UInt(u) => Some(u.to_string()),
-            Value::Float(f) => Some(float_text(*f)),
-            Value::Decimal(d) => Some(d.clone()),
-            Value::Text(t) | Value::Native(t) => Some(t.clone()),
-            Value::Bool(b) => Some(b.to_string()),
-            Value::Bytes(b) => String::from_utf8(b.clone()).ok(),
-            Value::Null => None,
-        }
-    };
+    let text_of = value_text;
     let describe = |v: &Value| match v {
         Value::Text(t) => format!("text {t:?}"),
         Value::Bytes(b) => format!("a {}-byte blob", b.len()),
