@@ -6,7 +6,8 @@
 //! `snapshot.before_post_data`, `snapshot.post_data.after_step`, `apply.before_commit` (an apply
 //! transaction's changes and position are written, COMMIT not sent), `apply.after_commit`,
 //! `capture.synced_in_transaction` (the change log was synced while a source transaction was
-//! only partly received).
+//! only partly received), `verify.after_part` (a verification part's result is in the
+//! checkpoint).
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};

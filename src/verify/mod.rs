@@ -57,7 +57,8 @@ pub struct Report {
     pub seconds: f64,
 }
 
-#[derive(Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct TableReport {
     pub source: String,
     pub target: String,
@@ -76,19 +77,19 @@ pub struct TableReport {
     pub repaired: u64,
     /// `streamed` (rows digested by kuaka), `server digests` (chunks digested by each
     /// server, differing chunks streamed) or `counts` (quick mode, keyless tables).
-    pub method: &'static str,
+    pub method: String,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Difference {
     pub key: Vec<String>,
     /// `missing in target`, `extra in target` or `differs`.
-    pub kind: &'static str,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub columns: Vec<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<Vec<String>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<Vec<String>>,
 }
 
@@ -240,69 +241,93 @@ pub async fn run(options: &Options) -> Result<Report> {
     drop(target);
 
     // Work: tables, and big tables with a single integer key cut into key ranges, so one
-    // table also keeps every job busy.
-    let mut tasks: Vec<(usize, Option<Row>, Option<Row>)> = Vec::new();
-    for (index, pair) in pairs.iter().enumerate() {
-        let segments = (pair.source.estimated_rows / options.chunk_rows.max(1) as i64)
-            .clamp(1, 4 * options.jobs.max(1) as i64);
-        let keyed = !pair.key_at.is_empty() && pair.key_at.len() == pair.source.key.len();
-        let bounds = if options.quick || !keyed || segments < 2 {
-            None
-        } else {
-            source.integer_key_bounds(&pair.source).await?
-        };
-        match bounds {
-            Some((lo, hi)) if hi > lo => {
-                let span = (hi as i128 - lo as i128 + 1) as f64 / segments as f64;
-                let mut after: Option<Row> = None;
-                for n in 1..segments {
-                    let cut = lo as i128 - 1 + (span * n as f64) as i128;
-                    let upto = Some(vec![Value::Int(cut as i64)]);
-                    tasks.push((index, after, upto.clone()));
-                    after = upto;
+    // table also keeps every job busy. With --state, an interrupted run of the same
+    // comparison is resumed: its parts and the results of the ones done are in the
+    // checkpoint.
+    let plan = plan_id(options, &pairs);
+    let resumed: Option<Checkpoint> = options
+        .state
+        .as_ref()
+        .filter(|_| !options.quick)
+        .and_then(|dir| std::fs::read_to_string(dir.join(SUMMARY_FILE)).ok())
+        .and_then(|text| serde_json::from_str::<Checkpoint>(&text).ok())
+        .filter(|c| c.running && c.plan == plan);
+    let tasks: Vec<Task> = match &resumed {
+        Some(c) => c.tasks.clone(),
+        None => {
+            let mut tasks = Vec::new();
+            for (index, pair) in pairs.iter().enumerate() {
+                let segments = (pair.source.estimated_rows / options.chunk_rows.max(1) as i64)
+                    .clamp(1, 4 * options.jobs.max(1) as i64);
+                let keyed = !pair.key_at.is_empty() && pair.key_at.len() == pair.source.key.len();
+                let bounds = if options.quick || !keyed || segments < 2 {
+                    None
+                } else {
+                    source.integer_key_bounds(&pair.source).await?
+                };
+                match bounds {
+                    Some((lo, hi)) if hi > lo => {
+                        let span = (hi as i128 - lo as i128 + 1) as f64 / segments as f64;
+                        let mut after: Option<Row> = None;
+                        for n in 1..segments {
+                            let cut = lo as i128 - 1 + (span * n as f64) as i128;
+                            let upto = Some(vec![Value::Int(cut as i64)]);
+                            tasks.push((index, after, upto.clone()));
+                            after = upto;
+                        }
+                        tasks.push((index, after, None));
+                    }
+                    _ => tasks.push((index, None, None)),
                 }
-                tasks.push((index, after, None));
             }
-            _ => tasks.push((index, None, None)),
+            tasks
         }
-    }
+    };
     drop(source);
-    // Progress for `kuaka status` while this runs (with --state): parts done, rows so far.
-    let progress = std::sync::Arc::new((
-        std::sync::atomic::AtomicU64::new(0),
-        std::sync::atomic::AtomicU64::new(0),
-    ));
-    let ticker = options.state.clone().map(|dir| {
-        let progress = progress.clone();
-        let parts = tasks.len();
-        let started_at = now_utc();
-        tokio::spawn(async move {
-            loop {
-                let value = serde_json::json!({
-                    "running": true,
-                    "started_at": started_at,
-                    "parts_done": progress.0.load(std::sync::atomic::Ordering::Relaxed),
-                    "parts": parts,
-                    "rows": progress.1.load(std::sync::atomic::Ordering::Relaxed),
-                });
-                let _ = std::fs::write(dir.join(SUMMARY_FILE), value.to_string());
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        })
-    });
+    let checkpoint = Checkpoint {
+        running: true,
+        plan,
+        started_at: resumed
+            .as_ref()
+            .map(|c| c.started_at.clone())
+            .unwrap_or_else(now_utc),
+        parts: tasks.len(),
+        parts_done: 0,
+        rows: 0,
+        tasks: tasks.clone(),
+        done: resumed.map(|c| c.done).unwrap_or_default(),
+    };
+    if !checkpoint.done.is_empty() {
+        eprintln!(
+            "kuaka: resuming the verification started {}: {} of {} parts already compared",
+            checkpoint.started_at,
+            checkpoint.done.len(),
+            checkpoint.parts
+        );
+    }
+    let finished: std::collections::HashSet<usize> =
+        checkpoint.done.iter().map(|(n, _)| *n).collect();
+    let checkpoint = std::sync::Arc::new(std::sync::Mutex::new(checkpoint));
+    save_checkpoint(options, &checkpoint);
     let pairs = std::sync::Arc::new(pairs);
-    let queue = std::sync::Arc::new(tokio::sync::Mutex::new(tasks.into_iter()));
+    let tasks_index = tasks.clone();
+    let todo: Vec<(usize, Task)> = tasks
+        .into_iter()
+        .enumerate()
+        .filter(|(n, _)| !finished.contains(n))
+        .collect();
+    let queue = std::sync::Arc::new(tokio::sync::Mutex::new(todo.into_iter()));
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..options.jobs.max(1) {
         let queue = queue.clone();
         let pairs = pairs.clone();
         let options = options.clone();
-        let progress = progress.clone();
+        let checkpoint = checkpoint.clone();
         workers.spawn(async move {
             let mut done: Vec<(usize, TableReport)> = Vec::new();
             let mut readers: Option<(Reader, Reader)> = None;
             loop {
-                let Some((index, after, upto)) = queue.lock().await.next() else {
+                let Some((number, (index, after, upto))) = queue.lock().await.next() else {
                     break;
                 };
                 if readers.is_none() {
@@ -313,38 +338,51 @@ pub async fn run(options: &Options) -> Result<Report> {
                 }
                 let (s, t) = readers.as_mut().expect("connected");
                 let part = compare_range(&pairs[index], s, t, &options, after, upto).await?;
-                progress
-                    .1
-                    .fetch_add(part.source_rows, std::sync::atomic::Ordering::Relaxed);
-                progress
-                    .0
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                done.push((index, part));
+                // The checkpoint keeps the keys of differences, never their values.
+                let mut kept = part.clone();
+                for d in &mut kept.differences {
+                    d.source = None;
+                    d.target = None;
+                }
+                if let Ok(mut c) = checkpoint.lock() {
+                    c.done.push((number, kept));
+                }
+                save_checkpoint(&options, &checkpoint);
+                done.push((number, part));
+                crate::failpoint::hit("verify.after_part");
             }
             Ok::<_, Error>(done)
         });
     }
-    let mut parts: Vec<Vec<TableReport>> = (0..pairs.len()).map(|_| Vec::new()).collect();
+    // Parts compared by an earlier, interrupted run (their values were not kept), then
+    // this run's.
+    let mut results: Vec<(usize, TableReport)> = checkpoint
+        .lock()
+        .map(|c| {
+            c.done
+                .iter()
+                .filter(|(n, _)| finished.contains(n))
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default();
     let mut failure = None;
     while let Some(result) = workers.join_next().await {
         match result.map_err(|e| Error::Definite(format!("a verify worker failed: {e}"))) {
-            Ok(Ok(done)) => {
-                for (index, part) in done {
-                    parts[index].push(part);
-                }
-            }
+            Ok(Ok(done)) => results.extend(done),
             Ok(Err(e)) | Err(e) => {
                 failure.get_or_insert(e);
             }
         }
     }
-    if let Some(t) = ticker {
-        // Wait for it to stop, so a write of its own cannot land after the final summary.
-        t.abort();
-        let _ = t.await;
-    }
     if let Some(e) = failure {
         return Err(e);
+    }
+    let mut parts: Vec<Vec<TableReport>> = (0..pairs.len()).map(|_| Vec::new()).collect();
+    for (number, part) in results {
+        if let Some((index, _, _)) = tasks_index.get(number) {
+            parts[*index].push(part);
+        }
     }
     for (pair, parts) in pairs.iter().zip(parts) {
         let name = pair.source.name.display_name();
@@ -358,7 +396,7 @@ pub async fn run(options: &Options) -> Result<Report> {
             slot.transient += part.transient;
             slot.repaired += part.repaired;
             if slot.method.is_empty() || part.method != "server digests" {
-                slot.method = part.method;
+                slot.method = part.method.clone();
             }
             slot.problems.extend(part.problems);
             slot.differences.extend(part.differences);
@@ -520,7 +558,7 @@ async fn pushdown_range(
                     "table {}: the servers' chunk digests disagree with the row comparison; comparing it by streaming",
                     pair.source.name.display_name()
                 );
-                report.method = "streamed (server digests disagreed)";
+                report.method = "streamed (server digests disagreed)".into();
                 let rest = (Some(vec![Value::Int(hi)]), upper.clone());
                 report.source_rows += part.source_rows;
                 report.target_rows += part.target_rows;
@@ -647,7 +685,7 @@ fn diff(pair: &Pair, source: &[Row], target: &[Row], show_values: bool) -> Vec<(
         out.push((
             Difference {
                 key: key.iter().map(show).collect(),
-                kind: "differs",
+                kind: "differs".into(),
                 columns: differing_columns(pair, &source[i], &target[i]),
                 source: values(&source[i]),
                 target: values(&target[i]),
@@ -663,7 +701,7 @@ fn diff(pair: &Pair, source: &[Row], target: &[Row], show_values: bool) -> Vec<(
                 out.push((
                     Difference {
                         key: key.iter().map(show).collect(),
-                        kind: "missing in target",
+                        kind: "missing in target".into(),
                         columns: Vec::new(),
                         source: values(r),
                         target: None,
@@ -676,7 +714,7 @@ fn diff(pair: &Pair, source: &[Row], target: &[Row], show_values: bool) -> Vec<(
                 out.push((
                     Difference {
                         key: key.iter().map(show).collect(),
-                        kind: "differs",
+                        kind: "differs".into(),
                         columns: differing_columns(pair, r, &target[i]),
                         source: values(r),
                         target: values(&target[i]),
@@ -694,7 +732,7 @@ fn diff(pair: &Pair, source: &[Row], target: &[Row], show_values: bool) -> Vec<(
             (
                 Difference {
                     key: key.iter().map(show).collect(),
-                    kind: "extra in target",
+                    kind: "extra in target".into(),
                     columns: Vec::new(),
                     source: None,
                     target: values(&target[i]),
@@ -719,7 +757,7 @@ async fn compare_range(
 ) -> Result<TableReport> {
     let mut report = TableReport::default();
     if options.quick || pair.key_at.len() != pair.source.key.len() || pair.key_at.is_empty() {
-        report.method = "counts";
+        report.method = "counts".into();
         let (sc, smin, smax) = source.quick(&pair.source).await?;
         let (tc, tmin, tmax) = target.quick(&pair.target).await?;
         report.source_rows = sc as u64;
@@ -757,7 +795,8 @@ async fn compare_range(
         "server digests"
     } else {
         "streamed"
-    };
+    }
+    .into();
     pushdown_range(
         pair,
         source,
@@ -866,10 +905,14 @@ async fn wait_for_apply(options: &Options, source: &mut Reader) -> Result<bool> 
                         .unwrap_or(std::cmp::Ordering::Equal)
                 })
         });
-        if let Some(applied) = applied
-            && applied
-                .partial_cmp_same_source(&target)
-                .is_some_and(|o| o != std::cmp::Ordering::Less)
+        let Some(applied) = applied else {
+            // The job never recorded an applied position (a snapshot-only job): nothing to
+            // wait for.
+            return Ok(false);
+        };
+        if applied
+            .partial_cmp_same_source(&target)
+            .is_some_and(|o| o != std::cmp::Ordering::Less)
         {
             return Ok(true);
         }
@@ -960,6 +1003,70 @@ pub fn render(report: &Report) -> String {
         }
     ));
     out
+}
+
+/// A part of the work: a table (index into the pairs) and a key range.
+type Task = (usize, Option<Row>, Option<Row>);
+
+/// What `verify.json` holds while a verification runs: enough to show progress and to
+/// resume the same comparison after an interruption.
+#[derive(Debug, Serialize, serde::Deserialize)]
+struct Checkpoint {
+    running: bool,
+    /// Identifies the comparison (endpoints, tables, options): only the same one resumes.
+    plan: String,
+    started_at: String,
+    parts: usize,
+    parts_done: usize,
+    rows: u64,
+    tasks: Vec<Task>,
+    /// Finished parts by task number, with their results.
+    done: Vec<(usize, TableReport)>,
+}
+
+fn plan_id(options: &Options, pairs: &[Pair]) -> String {
+    let text = format!(
+        "{}|{}|{:?}|{}|{}|{}",
+        options.source.redacted(),
+        options.target.redacted(),
+        pairs
+            .iter()
+            .map(|p| (p.source.name.display_name(), &p.columns))
+            .collect::<Vec<_>>(),
+        options.chunk_rows,
+        options.jobs,
+        options.repair
+    );
+    format!("{:032x}", canon::digest(text.as_bytes()))
+}
+
+/// Write the checkpoint (with --state); a failure to write is a warning, not an error.
+fn save_checkpoint(options: &Options, checkpoint: &std::sync::Mutex<Checkpoint>) {
+    let Some(dir) = &options.state else {
+        return;
+    };
+    let Ok(mut c) = checkpoint.lock() else {
+        return;
+    };
+    c.parts_done = c.done.len();
+    c.rows = c.done.iter().map(|(_, p)| p.source_rows).sum();
+    let text = match serde_json::to_string(&*c) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!("writing the verification checkpoint: {e}");
+            return;
+        }
+    };
+    // Written aside and renamed, so a crash never leaves half a file.
+    let tmp = dir.join(format!("{SUMMARY_FILE}.tmp"));
+    if let Err(e) =
+        std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, dir.join(SUMMARY_FILE)))
+    {
+        tracing::warn!(
+            "writing the verification checkpoint in {}: {e}",
+            dir.display()
+        );
+    }
 }
 
 /// The current time as `YYYY-MM-DD HH:MM:SS UTC`.

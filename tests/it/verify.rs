@@ -423,3 +423,73 @@ fn verify_streams_many_chunks_across_engines() {
     let expected = set(&[("a ", "missing in target", "")]);
     assert_eq!(differences(&json), expected, "{json:#}");
 }
+
+/// A verification SIGKILLed part-way resumes from its checkpoint in the state dir: the parts
+/// already compared are not compared again, and their differences are still reported.
+#[test]
+fn verify_resumes_after_sigkill() {
+    let source = pg().create_db("verify_resume_src");
+    let target = pg().create_db("verify_resume_dst");
+    psql(
+        &source,
+        "CREATE TABLE big (id int PRIMARY KEY, v text);
+         INSERT INTO big SELECT g, 'v' || g FROM generate_series(1, 5000) g;
+         ANALYZE big;",
+    );
+    let state = tempfile::tempdir().expect("state");
+    snapshot(&source, &target, state.path());
+    psql(
+        &target,
+        "UPDATE big SET v = 'changed' WHERE id = 1; ANALYZE big;",
+    );
+    let state_arg = state.path().to_str().expect("utf-8 path");
+    let args = [
+        "verify",
+        "--state",
+        state_arg,
+        "--chunk-rows",
+        "100",
+        "--jobs",
+        "1",
+        "--rechecks",
+        "0",
+    ];
+    let mut first = kuaka();
+    first
+        .args(args)
+        .env("KUAKA_FAILPOINT", "verify.after_part:2");
+    run(first).assert_killed_by_sigkill();
+    let mut status = kuaka();
+    status.args(["status", "--state", state_arg]);
+    let status = run(status);
+    assert!(
+        status
+            .stdout
+            .contains("verification running (or interrupted)")
+            && status.stdout.contains("2/4 parts"),
+        "{}",
+        status.stdout
+    );
+    let mut second = kuaka();
+    second.args(args).arg("--json");
+    let out = run(second);
+    assert_eq!(out.status.code(), Some(1), "{}\n{}", out.stdout, out.stderr);
+    assert!(
+        out.stderr.contains("resuming the verification") && out.stderr.contains("2 of 4 parts"),
+        "{}",
+        out.stderr
+    );
+    let json: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
+    assert_eq!(json["rows"], 5000, "{json:#}");
+    assert_eq!(
+        differences(&json),
+        set(&[("1", "differs", "v")]),
+        "{json:#}"
+    );
+    // Finished: the next run starts over (and finds the same).
+    let mut third = kuaka();
+    third.args(args);
+    let out = run(third);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(!out.stderr.contains("resuming"), "{}", out.stderr);
+}
