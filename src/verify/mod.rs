@@ -214,12 +214,6 @@ pub async fn run(options: &Options) -> Result<Report> {
             .iter()
             .filter_map(|k| columns.iter().position(|(s, _)| s == k))
             .collect();
-        if st.key.is_empty() || key_at.len() != st.key.len() {
-            table.problems.push(
-                "no primary key (or its columns are missing on the target): only the row counts are compared"
-                    .into(),
-            );
-        }
         report.tables.push(table);
         let target = SideTable {
             key: key_at.iter().map(|&i| columns[i].1.clone()).collect(),
@@ -756,7 +750,12 @@ async fn compare_range(
     upper: Option<Row>,
 ) -> Result<TableReport> {
     let mut report = TableReport::default();
-    if options.quick || pair.key_at.len() != pair.source.key.len() || pair.key_at.is_empty() {
+    let keyless = pair.key_at.len() != pair.source.key.len() || pair.key_at.is_empty();
+    if keyless && !options.quick {
+        multiset(pair, source, target, options, &mut report).await?;
+        return Ok(report);
+    }
+    if options.quick {
         report.method = "counts".into();
         let (sc, smin, smax) = source.quick(&pair.source).await?;
         let (tc, tmin, tmax) = target.quick(&pair.target).await?;
@@ -924,6 +923,74 @@ async fn wait_for_apply(options: &Options, source: &mut Reader) -> Result<bool> 
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// A table without a key (or whose key columns are missing on the target) as two multisets
+/// of rows: every row of both sides is digested, and each distinct row must appear as many
+/// times on the target as on the source. Holds one digest per distinct row in memory.
+async fn multiset(
+    pair: &Pair,
+    source: &mut Reader,
+    target: &mut Reader,
+    options: &Options,
+    report: &mut TableReport,
+) -> Result<()> {
+    report.method = "multiset (no key)".into();
+    let source_columns: Vec<String> = pair.columns.iter().map(|(s, _)| s.clone()).collect();
+    let target_columns: Vec<String> = pair.columns.iter().map(|(_, t)| t.clone()).collect();
+    let (source_rows, target_rows) = tokio::try_join!(
+        source.all_rows(&pair.source, &source_columns),
+        target.all_rows(&pair.target, &target_columns)
+    )?;
+    report.chunks = 1;
+    report.source_rows = source_rows.len() as u64;
+    report.target_rows = target_rows.len() as u64;
+    // digest -> (copies on the source, copies on the target, one such row)
+    let mut counts: HashMap<u128, (u64, u64, Row)> = HashMap::new();
+    let mut scratch = Vec::with_capacity(1024);
+    for (rows, side) in [(source_rows, 0), (target_rows, 1)] {
+        for row in rows {
+            let digest = encode_row(&row, pair, &mut scratch).1;
+            let entry = counts.entry(digest).or_insert((0, 0, row));
+            if side == 0 {
+                entry.0 += 1;
+            } else {
+                entry.1 += 1;
+            }
+        }
+    }
+    let mut differences: Vec<Difference> = counts
+        .into_iter()
+        .filter(|(_, (a, b, _))| a != b)
+        .map(|(digest, (a, b, row))| {
+            let values = options
+                .show_values
+                .then(|| row.iter().map(show).collect::<Vec<_>>());
+            Difference {
+                key: vec![
+                    format!("row {:016x}", (digest >> 64) as u64),
+                    format!("{} on the source, {} on the target", a, b),
+                ],
+                kind: if a > b {
+                    "missing in target"
+                } else {
+                    "extra in target"
+                }
+                .into(),
+                columns: Vec::new(),
+                source: if a > b { values.clone() } else { None },
+                target: if a > b { None } else { values },
+            }
+        })
+        .collect();
+    differences.sort_by(|a, b| a.key.cmp(&b.key));
+    if options.repair && !differences.is_empty() {
+        report
+            .problems
+            .push("rows of a table without a key are not repaired".into());
+    }
+    report.differences = differences;
+    Ok(())
 }
 
 /// The canonical bytes of a key given as its values alone.

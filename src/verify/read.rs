@@ -320,6 +320,16 @@ impl Reader {
         self.query(t, columns, &sql).await
     }
 
+    /// Every row of `columns`, in no particular order (tables without a key).
+    pub async fn all_rows(&mut self, t: &SideTable, columns: &[String]) -> Result<Vec<Row>> {
+        let sql = format!(
+            "SELECT {} FROM {}",
+            self.select_list(columns),
+            self.table_name(t)
+        );
+        self.query(t, columns, &sql).await
+    }
+
     /// Rows of `columns` whose key is one of `keys`.
     pub async fn by_keys(
         &mut self,

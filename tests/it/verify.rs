@@ -493,3 +493,62 @@ fn verify_resumes_after_sigkill() {
     assert_eq!(out.status.code(), Some(1));
     assert!(!out.stderr.contains("resuming"), "{}", out.stderr);
 }
+
+/// A table without a key is compared as two multisets of rows: a missing duplicate copy and a
+/// changed row are found (and counted), nothing else.
+#[test]
+fn verify_keyless_tables_as_multisets() {
+    let server = mariadb();
+    let source = server.create_db("verify_nokey_src");
+    server.exec_script(
+        "verify_nokey_src",
+        "CREATE TABLE log (at datetime(6), msg varchar(40), n decimal(6,2));
+         INSERT INTO log VALUES ('2024-01-01 00:00:01', 'start', 1.5), ('2024-01-01 00:00:01', 'start', 1.5),
+           ('2024-01-01 00:00:01', 'start', 1.5), ('2024-01-01 00:00:02', 'tick', NULL), ('2024-01-01 00:00:03', 'stop', 0);",
+    );
+    let target = pg().create_db("verify_nokey_dst");
+    let state = tempfile::tempdir().expect("state");
+    snapshot(&source, &target, state.path());
+    let args = ["--source", source.as_str(), "--target", target.as_str()];
+    let (out, json) = verify(&args);
+    assert_eq!(out.status.code(), Some(0), "{json:#}\n{}", out.stderr);
+    assert_eq!(json["tables"][0]["method"], "multiset (no key)", "{json:#}");
+    psql(
+        &target,
+        "DELETE FROM log WHERE ctid = (SELECT min(ctid) FROM log WHERE msg = 'start');
+         UPDATE log SET n = 0.01 WHERE msg = 'stop';",
+    );
+    let (out, json) = verify(&args);
+    assert_eq!(out.status.code(), Some(1), "{json:#}");
+    let kinds: Vec<(String, String)> = json["tables"][0]["differences"]
+        .as_array()
+        .expect("differences")
+        .iter()
+        .map(|d| {
+            (
+                d["kind"].as_str().unwrap_or_default().to_owned(),
+                d["key"][1].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    let mut kinds = kinds;
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        [
+            (
+                "extra in target".to_owned(),
+                "0 on the source, 1 on the target".to_owned()
+            ),
+            (
+                "missing in target".to_owned(),
+                "1 on the source, 0 on the target".to_owned()
+            ),
+            (
+                "missing in target".to_owned(),
+                "3 on the source, 2 on the target".to_owned()
+            ),
+        ],
+        "{json:#}"
+    );
+}
