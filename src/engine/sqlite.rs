@@ -57,9 +57,22 @@ pub fn open(path: &str, create: bool) -> Result<Connection> {
         .map_err(sql_error("setting busy_timeout"))?;
     // WAL lets readers (the snapshot, capture) run alongside the application's writes. It is
     // a property of the file and stays on after the job.
-    let mode: String = conn
-        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
-        .map_err(sql_error(format!("switching {path} to WAL mode")))?;
+    // The switch needs the file to itself. SQLite reports "database is locked" at once, busy
+    // handler or not, when a writer holds its lock while this connection upgrades (deadlock
+    // avoidance): retry for as long as the busy timeout would have waited.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mode: String = loop {
+        match conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)) {
+            Ok(mode) => break mode,
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(sql_error(format!("switching {path} to WAL mode"))(e)),
+        }
+    };
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(Error::Definite(format!(
             "SQLite database {path} cannot use WAL mode (journal_mode is {mode}); kuaka needs it to read while the application writes"
