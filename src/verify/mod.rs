@@ -159,8 +159,10 @@ fn pushdown_eligible(
 /// Run a verification.
 pub async fn run(options: &Options) -> Result<Report> {
     let started = Instant::now();
-    let mut source = Reader::connect(&options.source, "verify source").await?;
-    let mut target = Reader::connect(&options.target, "verify target").await?;
+    let mut source =
+        Reader::connect(&options.source, read::PgSide::Source, "verify source").await?;
+    let mut target =
+        Reader::connect(&options.target, read::PgSide::Target, "verify target").await?;
     let source_tables = source.tables(&options.selection).await?;
     let target_tables = target.tables(&Selection::default()).await?;
     let both_pg = options.source.engine == EngineKind::Postgres
@@ -326,8 +328,10 @@ pub async fn run(options: &Options) -> Result<Report> {
                 };
                 if readers.is_none() {
                     readers = Some((
-                        Reader::connect(&options.source, "verify source").await?,
-                        Reader::connect(&options.target, "verify target").await?,
+                        Reader::connect(&options.source, read::PgSide::Source, "verify source")
+                            .await?,
+                        Reader::connect(&options.target, read::PgSide::Target, "verify target")
+                            .await?,
                     ));
                 }
                 let (s, t) = readers.as_mut().expect("connected");

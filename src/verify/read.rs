@@ -13,7 +13,8 @@ use tokio_postgres::Client;
 use crate::config::{Endpoint, EngineKind, Selection};
 use crate::engine::mysql::catalog::{Kind, MyColumn};
 use crate::engine::mysql::{self, apply as myapply, decode};
-use crate::engine::postgres::{self, Side as PgSide};
+use crate::engine::postgres;
+pub use crate::engine::postgres::Side as PgSide;
 use crate::engine::sqlite;
 use crate::model::schema::{QualifiedName, quote_ident as pg_ident, quote_literal};
 use crate::model::value::{Row, Value};
@@ -59,10 +60,11 @@ fn is_text(t: &DataType) -> bool {
 }
 
 impl Reader {
-    pub async fn connect(endpoint: &Endpoint, role: &str) -> Result<Reader> {
+    /// Connect to one side (`side` names it in messages: which URL and password flag).
+    pub async fn connect(endpoint: &Endpoint, side: PgSide, role: &str) -> Result<Reader> {
         match endpoint.engine {
             EngineKind::Postgres => {
-                let client = postgres::connect(endpoint, PgSide::Source, role).await?;
+                let client = postgres::connect(endpoint, side, role).await?;
                 // Text output in one fixed form: UTC offsets, shortest exact floats, hex bytea.
                 client
                     .batch_execute(

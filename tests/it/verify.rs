@@ -250,6 +250,19 @@ fn verify_errors_exit_2() {
     .arg(pg().url("postgres"));
     let out = run(c);
     assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains("(source)"), "{}", out.stderr);
+    // The side is named: a wrong target password is the target's.
+    let mut c = kuaka();
+    c.args(["verify", "--source"])
+        .arg(pg().url("postgres"))
+        .args(["--target", "postgres://nobody:secret-pw@127.0.0.1:1/x"]);
+    let out = run(c);
+    assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("(target)") && !out.stderr.contains("secret-pw"),
+        "{}",
+        out.stderr
+    );
     let mut c = kuaka();
     c.args(["verify", "--source", "sqlite:///nonexistent/dir/x.db"]);
     let out = run(c);
