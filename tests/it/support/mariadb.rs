@@ -106,9 +106,14 @@ impl MariaDbServer {
             .append(true)
             .open(dir.join("mariadbd.log"))
             .expect("mariadbd log");
+        // Temporary tables in the server's own dir: in the shared /tmp another server's (or
+        // a cleaner's) activity once removed one mid-query ("Error on delete of
+        // '/tmp/#sql-temptable-…'").
+        std::fs::create_dir_all(dir.join("tmp")).expect("mariadbd tmpdir");
         let mut child = Command::new(MARIADBD)
             .arg("--no-defaults")
             .arg(format!("--datadir={}", dir.join("data").display()))
+            .arg(format!("--tmpdir={}", dir.join("tmp").display()))
             .args(&user_arg)
             .arg(format!("--socket={}", self.socket.display()))
             .arg(format!("--port={}", self.port))
