@@ -308,10 +308,33 @@ pub async fn run(
     cancel: &CancellationToken,
 ) -> Result<Summary> {
     let database = spec.source.database.clone();
-    let mut source = mysql::connect(&spec.source, "catalog").await?;
-    let (flavour, version) = mysql::flavour(&mut source).await?;
-    tracing::info!(%version, "source server");
-    let mut catalog = catalog::read(&mut source, &database).await?;
+    // Connect and read the catalog, retrying transient failures (a restarting server, a
+    // dropped connection, an OS error on the server) like the other phases do.
+    let mut attempt = 0;
+    let (mut source, flavour, mut catalog) = loop {
+        let result = async {
+            let mut source = mysql::connect(&spec.source, "catalog").await?;
+            let (flavour, version) = mysql::flavour(&mut source).await?;
+            tracing::info!(%version, "source server");
+            let catalog = catalog::read(&mut source, &database).await?;
+            Ok::<_, Error>((source, flavour, catalog))
+        }
+        .await;
+        match result {
+            Ok(done) => break done,
+            Err(e) => match super::retry_delay(&e, attempt) {
+                Some(delay) => {
+                    tracing::warn!("{e}; retrying in {delay:?}");
+                    attempt += 1;
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Err(Error::Interrupted),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+                None => return Err(e),
+            },
+        }
+    };
     catalog.tables.retain(|t| {
         spec.selection
             .selects(&QualifiedName::new(database.clone(), t.name()))

@@ -57,7 +57,9 @@ pub fn error(context: impl Into<String>, e: mysql_async::Error) -> Error {
     let (message, class) = match &e {
         mysql_async::Error::Server(s) => (
             format!("{} (error {})", s.message, s.code),
-            if TRANSIENT_CODES.contains(&s.code) {
+            // Codes below 1000 are the server's operating-system errors (a file it could
+            // not create, read or delete): usually passing, retried a few times.
+            if TRANSIENT_CODES.contains(&s.code) || s.code < 1000 {
                 ErrorClass::Transient
             } else {
                 ErrorClass::Definite
@@ -177,5 +179,28 @@ pub fn quote_literal(value: &str) -> String {
 impl From<Error> for PipelineError {
     fn from(e: Error) -> Self {
         PipelineError::Mysql(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(code: u16) -> mysql_async::Error {
+        mysql_async::Error::Server(mysql_async::ServerError {
+            code,
+            message: "m".into(),
+            state: "HY000".into(),
+        })
+    }
+
+    #[test]
+    fn server_errors_are_classified() {
+        // An OS error on the server (a temporary file vanished), a deadlock: retried.
+        assert_eq!(error("c", server(6)).class, ErrorClass::Transient);
+        assert_eq!(error("c", server(1213)).class, ErrorClass::Transient);
+        // Access denied, unknown table: not.
+        assert_eq!(error("c", server(1045)).class, ErrorClass::Definite);
+        assert_eq!(error("c", server(1146)).class, ErrorClass::Definite);
     }
 }
