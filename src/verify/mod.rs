@@ -112,6 +112,18 @@ struct Pair {
     pushdown: bool,
 }
 
+impl Pair {
+    /// The compared columns' names on the source and on the target, in the same order.
+    fn column_names(&self) -> (Vec<String>, Vec<String>) {
+        self.columns.iter().cloned().unzip()
+    }
+
+    /// The key values of a row read with these columns.
+    fn key_of(&self, row: &Row) -> Row {
+        self.key_at.iter().map(|&i| row[i].clone()).collect()
+    }
+}
+
 /// Same-engine pairs (MySQL → MySQL, PostgreSQL → PostgreSQL) whose compared columns have the
 /// same declared type (and, on MySQL, character set) on both sides print equal values as
 /// equal text, so each server can digest its own chunk and only the digests travel. The first chunk of every table is compared both ways
@@ -419,9 +431,7 @@ async fn stream_range(
     report: &mut TableReport,
     found: &mut Vec<(Difference, Row)>,
 ) -> Result<()> {
-    let source_columns: Vec<String> = pair.columns.iter().map(|(s, _)| s.clone()).collect();
-    let target_columns: Vec<String> = pair.columns.iter().map(|(_, t)| t.clone()).collect();
-    let key_of = |r: &Row| -> Row { pair.key_at.iter().map(|&i| r[i].clone()).collect() };
+    let (source_columns, target_columns) = pair.column_names();
     let chunk = options.chunk_rows;
     // The first source page; after that, each source page is read while the target reads
     // the previous page's key range.
@@ -440,7 +450,7 @@ async fn stream_range(
         let upto = if last {
             upper.clone()
         } else {
-            rows.last().map(key_of)
+            rows.last().map(|r| pair.key_of(r))
         };
         let target_read = async {
             let mut target_rows: Vec<Row> = Vec::new();
@@ -456,7 +466,7 @@ async fn stream_range(
                     )
                     .await?;
                 let full = page.len() == chunk;
-                target_after = page.last().map(key_of);
+                target_after = page.last().map(|r| pair.key_of(r));
                 target_rows.extend(page);
                 if !full {
                     return Ok::<_, Error>(target_rows);
@@ -530,8 +540,7 @@ async fn pushdown_range(
         .unwrap_or(min.saturating_sub(1))
         .max(min.saturating_sub(1));
     let end = int(&upper).unwrap_or(max).min(max);
-    let source_columns: Vec<String> = pair.columns.iter().map(|(s, _)| s.clone()).collect();
-    let target_columns: Vec<String> = pair.columns.iter().map(|(_, t)| t.clone()).collect();
+    let (source_columns, target_columns) = pair.column_names();
     let mut calibrated = false;
     while lo < end {
         let hi = lo.saturating_add(width).min(end);
@@ -675,11 +684,10 @@ fn diff(pair: &Pair, source: &[Row], target: &[Row], show_values: bool) -> Vec<(
         let (key, digest) = encode_row(r, pair, &mut scratch);
         target_by_key.insert(key, (digest, same + i));
     }
-    let key_of = |r: &Row| -> Row { pair.key_at.iter().map(|&i| r[i].clone()).collect() };
     let values = |r: &Row| show_values.then(|| r.iter().map(show).collect::<Vec<_>>());
     let mut out = Vec::new();
     for i in differing {
-        let key = key_of(&source[i]);
+        let key = pair.key_of(&source[i]);
         out.push((
             Difference {
                 key: key.iter().map(show).collect(),
@@ -695,7 +703,7 @@ fn diff(pair: &Pair, source: &[Row], target: &[Row], show_values: bool) -> Vec<(
         let (key_bytes, digest) = encode_row(r, pair, &mut scratch);
         match target_by_key.remove(&key_bytes) {
             None => {
-                let key = key_of(r);
+                let key = pair.key_of(r);
                 out.push((
                     Difference {
                         key: key.iter().map(show).collect(),
@@ -708,7 +716,7 @@ fn diff(pair: &Pair, source: &[Row], target: &[Row], show_values: bool) -> Vec<(
                 ))
             }
             Some((d, i)) if d != digest => {
-                let key = key_of(r);
+                let key = pair.key_of(r);
                 out.push((
                     Difference {
                         key: key.iter().map(show).collect(),
@@ -726,7 +734,7 @@ fn diff(pair: &Pair, source: &[Row], target: &[Row], show_values: bool) -> Vec<(
     let mut extra: Vec<(Difference, Row)> = target_by_key
         .into_values()
         .map(|(_, i)| {
-            let key = key_of(&target[i]);
+            let key = pair.key_of(&target[i]);
             (
                 Difference {
                     key: key.iter().map(show).collect(),
@@ -791,8 +799,7 @@ async fn compare_range(
         }
         return Ok(report);
     }
-    let source_columns: Vec<String> = pair.columns.iter().map(|(s, _)| s.clone()).collect();
-    let target_columns: Vec<String> = pair.columns.iter().map(|(_, t)| t.clone()).collect();
+    let (source_columns, target_columns) = pair.column_names();
     let mut found: Vec<(Difference, Row)> = Vec::new();
     report.method = if pair.pushdown {
         "server digests"
@@ -940,8 +947,7 @@ async fn multiset(
     report: &mut TableReport,
 ) -> Result<()> {
     report.method = "multiset (no key)".into();
-    let source_columns: Vec<String> = pair.columns.iter().map(|(s, _)| s.clone()).collect();
-    let target_columns: Vec<String> = pair.columns.iter().map(|(_, t)| t.clone()).collect();
+    let (source_columns, target_columns) = pair.column_names();
     let (source_rows, target_rows) = tokio::try_join!(
         source.all_rows(&pair.source, &source_columns),
         target.all_rows(&pair.target, &target_columns)

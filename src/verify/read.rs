@@ -465,14 +465,8 @@ impl Reader {
             parts.push(match self {
                 Reader::Postgres(_) => match v {
                     Value::Null => "NULL".to_owned(),
-                    Value::Bytes(b) => {
-                        let mut s = String::from("'\\x");
-                        for byte in b {
-                            s.push_str(&format!("{byte:02x}"));
-                        }
-                        s.push_str("'::bytea");
-                        s
-                    }
+                    Value::Bytes(_) => postgres::rows::literal(v, &DataType::Bytes)
+                        .map_err(|e| Error::Definite(format!("key column {name}: {e}")))?,
                     other => {
                         let text = match other {
                             Value::Text(t) | Value::Native(t) | Value::Decimal(t) => t.clone(),
