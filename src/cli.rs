@@ -44,6 +44,13 @@ pub enum Command {
     /// Compare source and target row by row (any engine pair kuaka moves): exit 0 when equal,
     /// 1 when differences are found, 2 on error.
     Verify(VerifyArgs),
+    /// Switch the application to the target: fence the source, drain, verify, move
+    /// sequences, start reverse replication, unfence the target. Performed by the job's
+    /// running `kuaka run`; returns when done.
+    Cutover(CutoverArgs),
+    /// Go back after a cutover: fence the target, drain the reverse stream, unfence the
+    /// source; the job streams source → target again.
+    Fallback(FallbackArgs),
     /// Remove a job: drop its replication slot and publication on the source, its positions
     /// on the target, and its state directory.
     Clean(CleanArgs),
@@ -61,6 +68,48 @@ pub struct DemoArgs {
     /// How long the writer keeps changing the source while kuaka streams, in seconds.
     #[arg(long, default_value_t = 5)]
     pub seconds: u64,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SwitchArgs {
+    /// The state directory of the running job.
+    #[arg(long, env = "KUAKA_STATE", default_value = "./kuaka-state")]
+    pub state: PathBuf,
+    /// Refuse (before fencing anything) unless apply catches up with the database the
+    /// application writes to within this many seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 5.0)]
+    pub max_lag: f64,
+    /// Fence only these roles (repeatable): their sessions are ended and their new ones are
+    /// read-only. Default: every session but kuaka's, on the whole database.
+    #[arg(long = "app-role", value_name = "ROLE")]
+    pub app_roles: Vec<String>,
+    /// Give up when the drain takes longer than this (the fences are lifted again).
+    #[arg(long, value_name = "SECONDS", default_value_t = 60.0)]
+    pub drain_timeout: f64,
+    /// Give up waiting for the running job after this long.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600.0)]
+    pub timeout: f64,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CutoverArgs {
+    #[command(flatten)]
+    pub switch: SwitchArgs,
+    /// Compare every row after the drain instead of counts and key ranges.
+    #[arg(long)]
+    pub full_verify: bool,
+    /// Do not start reverse replication: no way back with `kuaka fallback`; the job ends.
+    #[arg(long)]
+    pub no_reverse: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct FallbackArgs {
+    #[command(flatten)]
+    pub switch: SwitchArgs,
+    /// Compare every row after the drain instead of counts and key ranges.
+    #[arg(long)]
+    pub full_verify: bool,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -6,7 +6,8 @@ use std::fmt::Write as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{
-    CleanArgs, Cli, Command, DemoArgs, EndpointArgs, PlanArgs, RunArgs, StatusArgs, VerifyArgs,
+    CleanArgs, Cli, Command, DemoArgs, EndpointArgs, PlanArgs, RunArgs, StatusArgs, SwitchArgs,
+    VerifyArgs,
 };
 use crate::config::ConfigError;
 use crate::engine::postgres::snapshot::{CopyFormat, ExportedSnapshot, plan_chunks};
@@ -28,6 +29,19 @@ pub async fn dispatch(cli: Cli, writer: &LogWriter, cancel: &CancellationToken) 
         Command::Status(args) => status(&args),
         Command::Clean(args) => clean(&args).await,
         Command::Verify(args) => verify(&args, cancel).await,
+        Command::Cutover(args) => {
+            switch_over(
+                &args.switch,
+                "cutover",
+                args.full_verify,
+                args.no_reverse,
+                cancel,
+            )
+            .await
+        }
+        Command::Fallback(args) => {
+            switch_over(&args.switch, "fallback", args.full_verify, false, cancel).await
+        }
         Command::Demo(args) => demo(&args, &ui, cancel).await,
     }
 }
@@ -262,6 +276,25 @@ fn status(args: &StatusArgs) -> u8 {
         return EXIT_ERROR;
     };
     let rows_total: i64 = tables.iter().map(|t| t.rows_copied).sum();
+    let direction = pipeline::cutover::direction(&store).unwrap_or_else(|_| "forward".into());
+    let switch = pipeline::cutover::read_progress(&args.state);
+    // After a cutover the reverse leg keeps its own positions.
+    let reverse_positions = if direction == "reverse" {
+        store
+            .meta("cutovers")
+            .ok()
+            .flatten()
+            .and_then(|v| v.parse::<u32>().ok())
+            .and_then(|n| {
+                StateStore::open_for_reading(&pipeline::cutover::reverse_dir(&args.state, n))
+                    .ok()
+                    .flatten()
+            })
+            .and_then(|s| s.positions().ok())
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
     let last_verification: Option<serde_json::Value> =
         std::fs::read_to_string(args.state.join(crate::verify::SUMMARY_FILE))
             .ok()
@@ -280,6 +313,9 @@ fn status(args: &StatusArgs) -> u8 {
             "post_data_steps_done": post_done,
             "positions": positions.iter().map(|(n, v, at)| serde_json::json!({"name": n, "value": v, "recorded_at": at})).collect::<Vec<_>>(),
             "replication_slot": slot,
+            "direction": direction,
+            "last_switch": switch,
+            "reverse_positions": reverse_positions.iter().map(|(n, v, at)| serde_json::json!({"name": n, "value": v, "recorded_at": at})).collect::<Vec<_>>(),
             "last_verification": last_verification,
             "applied_changes_by_table": counts,
             "tables": tables.iter().map(|t| serde_json::json!({
@@ -316,6 +352,39 @@ fn status(args: &StatusArgs) -> u8 {
     }
     for (name, value, at) in &positions {
         println!("position {name}: {value} (recorded {at})");
+    }
+    match direction.as_str() {
+        "reverse" => println!(
+            "direction: reverse (cut over: the target's changes stream back to the source)"
+        ),
+        "none" => println!("direction: none (cut over without reverse replication)"),
+        _ => {}
+    }
+    for (name, value, _) in &reverse_positions {
+        println!("reverse position {name}: {value}");
+    }
+    if let Some(p) = &switch {
+        println!(
+            "last {}: {}{}{}",
+            p.action,
+            p.state,
+            p.window_seconds
+                .map(|w| format!(", write-unavailability window {w:.3} s"))
+                .unwrap_or_default(),
+            p.error
+                .as_deref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
+        );
+        for (i, step) in p.steps.iter().enumerate() {
+            println!(
+                "  {}. {} ({:.3} s): {}",
+                i + 1,
+                step.name,
+                step.seconds,
+                step.detail
+            );
+        }
     }
     if let Some(v) = last_verification.as_ref().filter(|v| v["running"] == true) {
         println!(
@@ -498,6 +567,43 @@ async fn clean(args: &CleanArgs) -> u8 {
             }
         }
         let client = postgres::connect(&target, Side::Target, "clean").await?;
+        // Reverse legs of cutovers: their slots on the target, positions and origins on the
+        // source.
+        let cutovers = store
+            .meta("cutovers")
+            .ok()
+            .flatten()
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(0);
+        if cutovers > 0 {
+            let source_client = postgres::connect(&source, Side::Source, "clean").await?;
+            for n in 1..=cutovers {
+                let id = pipeline::cutover::reverse_job_id(&job.job_id, n);
+                let done = postgres::capture::drop_slot_and_publication(
+                    &client,
+                    &postgres::capture::slot_name(&id),
+                    &postgres::capture::publication_name(&id),
+                )
+                .await?;
+                for d in done {
+                    eprintln!("kuaka: {d} on {target}");
+                }
+                source_client
+                    .execute(
+                        "DELETE FROM kuaka.apply_position WHERE job_id = $1",
+                        &[&id],
+                    )
+                    .await
+                    .ok();
+            }
+            source_client
+                .execute(
+                    "SELECT pg_catalog.pg_replication_origin_drop(roname) FROM pg_catalog.pg_replication_origin WHERE starts_with(roname, $1)",
+                    &[&pipeline::cutover::origin_prefix(&job.job_id)],
+                )
+                .await
+                .ctx(|| "dropping the job's replication origins on the source".into())?;
+        }
         let removed = client
             .query_one(
                 "SELECT (SELECT count(*) FROM pg_tables WHERE schemaname = 'kuaka' AND tablename = 'apply_position')::int",
@@ -541,15 +647,26 @@ async fn clean(args: &CleanArgs) -> u8 {
         );
         return EXIT_OK;
     }
+    let legs = store
+        .meta("cutovers")
+        .ok()
+        .flatten()
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(0);
     drop(store);
     let dir = &args.state;
     let _ = std::fs::remove_dir_all(pipeline::cdc::log_dir(dir));
+    for n in 1..=legs {
+        let _ = std::fs::remove_dir_all(pipeline::cutover::reverse_dir(dir, n));
+    }
     for f in [
         "state.db",
         "state.db-wal",
         "state.db-shm",
         "lock",
         crate::verify::SUMMARY_FILE,
+        pipeline::cutover::PROGRESS_FILE,
+        pipeline::cutover::REQUEST_FILE,
     ] {
         let _ = std::fs::remove_file(dir.join(f));
     }
@@ -895,4 +1012,206 @@ async fn demo_inner(
         state.display()
     );
     Ok(equal)
+}
+
+/// `kuaka cutover` / `kuaka fallback`: hand the request to the job's running `kuaka run` and
+/// follow its steps.
+async fn switch_over(
+    args: &SwitchArgs,
+    action: &str,
+    full_verify: bool,
+    no_reverse: bool,
+    cancel: &CancellationToken,
+) -> u8 {
+    use pipeline::cutover;
+    let state = &args.state;
+    let store = match StateStore::open_for_reading(state) {
+        Ok(Some(s)) => s,
+        Ok(None) => {
+            eprintln!("kuaka: no job in {} (no state.db)", state.display());
+            return EXIT_ERROR;
+        }
+        Err(e) => {
+            eprintln!("kuaka: {e}");
+            return EXIT_ERROR;
+        }
+    };
+    let checked = (|| {
+        let job = store
+            .job()?
+            .ok_or_else(|| pipeline::Error::Definite(format!("no job in {}", state.display())))?;
+        let spec: crate::config::JobSpec = serde_json::from_str(&job.spec).map_err(|e| {
+            pipeline::Error::Definite(format!("unreadable job in the state store: {e}"))
+        })?;
+        let direction = cutover::direction(&store)?;
+        Ok::<_, pipeline::Error>((spec, direction))
+    })();
+    let (spec, direction) = match checked {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("kuaka: {e}");
+            return EXIT_ERROR;
+        }
+    };
+    drop(store);
+    use crate::config::EngineKind;
+    if spec.source.engine != EngineKind::Postgres || spec.target.engine != EngineKind::Postgres {
+        eprintln!(
+            "kuaka: {action} is implemented for PostgreSQL → PostgreSQL jobs in this version; this job moves {} to {}",
+            spec.source.redacted(),
+            spec.target.redacted()
+        );
+        return EXIT_ERROR;
+    }
+    if spec.snapshot_only {
+        eprintln!("kuaka: this job copies a snapshot only: there is no stream to cut over");
+        return EXIT_ERROR;
+    }
+    let last = cutover::read_progress(state);
+    let already = match action {
+        "cutover" => direction != "forward",
+        _ => direction == "forward",
+    };
+    if already {
+        let done_before = last
+            .as_ref()
+            .is_some_and(|p| p.action == action && p.state == "done");
+        if done_before || (action == "cutover") {
+            eprintln!(
+                "kuaka: nothing to do: the job is already {} (see kuaka status --state {})",
+                if action == "cutover" {
+                    "cut over"
+                } else {
+                    "streaming forward"
+                },
+                state.display()
+            );
+            return EXIT_OK;
+        }
+        eprintln!(
+            "kuaka: the job streams forward (it was never cut over): there is nothing to fall back from"
+        );
+        return EXIT_ERROR;
+    }
+    if action == "fallback" && direction == "none" {
+        eprintln!(
+            "kuaka: this job was cut over with --no-reverse: there is no reverse stream to fall back with"
+        );
+        return EXIT_ERROR;
+    }
+    if !args.max_lag.is_finite() || args.max_lag < 0.0 {
+        eprintln!(
+            "kuaka: --max-lag must be a number of seconds ≥ 0 (got {})",
+            args.max_lag
+        );
+        return EXIT_ERROR;
+    }
+    if !crate::state::is_locked(state) {
+        eprintln!(
+            "kuaka: no `kuaka run` is running on {}: start it again (with the same arguments); the running job performs the {action}",
+            state.display()
+        );
+        return EXIT_ERROR;
+    }
+    let id = format!(
+        "{action}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0)
+    );
+    let request = cutover::Request {
+        id: id.clone(),
+        action: action.to_owned(),
+        max_lag_seconds: args.max_lag,
+        app_roles: args.app_roles.clone(),
+        full_verify,
+        no_reverse,
+        drain_timeout_seconds: args.drain_timeout,
+    };
+    if let Err(e) = cutover::write_request(state, &request) {
+        eprintln!("kuaka: writing the request into {}: {e}", state.display());
+        return EXIT_ERROR;
+    }
+    eprintln!("kuaka: {action} requested; the running job performs it");
+    let started = std::time::Instant::now();
+    let mut shown = 0;
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(50));
+    let mut last_alive_check = std::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => {
+                cutover::remove_request(state, &id);
+                eprintln!("kuaka: interrupted; if the job had begun the {action} it goes on (see kuaka status)");
+                return EXIT_INTERRUPTED;
+            }
+            _ = tick.tick() => {}
+        }
+        if let Some(p) = cutover::read_progress(state).filter(|p| p.request_id == id) {
+            for (i, step) in p.steps.iter().enumerate().skip(shown) {
+                eprintln!(
+                    "kuaka: {action} step {}: {} ({:.3} s): {}",
+                    i + 1,
+                    step.name,
+                    step.seconds,
+                    step.detail
+                );
+            }
+            shown = shown.max(p.steps.len());
+            match p.state.as_str() {
+                "done" => {
+                    eprintln!(
+                        "kuaka: {action} done: the application could not write for {:.3} s ({}); drained at {}, {} rows verified",
+                        p.window_seconds.unwrap_or(0.0),
+                        if action == "cutover" {
+                            "from fencing the source to the target being writable"
+                        } else {
+                            "from fencing the target to the source being writable"
+                        },
+                        p.drained_at.as_deref().unwrap_or("-"),
+                        p.rows_verified
+                    );
+                    match p.direction.as_str() {
+                        "reverse" => eprintln!(
+                            "kuaka: the target's changes now stream back to the source (slot {}); `kuaka fallback --state {}` goes back",
+                            p.reverse_slot.as_deref().unwrap_or("-"),
+                            state.display()
+                        ),
+                        "forward" => {
+                            eprintln!("kuaka: the source's changes stream to the target again")
+                        }
+                        _ => eprintln!("kuaka: no reverse replication; the job has ended"),
+                    }
+                    return EXIT_OK;
+                }
+                "failed" => {
+                    eprintln!(
+                        "kuaka: {action} failed: {}",
+                        p.error.as_deref().unwrap_or("unknown error")
+                    );
+                    return EXIT_ERROR;
+                }
+                _ => {}
+            }
+        }
+        if last_alive_check.elapsed() >= std::time::Duration::from_millis(500) {
+            last_alive_check = std::time::Instant::now();
+            if !crate::state::is_locked(state) {
+                cutover::remove_request(state, &id);
+                eprintln!(
+                    "kuaka: the running job stopped during the {action} (after {shown} steps); start `kuaka run` again: it finishes a switch that was under way, or run `kuaka {action}` again"
+                );
+                return EXIT_ERROR;
+            }
+        }
+        if started.elapsed().as_secs_f64() > args.timeout {
+            cutover::remove_request(state, &id);
+            eprintln!(
+                "kuaka: the running job did not finish the {action} within --timeout {:.0} s (see kuaka status)",
+                args.timeout
+            );
+            return EXIT_ERROR;
+        }
+    }
 }

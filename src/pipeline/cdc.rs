@@ -18,7 +18,7 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use super::snapshot::{Summary, run_phases};
-use super::{Error, Result};
+use super::{Error, Result, cutover};
 use crate::changelog::{self, ChangeLog, LogEnd, LogReader, RecordKind};
 use crate::config::{ApplyMode, Endpoint, JobSpec, Until};
 use crate::engine::ErrorClass;
@@ -66,6 +66,94 @@ pub async fn run(
     resumed: bool,
     ui: &Ui,
     cancel: &CancellationToken,
+) -> Result<Summary> {
+    // A cutover or fallback turns the job around; each turn is a leg with its own streams.
+    loop {
+        cutover::finish_interrupted(spec, store, state_dir, job_id).await?;
+        let direction = cutover::direction(store)?;
+        let summary = match direction.as_str() {
+            "none" => {
+                tracing::info!(
+                    "this job was cut over without reverse replication; nothing to stream"
+                );
+                return Ok(Summary::default());
+            }
+            "reverse" => {
+                let n = store
+                    .meta("cutovers")?
+                    .and_then(|v| v.parse::<u32>().ok())
+                    .unwrap_or(1);
+                let dir = cutover::reverse_dir(state_dir, n);
+                let leg_store = Arc::new(StateStore::open_locked(&dir)?);
+                let reverse = cutover::reverse_spec(spec);
+                let leg = Leg {
+                    job: spec,
+                    state_dir,
+                    main: store,
+                    base_job: job_id,
+                    reverse: true,
+                };
+                tracing::info!(
+                    "the job is cut over: streaming the target's changes back to the source"
+                );
+                run_leg(
+                    &reverse,
+                    &leg_store,
+                    &dir,
+                    &cutover::reverse_job_id(job_id, n),
+                    true,
+                    ui,
+                    cancel,
+                    &leg,
+                )
+                .await?
+            }
+            _ => {
+                let leg = Leg {
+                    job: spec,
+                    state_dir,
+                    main: store,
+                    base_job: job_id,
+                    reverse: false,
+                };
+                run_leg(spec, store, state_dir, job_id, resumed, ui, cancel, &leg).await?
+            }
+        };
+        if !summary.handoff {
+            return Ok(summary);
+        }
+    }
+}
+
+/// One direction of a job.
+pub(crate) struct Leg<'a> {
+    /// The job as the user started it (source → target), whichever way this leg streams.
+    job: &'a JobSpec,
+    /// The job's state directory: cutover requests and progress live there.
+    state_dir: &'a Path,
+    main: &'a Arc<StateStore>,
+    base_job: &'a str,
+    /// Target → source, after a cutover.
+    reverse: bool,
+}
+
+/// How a leg's supervision ended.
+enum Outcome {
+    Stopped,
+    CaughtUp,
+    Handoff(cutover::Request),
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_leg(
+    spec: &JobSpec,
+    store: &Arc<StateStore>,
+    state_dir: &Path,
+    job_id: &str,
+    resumed: bool,
+    ui: &Ui,
+    cancel: &CancellationToken,
+    leg: &Leg<'_>,
 ) -> Result<Summary> {
     let slot = capture::slot_name(job_id);
     let publication = capture::publication_name(job_id);
@@ -150,6 +238,7 @@ pub async fn run(
         }),
         progress: capture_progress.clone(),
         streaming,
+        skip_origin_prefix: Some(cutover::origin_prefix(leg.base_job)),
     };
     let capture_stop = stop.clone();
     let mut capture_task: JoinHandle<Result<()>> =
@@ -238,30 +327,82 @@ pub async fn run(
             ApplyMode::Transactional => 1,
             ApplyMode::PerKey => spec.apply_workers.max(1),
         },
+        origin: leg.reverse.then(|| format!("kuaka_{job_id}")),
     };
     let apply_stop = stop.clone();
     let apply_task: JoinHandle<Result<()>> =
         tokio::spawn(async move { apply_loop(ctx, apply_stop).await });
 
-    let result = supervise(
-        spec,
-        store,
-        p1,
-        &capture_progress,
-        &apply_progress,
-        &capture_task,
-        &apply_task,
-        cancel,
-        &dir,
-    )
-    .await;
+    let mut handoff = None;
+    let result = loop {
+        let outcome = supervise(
+            spec,
+            store,
+            p1,
+            &capture_progress,
+            &apply_progress,
+            &capture_task,
+            &apply_task,
+            cancel,
+            &dir,
+            leg,
+        )
+        .await;
+        let Ok(Outcome::Handoff(request)) = outcome else {
+            break outcome;
+        };
+        let live = cutover::Live {
+            spec,
+            main: leg.main,
+            state_dir: leg.state_dir,
+            leg_store: store,
+            reverse: leg.reverse,
+            capture: &capture_progress,
+            applied: &apply_progress.applied,
+            capture_task: &capture_task,
+            apply_task: &apply_task,
+        };
+        match cutover::prepare(&live, &request).await {
+            Ok(prepared) => {
+                handoff = Some((request, prepared));
+                break Ok(Outcome::Stopped);
+            }
+            // Refused or failed and undone: keep streaming this way.
+            Err(e) => tracing::warn!("{} did not happen: {e}", request.action),
+        }
+    };
     stop.cancel();
     let capture_result = join_error(capture_task.await);
     let apply_result = join_error(apply_task.await);
     write_status(store, &capture_progress, &apply_progress, None);
     capture_result?;
     apply_result?;
-    let caught_up = result?;
+    if let Some((request, prepared)) = handoff {
+        if leg.reverse {
+            cutover::switch_back(
+                leg.job,
+                leg.main,
+                leg.state_dir,
+                leg.base_job,
+                &request,
+                prepared,
+            )
+            .await?;
+        } else {
+            cutover::switch_forward(
+                leg.job,
+                leg.main,
+                leg.state_dir,
+                leg.base_job,
+                &request,
+                prepared,
+            )
+            .await?;
+        }
+        summary.handoff = true;
+        return Ok(summary);
+    }
+    let caught_up = matches!(result?, Outcome::CaughtUp);
     summary.stream = Some(StreamSummary {
         p0,
         p1,
@@ -324,7 +465,8 @@ async fn supervise(
     apply_task: &JoinHandle<Result<()>>,
     cancel: &CancellationToken,
     dir: &Path,
-) -> Result<bool> {
+    leg: &Leg<'_>,
+) -> Result<Outcome> {
     let mut source: Option<Client> = None;
     let mut consistent = store.job()?.map(|j| j.phase).as_deref() == Some("streaming");
     // Waiting to see the stream pass this position, then for apply to pass this commit.
@@ -336,13 +478,13 @@ async fn supervise(
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
         tokio::select! {
-            _ = cancel.cancelled() => return Ok(false),
+            _ = cancel.cancelled() => return Ok(Outcome::Stopped),
             _ = tick.tick() => {}
         }
         // A task that ended tells why when the caller joins it.
         if capture_task.is_finished() || apply_task.is_finished() {
             return if cancel.is_cancelled() {
-                Ok(false)
+                Ok(Outcome::Stopped)
             } else {
                 Err(Error::Definite(
                     "change capture or apply stopped unexpectedly".into(),
@@ -367,9 +509,12 @@ async fn supervise(
                     tracing::info!(applied = %PgLsn(applied), "caught up: the target is consistent with the source");
                 } else {
                     tracing::info!(applied = %PgLsn(applied), "caught up with every change committed before the check");
-                    return Ok(true);
+                    return Ok(Outcome::CaughtUp);
                 }
             }
+        }
+        if consistent && let Some(request) = cutover::pending_request(leg.state_dir, leg.reverse) {
+            return Ok(Outcome::Handoff(request));
         }
         if consistent && goal.is_none() && spec.until == Some(Until::CaughtUp) {
             // Now take the source's current position and wait to have applied up to it.
@@ -491,6 +636,8 @@ struct ApplyContext {
     p0: PgLsn,
     progress: Arc<ApplyProgress>,
     workers: usize,
+    /// Replication origin (prefix; `_w<N>` per session) the writes are marked with.
+    origin: Option<String>,
 }
 
 enum SessionEnd {
@@ -550,6 +697,9 @@ async fn apply_session(
     cancel: &CancellationToken,
 ) -> Result<SessionEnd> {
     let client = apply::connect(&ctx.target, "apply").await?;
+    if let Some(origin) = &ctx.origin {
+        cutover::setup_origin(&client, &format!("{origin}_w0")).await?;
+    }
     apply::init_position(&client, &ctx.job_id, 0, ctx.p0).await?;
     let mut applied = apply::applied_position(&client, &ctx.job_id, 0)
         .await?
@@ -747,6 +897,9 @@ mod per_key {
         let mut clients = Vec::with_capacity(n);
         for w in 0..n {
             let client = apply::connect(&ctx.target, &format!("apply worker {w}")).await?;
+            if let Some(origin) = &ctx.origin {
+                cutover::setup_origin(&client, &format!("{origin}_w{w}")).await?;
+            }
             apply::init_position(&client, &ctx.job_id, w as i32, ctx.p0).await?;
             let pos = apply::applied_position(&client, &ctx.job_id, w as i32)
                 .await?

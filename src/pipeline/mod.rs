@@ -2,6 +2,7 @@
 
 pub mod binlog_target;
 pub mod cdc;
+pub mod cutover;
 pub mod mysql;
 pub mod rows;
 pub mod snapshot;

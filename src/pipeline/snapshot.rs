@@ -46,6 +46,8 @@ pub struct Summary {
     pub rows_stream: Option<super::rows::RowsSummary>,
     /// The same for a job whose source is MySQL/MariaDB.
     pub mysql_stream: Option<super::mysql::MysqlSummary>,
+    /// The leg ended in a cutover or fallback: the job goes on in the other direction.
+    pub handoff: bool,
 }
 
 pub async fn run(

@@ -146,6 +146,24 @@ fn now() -> String {
     )
 }
 
+/// Whether a process holds the directory's lock (a `kuaka run` is working on it).
+pub fn is_locked(dir: &Path) -> bool {
+    let Ok(lock) = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.join("lock"))
+    else {
+        return false;
+    };
+    match lock.try_lock() {
+        Ok(()) => {
+            let _ = lock.unlock();
+            false
+        }
+        Err(_) => true,
+    }
+}
+
 impl StateStore {
     /// Open (creating if needed) the store in `dir` and take the directory's lock.
     pub fn open_locked(dir: &Path) -> Result<StateStore> {

@@ -3,6 +3,7 @@
 //!
 //! Run with `cargo test --test it`; a single test with `cargo test --test it -- <name> --nocapture`.
 
+mod cutover;
 mod mysql;
 mod pg_cdc;
 mod pg_replication;

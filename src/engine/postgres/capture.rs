@@ -406,6 +406,10 @@ pub struct Capture {
     pub progress: Arc<CaptureProgress>,
     /// Ask for big in-progress transactions to be streamed (PostgreSQL 14+, protocol 2).
     pub streaming: bool,
+    /// Leave out transactions whose replication origin starts with this: the writes kuaka
+    /// itself applied to this database in the other direction (after a cutover), which must
+    /// not travel back.
+    pub skip_origin_prefix: Option<String>,
 }
 
 impl Capture {
@@ -477,6 +481,9 @@ impl Capture {
         tracing::info!(slot = %self.slot, after = %PgLsn(log.last_commit()), "change capture streaming");
         let progress = self.progress.clone();
         let mut skipping = false;
+        // A Begin is held back until the next message says whether the transaction came
+        // from a replication origin kuaka leaves out (the Origin message follows the Begin).
+        let mut pending_begin: Option<(u64, Vec<u8>)> = None;
         let mut commit_end = PgLsn(0);
         let mut confirmed = PgLsn(progress.confirmed.load(Ordering::Relaxed));
         let mut last_sync = Instant::now();
@@ -502,7 +509,7 @@ impl Capture {
                 if let Some(shapes) = save.durable.take() {
                     (self.on_shapes)(&shapes);
                 }
-                if !log.in_transaction() {
+                if !log.in_transaction() && pending_begin.is_none() {
                     let to = commit_end.max(idle_end).max(confirmed);
                     let _ = stream.send_status(to, to, to, false).await;
                 }
@@ -550,12 +557,26 @@ impl Capture {
                     let message = decode::decode(&data).map_err(|e| {
                         Error::Definite(format!("the source sent a change kuaka cannot read: {e}"))
                     })?;
+                    if let Some((pos, begin)) = pending_begin.take() {
+                        let ours = matches!(
+                            (&message, &self.skip_origin_prefix),
+                            (PgOutput::Origin { name, .. }, Some(prefix)) if name.starts_with(prefix.as_str())
+                        );
+                        if ours {
+                            tracing::debug!(
+                                "leaving out a transaction kuaka applied (replication origin)"
+                            );
+                            skipping = true;
+                        } else {
+                            append(log, pos, &begin)?;
+                        }
+                    }
                     match message {
                         PgOutput::Begin { final_lsn, .. } => {
                             skipping = final_lsn.0 <= log.last_commit();
                             tracing::debug!(commit = %final_lsn, skipping, "transaction");
                             if !skipping {
-                                append(log, wal_start.0, &data)?;
+                                pending_begin = Some((wal_start.0, data.to_vec()));
                             }
                         }
                         PgOutput::Commit {
@@ -600,7 +621,7 @@ impl Capture {
                 }) => {
                     progress.received.fetch_max(wal_end.0, Ordering::Relaxed);
                     tracing::debug!(%wal_end, in_transaction = log.in_transaction(), reply_requested, "keepalive");
-                    if !log.in_transaction() && spools.is_empty() {
+                    if !log.in_transaction() && pending_begin.is_none() && spools.is_empty() {
                         idle_end = idle_end.max(wal_end);
                     }
                     reply_due |= reply_requested;
@@ -632,7 +653,11 @@ impl Capture {
                 // Everything up to the last commit is durable; outside a transaction, so is
                 // everything the server has passed (keepalive position).
                 let mut to = commit_end.max(confirmed);
-                if !log.in_transaction() && spools.is_empty() && in_stream.is_none() {
+                if !log.in_transaction()
+                    && pending_begin.is_none()
+                    && spools.is_empty()
+                    && in_stream.is_none()
+                {
                     to = to.max(idle_end);
                     progress
                         .complete_through

@@ -176,9 +176,13 @@ pub async fn connect(endpoint: &Endpoint, side: Side, role: &str) -> Result<Clie
         .connect_timeout(endpoint.connect_timeout())
         .keepalives(true)
         .keepalives_idle(Duration::from_secs(30));
-    if let Some(options) = endpoint.param("options") {
-        config.options(options);
-    }
+    // kuaka's sessions write through a cutover's fence (`default_transaction_read_only` set
+    // for the database while the application is held off).
+    let fence_exempt = "-c default_transaction_read_only=off";
+    match endpoint.param("options") {
+        Some(options) => config.options(format!("{options} {fence_exempt}")),
+        None => config.options(fence_exempt),
+    };
     if let Some(password) = &endpoint.password {
         config.password(password.expose());
     }

@@ -160,9 +160,12 @@ impl WireConnection {
             ("application_name", application_name.as_str()),
             ("client_encoding", "UTF8"),
         ];
-        if let Some(options) = endpoint.param("options") {
-            params.push(("options", options));
-        }
+        // As in `postgres::connect`: kuaka writes through a cutover's fence.
+        let options = match endpoint.param("options") {
+            Some(o) => format!("{o} -c default_transaction_read_only=off"),
+            None => "-c default_transaction_read_only=off".to_owned(),
+        };
+        params.push(("options", options.as_str()));
         params.extend_from_slice(extra);
         frontend::startup_message(params.iter().copied(), &mut conn.write)
             .map_err(|e| connect_error(e.to_string(), ErrorClass::Definite))?;

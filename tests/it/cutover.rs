@@ -1,0 +1,414 @@
+//! Cutover and fallback, PostgreSQL → PostgreSQL, under a writer that behaves like an
+//! application: it writes to the database that accepts writes and moves to the other one when
+//! it is refused. Afterwards every acknowledged write is in both databases exactly once, the
+//! fenced side refuses writes, sequences are ahead, and the streams run the right way.
+
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use crate::support::job::Job;
+use crate::support::{Background, assert_same_data, kuaka, psql, query_one, run, wait_until};
+
+const SCHEMA: &str = "
+CREATE TABLE account (id serial PRIMARY KEY, owner text NOT NULL, balance numeric(12,2) NOT NULL);
+INSERT INTO account (owner, balance) SELECT 'owner ' || g, g * 1.5 FROM generate_series(1, 500) g;
+CREATE TABLE ledger (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+  account integer NOT NULL REFERENCES account, amount integer NOT NULL, tag text UNIQUE NOT NULL);
+INSERT INTO ledger (account, amount, tag) SELECT 1 + g % 500, g, 'seed ' || g FROM generate_series(1, 2000) g;
+";
+
+/// Where the application believes it should write.
+const PREFER_SOURCE: u8 = 0;
+const PREFER_TARGET: u8 = 1;
+
+struct Writer {
+    stop: Arc<AtomicBool>,
+    prefer: Arc<AtomicU8>,
+    /// Acknowledged writes: (tag, database written to: 0 source, 1 target).
+    acked: Arc<Mutex<Vec<(String, u8)>>>,
+    handle: Option<thread::JoinHandle<Vec<String>>>,
+}
+
+enum Attempt {
+    Ok,
+    ReadOnly,
+    Retry,
+    Failed(String),
+}
+
+fn attempt(url: &str, sql: &str) -> Attempt {
+    let out = Command::new("psql")
+        .args([
+            "-X",
+            "-q",
+            "-At",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            url,
+            "-c",
+            sql,
+        ])
+        .env_remove("PGPASSWORD")
+        .output()
+        .expect("psql");
+    if out.status.success() {
+        return Attempt::Ok;
+    }
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    if err.contains("read-only transaction") {
+        Attempt::ReadOnly
+    } else if err.contains("terminat") || err.contains("closed the connection") {
+        // The fence ended this session; the write was not acknowledged.
+        Attempt::Retry
+    } else {
+        Attempt::Failed(err)
+    }
+}
+
+impl Writer {
+    /// Insert a ledger row (the target's identity sequence must be ahead after a cutover, or
+    /// this fails with a duplicate key) and update an account, in one transaction, over and
+    /// over; move to the other database when the current one refuses writes.
+    fn start(source: &str, target: &str) -> Writer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let prefer = Arc::new(AtomicU8::new(PREFER_SOURCE));
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let urls = [source.to_owned(), target.to_owned()];
+        let (s, p, a) = (stop.clone(), prefer.clone(), acked.clone());
+        let handle = thread::spawn(move || {
+            let mut failures = Vec::new();
+            let mut current = 0u8;
+            let mut i = 0u64;
+            while !s.load(Ordering::Relaxed) {
+                i += 1;
+                let tag = format!("w{i}");
+                let sql = format!(
+                    "BEGIN; INSERT INTO ledger (account, amount, tag) VALUES ({}, {i}, '{tag}'); \
+                     UPDATE account SET balance = balance + 1 WHERE id = {}; COMMIT;",
+                    1 + i % 500,
+                    1 + i % 500
+                );
+                loop {
+                    match attempt(&urls[current as usize], &sql) {
+                        Attempt::Ok => {
+                            a.lock().unwrap().push((tag.clone(), current));
+                            break;
+                        }
+                        Attempt::Retry => thread::sleep(Duration::from_millis(5)),
+                        Attempt::ReadOnly => {
+                            // Refused: the application moves to where it is told to go, or
+                            // waits there until it is writable.
+                            let want = p.load(Ordering::Relaxed);
+                            if current != want {
+                                current = want;
+                            } else {
+                                thread::sleep(Duration::from_millis(5));
+                            }
+                        }
+                        Attempt::Failed(e) => {
+                            failures.push(format!("{tag} on {current}: {e}"));
+                            break;
+                        }
+                    }
+                    if s.load(Ordering::Relaxed) {
+                        break;
+                    }
+                }
+            }
+            failures
+        });
+        Writer {
+            stop,
+            prefer,
+            acked,
+            handle: Some(handle),
+        }
+    }
+
+    fn count_on(&self, db: u8) -> usize {
+        self.acked
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, d)| *d == db)
+            .count()
+    }
+
+    fn finish(mut self) -> Vec<(String, u8)> {
+        self.stop.store(true, Ordering::Relaxed);
+        let failures = self.handle.take().unwrap().join().expect("writer");
+        assert!(failures.is_empty(), "the writer failed: {failures:#?}");
+        std::mem::take(&mut *self.acked.lock().unwrap())
+    }
+}
+
+fn switch(job: &Job, action: &str, extra: &[&str]) -> crate::support::RunOutput {
+    let mut c = kuaka();
+    c.args([action, "--state", job.state_dir(), "--max-lag", "30"])
+        .args(extra);
+    run(c)
+}
+
+fn refuses_writes(url: &str) -> bool {
+    matches!(
+        attempt(url, "UPDATE account SET balance = balance WHERE id = 1"),
+        Attempt::ReadOnly
+    )
+}
+
+/// Every acknowledged tag is in `url`'s ledger exactly once.
+fn assert_all_acked_in(url: &str, acked: &[(String, u8)], what: &str) {
+    let rows = query_one(
+        url,
+        "SELECT count(*) || ' ' || count(DISTINCT tag) FROM ledger WHERE tag LIKE 'w%'",
+    );
+    let tags: std::collections::HashSet<String> = query_one(
+        url,
+        "SELECT string_agg(tag, ',') FROM ledger WHERE tag LIKE 'w%'",
+    )
+    .split(',')
+    .map(str::to_owned)
+    .collect();
+    let missing: Vec<&String> = acked
+        .iter()
+        .map(|(t, _)| t)
+        .filter(|t| !tags.contains(*t))
+        .take(10)
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "acknowledged writes missing in the {what}: {missing:?}"
+    );
+    let (n, distinct) = rows.split_once(' ').expect("two counts");
+    assert_eq!(n, distinct, "a write is in the {what} twice");
+}
+
+fn wait_for_tags(url: &str, acked: &[(String, u8)], what: &str) {
+    let last = acked.iter().map(|(t, _)| t.clone()).collect::<Vec<_>>();
+    wait_until(
+        &format!("every acknowledged write to reach the {what}"),
+        Duration::from_secs(60),
+        || {
+            let n: usize = query_one(url, "SELECT count(*) FROM ledger WHERE tag LIKE 'w%'")
+                .parse()
+                .unwrap_or(0);
+            n >= last.len()
+        },
+    );
+    assert_all_acked_in(url, acked, what);
+}
+
+fn sigterm(background: Background) {
+    let status = Command::new("kill")
+        .args(["-TERM", &background.pid().to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(status.success());
+    let stopped = background.wait(Duration::from_secs(60));
+    assert_eq!(stopped.status.code(), Some(130), "{}", stopped.all_output());
+}
+
+#[test]
+fn cutover_and_fallback_under_writes() {
+    let job = Job::new("cutover_pg", |url| {
+        psql(url, SCHEMA);
+    });
+    let mut streaming = job.stream_in_background(&[]);
+    let writer = Writer::start(&job.source, &job.target);
+    wait_until("writes on the source", Duration::from_secs(30), || {
+        writer.count_on(0) >= 30
+    });
+
+    // Cutover: the writer is refused by the source and moves to the target.
+    writer.prefer.store(PREFER_TARGET, Ordering::Relaxed);
+    let out = switch(&job, "cutover", &[]);
+    out.assert_success();
+    let text = out.all_output();
+    for step in [
+        "check lag",
+        "fence",
+        "drain",
+        "verify",
+        "sequences",
+        "reverse replication",
+        "unfence target",
+    ] {
+        assert!(text.contains(step), "no step {step:?} in:\n{text}");
+    }
+    assert!(text.contains("could not write for"), "{text}");
+    wait_until("writes on the target", Duration::from_secs(30), || {
+        writer.count_on(1) >= 30
+    });
+    assert!(
+        refuses_writes(&job.source),
+        "the source accepts writes after the cutover"
+    );
+    // The identity sequence moved ahead: the writer's inserts on the target did not collide
+    // (it fails on any error but read-only), and the target's sequence is past every source id.
+    let source_max: i64 = query_one(&job.source, "SELECT max(id) FROM ledger")
+        .parse()
+        .unwrap();
+    let target_seq: i64 = query_one(
+        &job.target,
+        "SELECT last_value FROM pg_sequences WHERE sequencename = 'ledger_id_seq'",
+    )
+    .parse()
+    .unwrap();
+    assert!(
+        target_seq >= source_max,
+        "target sequence {target_seq} behind source id {source_max}"
+    );
+    let status = {
+        let mut c = kuaka();
+        c.args(["status", "--state", job.state_dir(), "--json"]);
+        c.output().expect("status")
+    };
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status json");
+    assert_eq!(status["direction"], "reverse", "{status:#}");
+    assert_eq!(status["last_switch"]["state"], "done", "{status:#}");
+    // Rerunning is a no-op.
+    switch(&job, "cutover", &[]).assert_success();
+
+    // The target's writes stream back to the source.
+    let acked_now = writer.acked.lock().unwrap().clone();
+    wait_for_tags(
+        &job.source,
+        &acked_now,
+        "source (through reverse replication)",
+    );
+
+    // Fallback: the writer is refused by the target and returns to the source.
+    writer.prefer.store(PREFER_SOURCE, Ordering::Relaxed);
+    let before = writer.count_on(0);
+    let out = switch(&job, "fallback", &[]);
+    out.assert_success();
+    assert!(
+        out.all_output().contains("could not write for"),
+        "{}",
+        out.all_output()
+    );
+    wait_until(
+        "writes on the source again",
+        Duration::from_secs(30),
+        || writer.count_on(0) >= before + 30,
+    );
+    assert!(
+        refuses_writes(&job.target),
+        "the target accepts writes after the fallback"
+    );
+    let acked = writer.finish();
+    assert!(acked.iter().any(|(_, d)| *d == 1));
+    // Forward again: everything reaches the target, and nothing kuaka applied to the source
+    // came back (each tag once).
+    wait_for_tags(&job.target, &acked, "target (forward again)");
+    assert_all_acked_in(&job.source, &acked, "source");
+    wait_until(
+        "source and target to be equal",
+        Duration::from_secs(60),
+        || {
+            crate::support::postgres::pg_table_checksums(&job.source)
+                == crate::support::postgres::pg_table_checksums(&job.target)
+        },
+    );
+    assert_same_data(&job.source, &job.target);
+    assert!(streaming.is_running(), "{}", streaming.stderr());
+    sigterm(streaming);
+    let status = {
+        let mut c = kuaka();
+        c.args(["status", "--state", job.state_dir(), "--json"]);
+        c.output().expect("status")
+    };
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status json");
+    assert_eq!(status["direction"], "forward", "{status:#}");
+    job.clean();
+    assert_eq!(
+        query_one(
+            &job.target,
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'kuaka%'"
+        ),
+        "0",
+        "a reverse slot is left on the target"
+    );
+}
+
+#[test]
+fn cutover_killed_at_steps_then_rerun() {
+    let job = Job::new("cutover_kill", |url| {
+        psql(url, SCHEMA);
+    });
+    let with_failpoint = |fp: &str| {
+        let mut c = job.stream_command(&[]);
+        c.env("KUAKA_FAILPOINT", fp);
+        let mut b = Background::spawn(c);
+        wait_until("streaming", Duration::from_secs(120), || {
+            assert!(b.is_running(), "kuaka exited early:\n{}", b.stderr());
+            job.phase() == "streaming"
+        });
+        b
+    };
+    let writer = Writer::start(&job.source, &job.target);
+    wait_until("writes on the source", Duration::from_secs(30), || {
+        writer.count_on(0) >= 20
+    });
+    writer.prefer.store(PREFER_TARGET, Ordering::Relaxed);
+
+    // Killed right after fencing: both databases refuse the application, nothing switched.
+    let first = with_failpoint("cutover.after_step:2");
+    let out = switch(&job, "cutover", &[]);
+    out.assert_exit_code(2);
+    first
+        .wait(Duration::from_secs(30))
+        .assert_killed_by_sigkill();
+    assert!(refuses_writes(&job.source) && refuses_writes(&job.target));
+
+    // Killed after the reverse slot is made and the direction recorded: the restart finishes
+    // the switch (unfences the target) before streaming back.
+    let second = with_failpoint("cutover.after_step:6");
+    let out = switch(&job, "cutover", &[]);
+    out.assert_exit_code(2);
+    second
+        .wait(Duration::from_secs(30))
+        .assert_killed_by_sigkill();
+    assert!(
+        refuses_writes(&job.target),
+        "unfenced before the switch finished"
+    );
+    let mut third = Background::spawn(job.stream_command(&[]));
+    wait_until(
+        "the target to accept writes",
+        Duration::from_secs(60),
+        || {
+            assert!(third.is_running(), "kuaka exited:\n{}", third.stderr());
+            !refuses_writes(&job.target)
+        },
+    );
+    let out = switch(&job, "cutover", &[]);
+    out.assert_success();
+    assert!(
+        out.all_output().contains("already cut over"),
+        "{}",
+        out.all_output()
+    );
+    wait_until("writes on the target", Duration::from_secs(30), || {
+        writer.count_on(1) >= 20
+    });
+    assert!(refuses_writes(&job.source));
+    let acked = writer.finish();
+    wait_for_tags(&job.source, &acked, "source (through reverse replication)");
+    assert_all_acked_in(&job.target, &acked, "target");
+    wait_until(
+        "source and target to be equal",
+        Duration::from_secs(60),
+        || {
+            crate::support::postgres::pg_table_checksums(&job.source)
+                == crate::support::postgres::pg_table_checksums(&job.target)
+        },
+    );
+    assert_same_data(&job.source, &job.target);
+    sigterm(third);
+    job.clean();
+}
