@@ -216,6 +216,12 @@ fn sigterm(background: Background) {
 fn cutover_and_fallback_under_writes() {
     let job = Job::new("cutover_pg", |url| {
         psql(url, SCHEMA);
+        // Big transactions reach capture in parts before they commit (protocol 2 streaming):
+        // the reverse-applied one below must still be recognised by its origin.
+        psql(
+            url,
+            "ALTER DATABASE cutover_pg_src SET logical_decoding_work_mem = '64kB';",
+        );
     });
     let mut streaming = job.stream_in_background(&[]);
     let writer = Writer::start(&job.source, &job.target);
@@ -280,6 +286,15 @@ fn cutover_and_fallback_under_writes() {
         &acked_now,
         "source (through reverse replication)",
     );
+
+    // A big transaction and then a small update of one of its rows on the target: both go
+    // back to the source; after the fallback the forward stream must bring neither to the
+    // target again (replaying the streamed insert would undo the update there).
+    psql(
+        &job.target,
+        "INSERT INTO ledger (account, amount, tag) SELECT 1 + g % 500, g, 'big ' || g FROM generate_series(1, 3000) g;",
+    );
+    psql(&job.target, "UPDATE ledger SET amount = -1 WHERE tag = 'big 7';");
 
     // Fallback: the writer is refused by the target and returns to the source.
     writer.prefer.store(PREFER_SOURCE, Ordering::Relaxed);

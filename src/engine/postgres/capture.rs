@@ -12,7 +12,7 @@
 //!   goes into the log ahead of the new relation description); anything else stops the capture
 //!   with an error naming the table and the change, leaving the log and the target as they were.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -494,6 +494,9 @@ impl Capture {
         // sends them again after a reconnect, so spools never outlive this connection.
         let mut spools: HashMap<u32, Spool> = HashMap::new();
         let mut in_stream: Option<u32> = None;
+        // Streamed transactions that carry one of kuaka's replication origins: dropped at
+        // their commit.
+        let mut ours_streamed: HashSet<u32> = HashSet::new();
         Spool::remove_leftovers(log.dir());
         let mut reply_due = false;
         loop {
@@ -530,7 +533,14 @@ impl Capture {
                             ))
                         })?;
                         if let Some(end) = self
-                            .stream_control(log, &mut spools, &mut in_stream, control, save)
+                            .stream_control(
+                                log,
+                                &mut spools,
+                                &mut in_stream,
+                                &mut ours_streamed,
+                                control,
+                                save,
+                            )
                             .await?
                         {
                             commit_end = commit_end.max(end);
@@ -540,6 +550,17 @@ impl Capture {
                     if let Some(top) = in_stream {
                         // A change of a transaction still in progress: spool it aside until
                         // its commit (or abort) arrives.
+                        // The origin of a streamed transaction (sent with its first part,
+                        // without an xid): kuaka's own writes are dropped at the commit.
+                        if data.first() == Some(&b'O') {
+                            if let (Ok(PgOutput::Origin { name, .. }), Some(prefix)) =
+                                (decode::decode(&data), &self.skip_origin_prefix)
+                                && name.starts_with(prefix.as_str())
+                            {
+                                ours_streamed.insert(top);
+                            }
+                            break 'msg;
+                        }
                         let (xid, v1) = decode::strip_stream_xid(&data).map_err(|e| {
                             Error::Definite(format!(
                                 "the source sent a message kuaka cannot read: {e}"
@@ -746,6 +767,7 @@ impl Capture {
         log: &mut ChangeLog,
         spools: &mut HashMap<u32, Spool>,
         in_stream: &mut Option<u32>,
+        ours_streamed: &mut HashSet<u32>,
         control: decode::StreamControl,
         save: &mut ShapeSave,
     ) -> Result<Option<PgLsn>> {
@@ -756,6 +778,7 @@ impl Capture {
             StreamControl::Abort { xid, subxid } => {
                 if xid == subxid {
                     spools.remove(&xid);
+                    ours_streamed.remove(&xid);
                 } else if let Some(spool) = spools.get_mut(&xid) {
                     spool.abort_subtransaction(subxid).map_err(log_error)?;
                 }
@@ -767,8 +790,13 @@ impl Capture {
                 commit_time_us,
             } => {
                 let Some(mut spool) = spools.remove(&xid) else {
+                    ours_streamed.remove(&xid);
                     return Ok(Some(end_lsn));
                 };
+                if ours_streamed.remove(&xid) {
+                    tracing::debug!(xid, "leaving out a streamed transaction kuaka applied (replication origin)");
+                    return Ok(Some(end_lsn));
+                }
                 if commit_lsn.0 > log.last_commit() {
                     append(
                         log,
