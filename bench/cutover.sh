@@ -58,6 +58,7 @@ die() {
 command -v jq >/dev/null || die "jq missing (apt-get install -y jq)"
 export PATH=$PGBIN:$PATH
 unset PGHOST PGPORT PGUSER PGDATABASE PGPASSWORD PGSERVICE
+export PGOPTIONS="-c client_min_messages=warning"
 
 as_owner() {
     if ((EUID == 0)); then runuser -u postgres -- "$@"; else "$@"; fi
@@ -112,6 +113,8 @@ q() { psql -X -q -At -d "$(url "$1")" -c "$2"; }
 log "building the source template (pgbench -i -s $SCALE)"
 q postgres "CREATE DATABASE tmpl"
 pgbench -q -i -s "$SCALE" -h 127.0.0.1 -p "$PORT" -U postgres tmpl >/dev/null 2>&1
+# Change capture needs a key on every table (pgbench_history has none).
+q tmpl "ALTER TABLE pgbench_history ADD COLUMN hid bigserial PRIMARY KEY"
 q tmpl "CREATE TABLE probe (id bigserial PRIMARY KEY, at timestamptz NOT NULL DEFAULT clock_timestamp())"
 
 # The probe: one INSERT per psql, to the database that takes it; prints

@@ -375,10 +375,11 @@ async fn prepare_steps(live: &Live<'_>, request: &Request, rep: &mut Reporter) -
     if !live.reverse {
         fenced.push(fence(live.moves(), live.moves_side(), &request.app_roles).await?);
     }
-    let from_fence = fence(live.writes(), live.writes_side(), &request.app_roles).await?;
+    // The application loses its writable database from here.
     if rep.progress.fenced_at_ms.is_none() {
         rep.progress.fenced_at_ms = Some(unix_ms());
     }
+    let from_fence = fence(live.writes(), live.writes_side(), &request.app_roles).await?;
     fenced.push(from_fence);
     rep.step("fence", fenced.join("; "));
     // 3. Drain.
@@ -760,9 +761,15 @@ pub async fn fence(endpoint: &Endpoint, side: Side, roles: &[String]) -> Result<
             sql.trim_end_matches(';')
         )
     })?;
-    let ended = end_sessions(&client, roles)
+    let (ended, left) = end_sessions(&client, roles)
         .await
         .ctx(|| format!("ending the application's sessions on the {}", side.name()))?;
+    if left > 0 {
+        return Err(Error::Definite(format!(
+            "{left} of the application's sessions on the {} did not end within 30 s of pg_terminate_backend",
+            side.name()
+        )));
+    }
     Ok(format!(
         "{} {}: default_transaction_read_only = on for {}, {ended} open sessions ended",
         side.name(),
@@ -778,21 +785,40 @@ pub async fn fence(endpoint: &Endpoint, side: Side, roles: &[String]) -> Result<
 async fn end_sessions(
     client: &tokio_postgres::Client,
     roles: &[String],
-) -> std::result::Result<i64, tokio_postgres::Error> {
-    // pg_terminate_backend with a timeout waits for the session to be gone: a transaction
-    // it was committing is then either in the WAL before the drain's barrier, or aborted.
+) -> std::result::Result<(usize, i64), tokio_postgres::Error> {
+    // Signal every session first, then wait for all of them to be gone: a transaction one
+    // was committing is then either in the WAL before the drain's barrier, or aborted.
+    // (`pg_terminate_backend(pid, timeout)` would wait for them one by one, polling.)
     let roles: Vec<String> = roles.to_vec();
     let row = client
         .query_one(
-            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 10000)) FROM pg_stat_activity \
-             WHERE datname = current_database() AND pid <> pg_backend_pid() \
-               AND backend_type = 'client backend' \
-               AND coalesce(application_name, '') NOT LIKE 'kuaka %' \
-               AND (cardinality($1::text[]) = 0 OR usename = ANY ($1::text[]))",
+            "SELECT coalesce(array_agg(pid), '{}') FROM ( \
+               SELECT pid FROM pg_stat_activity \
+               WHERE datname = current_database() AND pid <> pg_backend_pid() \
+                 AND backend_type = 'client backend' \
+                 AND coalesce(application_name, '') NOT LIKE 'kuaka %' \
+                 AND (cardinality($1::text[]) = 0 OR usename = ANY ($1::text[])) \
+             ) s WHERE pg_terminate_backend(pid)",
             &[&roles],
         )
         .await?;
-    Ok(row.get(0))
+    let pids: Vec<i32> = row.get(0);
+    let started = Instant::now();
+    let mut left;
+    loop {
+        left = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY ($1)",
+                &[&pids],
+            )
+            .await?
+            .get(0);
+        if left == 0 || started.elapsed() > Duration::from_secs(30) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    Ok((pids.len(), left))
 }
 
 pub async fn unfence(endpoint: &Endpoint, side: Side, roles: &[String]) -> Result<()> {

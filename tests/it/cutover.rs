@@ -295,10 +295,20 @@ fn cutover_and_fallback_under_writes() {
         "INSERT INTO ledger (account, amount, tag) SELECT 1 + g % 500, g, 'big ' || g FROM generate_series(1, 3000) g;",
     );
     // (Apply batches transactions together: the update must come in a later batch.)
-    wait_until("the big transaction to reach the source", Duration::from_secs(60), || {
-        query_one(&job.source, "SELECT count(*) FROM ledger WHERE tag LIKE 'big %'") == "3000"
-    });
-    psql(&job.target, "UPDATE ledger SET amount = -1 WHERE tag = 'big 7';");
+    wait_until(
+        "the big transaction to reach the source",
+        Duration::from_secs(60),
+        || {
+            query_one(
+                &job.source,
+                "SELECT count(*) FROM ledger WHERE tag LIKE 'big %'",
+            ) == "3000"
+        },
+    );
+    psql(
+        &job.target,
+        "UPDATE ledger SET amount = -1 WHERE tag = 'big 7';",
+    );
 
     // Fallback: the writer is refused by the target and returns to the source.
     writer.prefer.store(PREFER_SOURCE, Ordering::Relaxed);

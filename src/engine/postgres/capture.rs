@@ -794,7 +794,10 @@ impl Capture {
                     return Ok(Some(end_lsn));
                 };
                 if ours_streamed.remove(&xid) {
-                    tracing::debug!(xid, "leaving out a streamed transaction kuaka applied (replication origin)");
+                    tracing::debug!(
+                        xid,
+                        "leaving out a streamed transaction kuaka applied (replication origin)"
+                    );
                     return Ok(Some(end_lsn));
                 }
                 if commit_lsn.0 > log.last_commit() {
