@@ -735,25 +735,28 @@ pub async fn finish_interrupted(
     result
 }
 
+/// `ALTER DATABASE db <setting>`, or `ALTER ROLE r IN DATABASE db <setting>` per role.
+fn read_only_default(database: &str, roles: &[String], setting: &str) -> String {
+    let db = quote_ident(database);
+    if roles.is_empty() {
+        return format!("ALTER DATABASE {db} {setting};");
+    }
+    roles
+        .iter()
+        .map(|r| format!("ALTER ROLE {} IN DATABASE {db} {setting};", quote_ident(r)))
+        .collect()
+}
+
 /// Make the database read-only for the application and end its open sessions (which
 /// aborts their transactions; a transaction already committing finishes first). Returns
 /// what was done, for the log.
 pub async fn fence(endpoint: &Endpoint, side: Side, roles: &[String]) -> Result<String> {
     let client = postgres::connect(endpoint, side, "fence").await?;
-    let db = quote_ident(&endpoint.database);
-    let mut sql = String::new();
-    if roles.is_empty() {
-        sql.push_str(&format!(
-            "ALTER DATABASE {db} SET default_transaction_read_only = on;"
-        ));
-    } else {
-        for r in roles {
-            sql.push_str(&format!(
-                "ALTER ROLE {} IN DATABASE {db} SET default_transaction_read_only = on;",
-                quote_ident(r)
-            ));
-        }
-    }
+    let sql = read_only_default(
+        &endpoint.database,
+        roles,
+        "SET default_transaction_read_only = on",
+    );
     client.batch_execute(&sql).await.ctx(|| {
         format!(
             "fencing the {} ({})",
@@ -823,20 +826,11 @@ async fn end_sessions(
 
 pub async fn unfence(endpoint: &Endpoint, side: Side, roles: &[String]) -> Result<()> {
     let client = postgres::connect(endpoint, side, "unfence").await?;
-    let db = quote_ident(&endpoint.database);
-    let mut sql = String::new();
-    if roles.is_empty() {
-        sql.push_str(&format!(
-            "ALTER DATABASE {db} RESET default_transaction_read_only;"
-        ));
-    } else {
-        for r in roles {
-            sql.push_str(&format!(
-                "ALTER ROLE {} IN DATABASE {db} RESET default_transaction_read_only;",
-                quote_ident(r)
-            ));
-        }
-    }
+    let sql = read_only_default(
+        &endpoint.database,
+        roles,
+        "RESET default_transaction_read_only",
+    );
     client
         .batch_execute(&sql)
         .await

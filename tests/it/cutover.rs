@@ -10,7 +10,9 @@ use std::thread;
 use std::time::Duration;
 
 use crate::support::job::Job;
-use crate::support::{Background, assert_same_data, kuaka, psql, query_one, run, wait_until};
+use crate::support::{
+    Background, assert_same_data, kuaka, psql, query_one, run, sigterm, wait_until,
+};
 
 const SCHEMA: &str = "
 CREATE TABLE account (id serial PRIMARY KEY, owner text NOT NULL, balance numeric(12,2) NOT NULL);
@@ -202,14 +204,17 @@ fn wait_for_tags(url: &str, acked: &[(String, u8)], what: &str) {
     assert_all_acked_in(url, acked, what);
 }
 
-fn sigterm(background: Background) {
-    let status = Command::new("kill")
-        .args(["-TERM", &background.pid().to_string()])
-        .status()
-        .expect("kill -TERM");
-    assert!(status.success());
-    let stopped = background.wait(Duration::from_secs(60));
-    assert_eq!(stopped.status.code(), Some(130), "{}", stopped.all_output());
+/// Source and target become equal (the last changes may still be on their way).
+fn assert_converge(job: &Job) {
+    wait_until(
+        "source and target to be equal",
+        Duration::from_secs(60),
+        || {
+            crate::support::postgres::pg_table_checksums(&job.source)
+                == crate::support::postgres::pg_table_checksums(&job.target)
+        },
+    );
+    assert_same_data(&job.source, &job.target);
 }
 
 #[test]
@@ -335,15 +340,7 @@ fn cutover_and_fallback_under_writes() {
     // came back (each tag once).
     wait_for_tags(&job.target, &acked, "target (forward again)");
     assert_all_acked_in(&job.source, &acked, "source");
-    wait_until(
-        "source and target to be equal",
-        Duration::from_secs(60),
-        || {
-            crate::support::postgres::pg_table_checksums(&job.source)
-                == crate::support::postgres::pg_table_checksums(&job.target)
-        },
-    );
-    assert_same_data(&job.source, &job.target);
+    assert_converge(&job);
     assert!(streaming.is_running(), "{}", streaming.stderr());
     sigterm(streaming);
     let status = {
@@ -429,15 +426,7 @@ fn cutover_killed_at_steps_then_rerun() {
     let acked = writer.finish();
     wait_for_tags(&job.source, &acked, "source (through reverse replication)");
     assert_all_acked_in(&job.target, &acked, "target");
-    wait_until(
-        "source and target to be equal",
-        Duration::from_secs(60),
-        || {
-            crate::support::postgres::pg_table_checksums(&job.source)
-                == crate::support::postgres::pg_table_checksums(&job.target)
-        },
-    );
-    assert_same_data(&job.source, &job.target);
+    assert_converge(&job);
     sigterm(third);
     job.clean();
 }

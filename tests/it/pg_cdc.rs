@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::support::job::Job;
 use crate::support::postgres::{PgServer, query_rows};
-use crate::support::{Background, assert_same_data, pg, psql, query_one, run, wait_until};
+use crate::support::{Background, assert_same_data, pg, psql, query_one, run, sigterm, wait_until};
 
 /// Tables with keys for the live tests: a counter (updates are `n = n + 1`), a table with
 /// TOASTed values, a parent with `ON UPDATE CASCADE` children, a partitioned table and one
@@ -75,16 +75,6 @@ fn psql_tolerant(url: &str, sql: &str) {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status();
-}
-
-fn sigterm(background: Background) {
-    let status = Command::new("kill")
-        .args(["-TERM", &background.pid().to_string()])
-        .status()
-        .expect("kill -TERM");
-    assert!(status.success());
-    let stopped = background.wait(Duration::from_secs(60));
-    assert_eq!(stopped.status.code(), Some(130), "{}", stopped.all_output());
 }
 
 /// On the target: record every row version apply writes to `counter` (an `ALWAYS` trigger

@@ -397,3 +397,14 @@ pub fn job_phase(state: &Path) -> String {
         .and_then(|v| v["phase"].as_str().map(str::to_owned))
         .unwrap_or_default()
 }
+
+/// Stop a streaming `kuaka run` with SIGTERM: it must exit 130 (interrupted, resumable).
+pub fn sigterm(background: Background) {
+    let status = Command::new("kill")
+        .args(["-TERM", &background.pid().to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(status.success());
+    let stopped = background.wait(Duration::from_secs(60));
+    assert_eq!(stopped.status.code(), Some(130), "{}", stopped.all_output());
+}
