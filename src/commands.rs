@@ -67,6 +67,13 @@ async fn run(args: &RunArgs, ui: &Ui, cancel: &CancellationToken) -> u8 {
             );
             EXIT_OK
         }
+        Ok(summary) if summary.cut_over => {
+            eprintln!(
+                "kuaka: this job is cut over to its target without reverse replication: nothing is left to stream (kuaka status --state {} shows the cutover; kuaka clean removes the job)",
+                args.state.display()
+            );
+            EXIT_OK
+        }
         Ok(summary) => {
             let secs = summary.copy_seconds.max(0.001);
             if let Some(stream) = &summary.mysql_stream {
@@ -1055,13 +1062,35 @@ async fn switch_over(
     };
     drop(store);
     use crate::config::EngineKind;
-    if spec.source.engine != EngineKind::Postgres || spec.target.engine != EngineKind::Postgres {
-        eprintln!(
-            "kuaka: {action} is implemented for PostgreSQL → PostgreSQL jobs in this version; this job moves {} to {}",
-            spec.source.redacted(),
-            spec.target.redacted()
-        );
-        return EXIT_ERROR;
+    match (spec.source.engine, spec.target.engine) {
+        (EngineKind::Postgres, EngineKind::Postgres) => {}
+        (EngineKind::Mysql, EngineKind::Postgres | EngineKind::Mysql) if action == "cutover" => {
+            if !no_reverse {
+                eprintln!(
+                    "kuaka: reverse replication after a cutover is implemented for PostgreSQL → PostgreSQL jobs only; this job moves {} to {}: run `kuaka cutover --no-reverse` to cut over without a way back",
+                    spec.source.redacted(),
+                    spec.target.redacted()
+                );
+                return EXIT_ERROR;
+            }
+            if spec.target.engine == EngineKind::Mysql
+                && spec.source.host_port() == spec.target.host_port()
+            {
+                eprintln!(
+                    "kuaka: the source and the target are databases of one server ({}): its fence, read_only, would hold the application off both",
+                    spec.source.host_port()
+                );
+                return EXIT_ERROR;
+            }
+        }
+        _ => {
+            eprintln!(
+                "kuaka: {action} is implemented for PostgreSQL → PostgreSQL jobs, and cutover without reverse replication for MySQL/MariaDB → PostgreSQL or MySQL/MariaDB jobs; this job moves {} to {}",
+                spec.source.redacted(),
+                spec.target.redacted()
+            );
+            return EXIT_ERROR;
+        }
     }
     if spec.snapshot_only {
         eprintln!("kuaka: this job copies a snapshot only: there is no stream to cut over");

@@ -73,10 +73,10 @@ pub async fn run(
         let direction = cutover::direction(store)?;
         let summary = match direction.as_str() {
             "none" => {
-                tracing::info!(
-                    "this job was cut over without reverse replication; nothing to stream"
-                );
-                return Ok(Summary::default());
+                return Ok(Summary {
+                    cut_over: true,
+                    ..Summary::default()
+                });
             }
             "reverse" => {
                 let n = store

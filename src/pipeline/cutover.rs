@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 
 use super::{Error, Result};
-use crate::config::{Endpoint, JobSpec};
+use crate::config::{Endpoint, EngineKind, JobSpec};
 use crate::engine::postgres::capture::{self, CaptureProgress};
 use crate::engine::postgres::replication::ReplicationConnection;
 use crate::engine::postgres::{self, Context, Side};
@@ -94,7 +94,7 @@ pub struct Progress {
     pub direction: String,
 }
 
-fn unix_ms() -> u64 {
+pub fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -194,17 +194,25 @@ impl Reporter {
         r
     }
 
+    /// The state directory the progress is written to.
+    pub fn dir(&self) -> PathBuf {
+        self.path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default()
+    }
+
     fn save(&self) {
         if let Err(e) = write_json(&self.path, &self.progress) {
             tracing::warn!("writing {}: {e}", self.path.display());
         }
     }
 
-    fn begin(&mut self) {
+    pub fn begin(&mut self) {
         self.step_started = Instant::now();
     }
 
-    fn step(&mut self, name: &str, detail: String) {
+    pub fn step(&mut self, name: &str, detail: String) {
         let seconds = self.step_started.elapsed().as_secs_f64();
         tracing::info!(step = name, seconds = format!("{seconds:.3}"), "{detail}");
         self.progress.steps.push(Step {
@@ -224,7 +232,7 @@ impl Reporter {
         self.save();
     }
 
-    fn done(&mut self, direction: &str) {
+    pub fn done(&mut self, direction: &str) {
         self.progress.direction = direction.into();
         if let (Some(a), Some(b)) = (self.progress.fenced_at_ms, self.progress.writable_at_ms) {
             self.progress.window_seconds = Some(b.saturating_sub(a) as f64 / 1000.0);
@@ -403,43 +411,14 @@ async fn prepare_steps(live: &Live<'_>, request: &Request, rep: &mut Reporter) -
         }
     }
     // 4. Verify.
-    let options = crate::verify::Options {
-        source: live.writes().clone(),
-        target: live.moves().clone(),
-        selection: live.spec.selection.clone(),
-        quick: !request.full_verify,
-        show_values: false,
-        rechecks: 0,
-        repair: false,
-        chunk_rows: 10_000,
-        jobs: 2,
-        state: None,
-        follow_job: Arc::new(std::sync::atomic::AtomicBool::new(false)),
-    };
-    let report = crate::verify::run(&options).await?;
-    rep.progress.rows_verified = report.rows;
-    if !report.equal {
-        let tables: Vec<String> = report
-            .tables
-            .iter()
-            .filter(|t| !t.equal())
-            .map(|t| t.source.clone())
-            .collect();
-        return Err(Error::Definite(format!(
-            "{} verification found differences after the drain in {}; run `kuaka verify` to see them",
-            if request.full_verify { "full" } else { "quick" },
-            tables.join(", ")
-        )));
-    }
-    rep.step(
-        "verify",
-        format!(
-            "{} verification: {} tables, {} rows, equal",
-            if request.full_verify { "full" } else { "quick" },
-            report.tables.len(),
-            report.rows
-        ),
-    );
+    verify_step(
+        rep,
+        live.writes(),
+        live.moves(),
+        live.spec,
+        request.full_verify,
+    )
+    .await?;
     // 5. Sequences.
     let schema = stored_schema(live.main)?;
     let moved = sync_sequences(
@@ -456,6 +435,53 @@ async fn prepare_steps(live: &Live<'_>, request: &Request, rep: &mut Reporter) -
             "{moved} sequences on the {} set to at least the {}'s values",
             live.moves_side().name(),
             live.writes_side().name()
+        ),
+    );
+    Ok(())
+}
+
+/// Step 4: the quick (or full) verification after the drain; differences fail the switch.
+pub async fn verify_step(
+    rep: &mut Reporter,
+    from: &Endpoint,
+    to: &Endpoint,
+    spec: &JobSpec,
+    full: bool,
+) -> Result<()> {
+    let options = crate::verify::Options {
+        source: from.clone(),
+        target: to.clone(),
+        selection: spec.selection.clone(),
+        quick: !full,
+        show_values: false,
+        rechecks: 0,
+        repair: false,
+        chunk_rows: 10_000,
+        jobs: 2,
+        state: None,
+        follow_job: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    };
+    let report = crate::verify::run(&options).await?;
+    rep.progress.rows_verified = report.rows;
+    let kind = if full { "full" } else { "quick" };
+    if !report.equal {
+        let tables: Vec<String> = report
+            .tables
+            .iter()
+            .filter(|t| !t.equal())
+            .map(|t| t.source.clone())
+            .collect();
+        return Err(Error::Definite(format!(
+            "{kind} verification found differences after the drain in {}; run `kuaka verify` to see them",
+            tables.join(", ")
+        )));
+    }
+    rep.step(
+        "verify",
+        format!(
+            "{kind} verification: {} tables, {} rows, equal",
+            report.tables.len(),
+            report.rows
         ),
     );
     Ok(())
@@ -525,7 +551,7 @@ pub async fn switch_forward(
     result
 }
 
-async fn finish_cutover(spec: &JobSpec, request: &Request, rep: &mut Reporter) -> Result<()> {
+pub async fn finish_cutover(spec: &JobSpec, request: &Request, rep: &mut Reporter) -> Result<()> {
     unfence(&spec.target, Side::Target, &request.app_roles).await?;
     rep.progress.writable_at_ms = Some(unix_ms());
     rep.step(
@@ -735,6 +761,193 @@ pub async fn finish_interrupted(
     result
 }
 
+/// Make the database read-only for the application, the way its engine allows (see the
+/// module's notes). Returns what was done, for the log.
+pub async fn fence(endpoint: &Endpoint, side: Side, roles: &[String]) -> Result<String> {
+    match endpoint.engine {
+        EngineKind::Postgres => pg_fence(endpoint, side, roles).await,
+        EngineKind::Mysql => my_fence(endpoint, side, roles).await,
+        EngineKind::Sqlite => Err(Error::Definite(
+            "a SQLite database cannot be fenced by kuaka".into(),
+        )),
+    }
+}
+
+/// Lift [`fence`].
+pub async fn unfence(endpoint: &Endpoint, side: Side, roles: &[String]) -> Result<()> {
+    match endpoint.engine {
+        EngineKind::Postgres => pg_unfence(endpoint, side, roles).await,
+        EngineKind::Mysql => my_unfence(endpoint, side).await,
+        EngineKind::Sqlite => Ok(()),
+    }
+}
+
+/// MySQL/MariaDB: end the application's sessions (every user but kuaka's, or the
+/// `--app-role` users), then `SET GLOBAL read_only = ON` for the whole server (it waits for
+/// transactions being committed; users with SUPER / READ ONLY ADMIN are not held off).
+async fn my_fence(endpoint: &Endpoint, side: Side, roles: &[String]) -> Result<String> {
+    use mysql_async::prelude::Queryable;
+    let what = |e| crate::engine::mysql::error(format!("fencing the {}", side.name()), e);
+    let mut conn = crate::engine::mysql::connect(endpoint, "fence").await?;
+    let me: String = conn
+        .query_first("SELECT SUBSTRING_INDEX(CURRENT_USER(), '@', 1)")
+        .await
+        .map_err(what)?
+        .unwrap_or_default();
+    let ids: Vec<u64> = conn
+        .query("SELECT ID, USER FROM information_schema.PROCESSLIST WHERE ID <> CONNECTION_ID()                 AND COMMAND NOT IN ('Binlog Dump', 'Binlog Dump GTID', 'Daemon', 'Killed')                 AND USER NOT IN ('system user', 'event_scheduler', 'unauthenticated user')")
+        .await
+        .map_err(what)?
+        .into_iter()
+        .filter(|(_, user): &(u64, String)| {
+            if roles.is_empty() {
+                *user != me
+            } else {
+                roles.contains(user)
+            }
+        })
+        .map(|(id, _)| id)
+        .collect();
+    for id in &ids {
+        match conn.query_drop(format!("KILL CONNECTION {id}")).await {
+            Ok(()) => {}
+            // Gone meanwhile.
+            Err(mysql_async::Error::Server(e)) if e.code == 1094 => {}
+            Err(e) => return Err(what(e).into()),
+        }
+    }
+    conn.query_drop("SET SESSION lock_wait_timeout = 30")
+        .await
+        .map_err(what)?;
+    conn.query_drop("SET GLOBAL read_only = ON")
+        .await
+        .map_err(what)?;
+    // The ended sessions are gone (a commit one was in has finished or was rolled back).
+    let started = Instant::now();
+    loop {
+        let list = ids
+            .iter()
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let left: u64 = if ids.is_empty() {
+            0
+        } else {
+            conn.query_first(format!(
+                "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID IN ({list})"
+            ))
+            .await
+            .map_err(what)?
+            .unwrap_or(0)
+        };
+        if left == 0 {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            return Err(Error::Definite(format!(
+                "{left} of the application's sessions on the {} did not end within 30 s of KILL CONNECTION",
+                side.name()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    conn.disconnect().await.ok();
+    Ok(format!(
+        "{} {}: read_only = ON for the server, {} sessions of {} ended",
+        side.name(),
+        endpoint.host_port(),
+        ids.len(),
+        if roles.is_empty() {
+            format!("users other than {me}")
+        } else {
+            format!("users {}", roles.join(", "))
+        }
+    ))
+}
+
+async fn my_unfence(endpoint: &Endpoint, side: Side) -> Result<()> {
+    use mysql_async::prelude::Queryable;
+    let mut conn = crate::engine::mysql::connect(endpoint, "unfence").await?;
+    conn.query_drop("SET GLOBAL read_only = OFF")
+        .await
+        .map_err(|e| {
+            crate::engine::mysql::error(format!("lifting the fence on the {}", side.name()), e)
+        })?;
+    conn.disconnect().await.ok();
+    Ok(())
+}
+
+/// MySQL/MariaDB source: every AUTO_INCREMENT counter of the job on the target (identity
+/// sequence on PostgreSQL, `AUTO_INCREMENT` on MySQL) moved to at least the source's.
+pub async fn sync_auto_increment(
+    source: &Endpoint,
+    target: &Endpoint,
+    catalog: &crate::engine::mysql::catalog::MyCatalog,
+) -> Result<usize> {
+    use mysql_async::prelude::Queryable;
+    let mut conn = crate::engine::mysql::connect(source, "sequences").await?;
+    let mut next = Vec::new();
+    for t in &catalog.tables {
+        let Some(col) = t.columns.iter().find(|c| c.auto_increment) else {
+            continue;
+        };
+        let value: Option<Option<u64>> = conn
+            .exec_first(
+                "SELECT AUTO_INCREMENT FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?",
+                (t.name(),),
+            )
+            .await
+            .map_err(|e| crate::engine::mysql::error(format!("reading the AUTO_INCREMENT of {}", t.name()), e))?;
+        if let Some(Some(v)) = value
+            && v > 1
+        {
+            next.push((t.name().to_owned(), col.name.clone(), v));
+        }
+    }
+    conn.disconnect().await.ok();
+    match target.engine {
+        EngineKind::Postgres => {
+            let client = postgres::connect(target, Side::Target, "sequences").await?;
+            for (table, column, v) in &next {
+                let seq = format!(
+                    "pg_catalog.pg_get_serial_sequence({}, {})",
+                    quote_literal(&format!("public.{}", quote_ident(table))),
+                    quote_literal(column)
+                );
+                // No identity there (a column kuaka did not make one of): nothing to move.
+                client
+                    .query_opt(
+                        &format!(
+                            "SELECT pg_catalog.setval({seq}, greatest($1::bigint, coalesce(pg_catalog.pg_sequence_last_value({seq}), $1::bigint)), true) \
+                             WHERE {seq} IS NOT NULL"
+                        ),
+                        &[&((*v - 1) as i64)],
+                    )
+                    .await
+                    .ctx(|| format!("setting the identity of {table}.{column}"))?;
+            }
+        }
+        _ => {
+            let mut t = crate::engine::mysql::connect(target, "sequences").await?;
+            for (table, _, v) in &next {
+                t.query_drop(format!(
+                    "ALTER TABLE {} AUTO_INCREMENT = {v}",
+                    crate::engine::mysql::quote_ident(table)
+                ))
+                .await
+                .map_err(|e| {
+                    crate::engine::mysql::error(
+                        format!("setting the AUTO_INCREMENT of {table} on the target"),
+                        e,
+                    )
+                })?;
+            }
+            t.disconnect().await.ok();
+        }
+    }
+    Ok(next.len())
+}
+
 /// `ALTER DATABASE db <setting>`, or `ALTER ROLE r IN DATABASE db <setting>` per role.
 fn read_only_default(database: &str, roles: &[String], setting: &str) -> String {
     let db = quote_ident(database);
@@ -750,7 +963,7 @@ fn read_only_default(database: &str, roles: &[String], setting: &str) -> String 
 /// Make the database read-only for the application and end its open sessions (which
 /// aborts their transactions; a transaction already committing finishes first). Returns
 /// what was done, for the log.
-pub async fn fence(endpoint: &Endpoint, side: Side, roles: &[String]) -> Result<String> {
+async fn pg_fence(endpoint: &Endpoint, side: Side, roles: &[String]) -> Result<String> {
     let client = postgres::connect(endpoint, side, "fence").await?;
     let sql = read_only_default(
         &endpoint.database,
@@ -824,7 +1037,7 @@ async fn end_sessions(
     Ok((pids.len(), left))
 }
 
-pub async fn unfence(endpoint: &Endpoint, side: Side, roles: &[String]) -> Result<()> {
+async fn pg_unfence(endpoint: &Endpoint, side: Side, roles: &[String]) -> Result<()> {
     let client = postgres::connect(endpoint, side, "unfence").await?;
     let sql = read_only_default(
         &endpoint.database,

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::binlog_target::{Batch, Dialect, Shape, Sink};
 use super::snapshot::Summary;
-use super::{Error, Reconnect, Result};
+use super::{Error, Reconnect, Result, cutover};
 use crate::config::{JobSpec, TargetExists, Until};
 use crate::engine::mysql::binlog::{self, Assembler, StreamItem};
 use crate::engine::mysql::catalog::{self, MyCatalog, MyTable};
@@ -58,6 +58,8 @@ pub struct MysqlSummary {
     pub transactions: u64,
     pub changes: u64,
     pub caught_up: bool,
+    /// The stream ended with a cutover to the target (no reverse replication).
+    pub cut_over: bool,
 }
 
 fn cursor_position(c: &BinlogCursor) -> Position {
@@ -307,6 +309,15 @@ pub async fn run(
     ui: &Ui,
     cancel: &CancellationToken,
 ) -> Result<Summary> {
+    // A job cut over to its target has nothing left to stream (a cutover interrupted after
+    // its switch is finished first).
+    cutover::finish_interrupted(spec, store, &store.dir(), job_id).await?;
+    if cutover::direction(store)? == "none" {
+        return Ok(Summary {
+            cut_over: true,
+            ..Summary::default()
+        });
+    }
     let database = spec.source.database.clone();
     // Connect and read the catalog, retrying transient failures (a restarting server, a
     // dropped connection, an OS error on the server) like the other phases do.
@@ -482,8 +493,9 @@ pub async fn run(
         return Ok(summary);
     }
     drop(source);
-    summary.mysql_stream =
-        Some(stream(spec, store, job_id, flavour, &catalog, &p0, &p1, cancel).await?);
+    let streamed = stream(spec, store, job_id, flavour, &catalog, &p0, &p1, cancel).await?;
+    summary.cut_over = streamed.cut_over;
+    summary.mysql_stream = Some(streamed);
     Ok(summary)
 }
 
@@ -1173,6 +1185,8 @@ async fn stream(
         consistent: false,
         goal: None,
         last_status: Instant::now() - Duration::from_secs(10),
+        last_request_check: Instant::now(),
+        switch: None,
     };
     let mut reconnect = Reconnect::default();
     loop {
@@ -1188,6 +1202,10 @@ async fn stream(
         .await
         {
             Ok(SessionEnd::CaughtUp) => return Ok(state.summary),
+            Ok(SessionEnd::CutOver) => {
+                state.summary.cut_over = true;
+                return Ok(state.summary);
+            }
             Ok(SessionEnd::CatalogChanged(changed)) => {
                 // A followed DDL: the new shape is in the state store and the target.
                 catalog = changed;
@@ -1209,6 +1227,8 @@ async fn stream(
 enum SessionEnd {
     /// `--until caught-up` reached its goal.
     CaughtUp,
+    /// `kuaka cutover` finished: the application writes to the target now.
+    CutOver,
     /// A followed DDL changed a table: stream again with this catalog.
     CatalogChanged(MyCatalog),
 }
@@ -1218,6 +1238,87 @@ struct StreamState {
     consistent: bool,
     goal: Option<BinlogCursor>,
     last_status: Instant,
+    last_request_check: Instant,
+    switch: Option<Switch>,
+}
+
+/// A cutover under way, advanced by the streaming loop: first waiting for apply to reach the
+/// source's position within `--max-lag` (nothing fenced yet), then, fenced, for the drain.
+struct Switch {
+    request: cutover::Request,
+    reporter: cutover::Reporter,
+    goal: BinlogCursor,
+    deadline: Instant,
+    fenced: bool,
+}
+
+impl Switch {
+    /// Give up: lift what was fenced, say why; the job streams on.
+    async fn abandon(mut self, spec: &JobSpec, e: Error) {
+        let mut e = e;
+        if self.fenced {
+            let roles = &self.request.app_roles;
+            let undo = async {
+                cutover::unfence(&spec.source, crate::engine::postgres::Side::Source, roles)
+                    .await?;
+                cutover::unfence(&spec.target, crate::engine::postgres::Side::Target, roles).await
+            }
+            .await;
+            if let Err(u) = undo {
+                e = Error::Definite(format!(
+                    "{e}; lifting the fences again also failed: {u} (the application may not write anywhere: rerun the command or lift them by hand)"
+                ));
+            }
+        }
+        tracing::warn!("cutover did not happen: {e}");
+        self.reporter.fail(&e);
+        cutover::remove_request(&self.reporter_dir(), &self.request.id);
+    }
+
+    fn reporter_dir(&self) -> std::path::PathBuf {
+        self.reporter.dir()
+    }
+}
+
+/// The cutover's steps with the stream stopped at the drained position: verify, counters,
+/// the switch (direction `none`: no reverse replication from a MySQL source yet), the target
+/// unfenced.
+async fn finish_switch(
+    spec: &JobSpec,
+    store: &StateStore,
+    catalog: &MyCatalog,
+    sw: &mut Switch,
+    drained: &BinlogCursor,
+) -> Result<()> {
+    sw.reporter.progress.drained_at = Some(cursor_text(drained));
+    sw.reporter.step(
+        "drain",
+        format!(
+            "every transaction the source committed before {} is applied",
+            cursor_text(drained)
+        ),
+    );
+    cutover::verify_step(
+        &mut sw.reporter,
+        &spec.source,
+        &spec.target,
+        spec,
+        sw.request.full_verify,
+    )
+    .await?;
+    let moved = cutover::sync_auto_increment(&spec.source, &spec.target, catalog).await?;
+    sw.reporter.step(
+        "sequences",
+        format!("{moved} AUTO_INCREMENT counters moved on the target to at least the source's"),
+    );
+    store.set_meta("direction", "none")?;
+    sw.reporter.step(
+        "reverse replication",
+        "not started (--no-reverse): the job ends here".into(),
+    );
+    cutover::finish_cutover(spec, &sw.request, &mut sw.reporter).await?;
+    cutover::remove_request(&sw.reporter.dir(), &sw.request.id);
+    Ok(())
 }
 
 /// One connection's worth of streaming: from the target's applied position until caught up
@@ -1418,6 +1519,106 @@ async fn session(
             let _ = store.set_position("captured", &cursor_text(&read));
             let _ = store.set_position("applied", &cursor_text(&applied));
             let _ = store.set_position("lag_seconds", &lag.to_string());
+        }
+        if state.consistent
+            && state.switch.is_none()
+            && state.last_request_check.elapsed() >= Duration::from_millis(100)
+        {
+            state.last_request_check = Instant::now();
+            if let Some(request) = cutover::pending_request(&store.dir(), false) {
+                let mut reporter = cutover::Reporter::new(&store.dir(), &request);
+                reporter.progress.steps.clear();
+                reporter.begin();
+                let max_lag = Duration::from_secs_f64(request.max_lag_seconds.max(0.0));
+                let sw = match binlog::current_position(&mut control).await {
+                    Ok(goal) => Switch {
+                        request,
+                        reporter,
+                        goal,
+                        deadline: Instant::now() + max_lag,
+                        fenced: false,
+                    },
+                    Err(e) => {
+                        reporter.fail(&e.into());
+                        cutover::remove_request(&store.dir(), &request.id);
+                        continue;
+                    }
+                };
+                state.switch = Some(sw);
+            }
+        }
+        if let Some(sw) = state.switch.as_mut() {
+            let reached = transactions.is_empty() && cmp(&applied, &sw.goal) != Ordering::Less;
+            if reached && !sw.fenced {
+                sw.reporter.step(
+                    "check lag",
+                    format!(
+                        "applied everything the source held at {} (--max-lag {:.1} s)",
+                        cursor_text(&sw.goal),
+                        sw.request.max_lag_seconds
+                    ),
+                );
+                // Fenced from here on: the target first (the application must not write
+                // there before the switch), then the source.
+                sw.fenced = true;
+                sw.reporter.progress.fenced_at_ms = Some(cutover::unix_ms());
+                let roles = sw.request.app_roles.clone();
+                let fenced = async {
+                    let t =
+                        cutover::fence(&spec.target, crate::engine::postgres::Side::Target, &roles)
+                            .await?;
+                    let s =
+                        cutover::fence(&spec.source, crate::engine::postgres::Side::Source, &roles)
+                            .await?;
+                    let goal = binlog::current_position(&mut control).await?;
+                    Ok::<_, Error>((format!("{t}; {s}"), goal))
+                }
+                .await;
+                match fenced {
+                    Ok((detail, goal)) => {
+                        sw.reporter.step("fence", detail);
+                        sw.goal = goal;
+                        sw.deadline = Instant::now()
+                            + Duration::from_secs_f64(sw.request.drain_timeout_seconds.max(1.0));
+                    }
+                    Err(e) => {
+                        if let Some(sw) = state.switch.take() {
+                            sw.abandon(spec, e).await;
+                        }
+                    }
+                }
+            } else if reached {
+                let mut sw = state.switch.take().expect("a switch under way");
+                match finish_switch(spec, store, catalog, &mut sw, &applied).await {
+                    Ok(()) => {
+                        state.summary.applied = cursor_text(&applied);
+                        let _ = store.set_position("applied", &cursor_text(&applied));
+                        let _ = stream.close().await;
+                        return Ok(SessionEnd::CutOver);
+                    }
+                    Err(e) if cutover::direction(store)? == "none" => {
+                        // Past the switch: finished when the job starts again.
+                        sw.reporter.fail(&e);
+                        return Err(e);
+                    }
+                    Err(e) => sw.abandon(spec, e).await,
+                }
+            } else if Instant::now() > sw.deadline {
+                let e = Error::Definite(if sw.fenced {
+                    format!(
+                        "apply did not catch up with the fenced source within --drain-timeout {:.0} s",
+                        sw.request.drain_timeout_seconds
+                    )
+                } else {
+                    format!(
+                        "refused: apply did not catch up with the source within --max-lag {:.1} s; nothing was fenced (wait for the lag to fall, or raise --max-lag)",
+                        sw.request.max_lag_seconds
+                    )
+                });
+                if let Some(sw) = state.switch.take() {
+                    sw.abandon(spec, e).await;
+                }
+            }
         }
         if state.consistent && spec.until == Some(Until::CaughtUp) {
             if state.goal.is_none() {

@@ -48,6 +48,8 @@ pub struct Summary {
     pub mysql_stream: Option<super::mysql::MysqlSummary>,
     /// The leg ended in a cutover or fallback: the job goes on in the other direction.
     pub handoff: bool,
+    /// The job was cut over to its target without reverse replication: it has ended.
+    pub cut_over: bool,
 }
 
 pub async fn run(

@@ -280,6 +280,14 @@ impl StateStore {
         })
     }
 
+    /// The state directory this store lives in.
+    pub fn dir(&self) -> PathBuf {
+        self.path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default()
+    }
+
     pub fn job(&self) -> Result<Option<JobRecord>> {
         self.with(|c| {
             c.query_row(

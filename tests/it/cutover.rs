@@ -41,6 +41,40 @@ enum Attempt {
     Failed(String),
 }
 
+type AttemptFn = Box<dyn Fn(&str) -> Attempt + Send + 'static>;
+
+fn pg_attempt(url: &str) -> AttemptFn {
+    let url = url.to_owned();
+    Box::new(move |sql| attempt(&url, sql))
+}
+
+/// A write as an application user of a MariaDB server (root would pass `read_only`).
+fn mariadb_attempt(port: u16, db: &str) -> AttemptFn {
+    let db = db.to_owned();
+    Box::new(move |sql| {
+        let out = Command::new("mariadb")
+            .args(["--no-defaults", "-h127.0.0.1", "-uapp", "-papp", "-N", "-B"])
+            .arg(format!("-P{port}"))
+            .args([db.as_str(), "-e", sql])
+            .output()
+            .expect("mariadb");
+        if out.status.success() {
+            return Attempt::Ok;
+        }
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        if err.contains("read-only") || err.contains("read_only") {
+            Attempt::ReadOnly
+        } else if err.contains("Lost connection")
+            || err.contains("gone away")
+            || err.contains("killed")
+        {
+            Attempt::Retry
+        } else {
+            Attempt::Failed(err)
+        }
+    })
+}
+
 fn attempt(url: &str, sql: &str) -> Attempt {
     let out = Command::new("psql")
         .args([
@@ -76,10 +110,13 @@ impl Writer {
     /// this fails with a duplicate key) and update an account, in one transaction, over and
     /// over; move to the other database when the current one refuses writes.
     fn start(source: &str, target: &str) -> Writer {
+        Writer::start_with([pg_attempt(source), pg_attempt(target)])
+    }
+
+    fn start_with(dbs: [AttemptFn; 2]) -> Writer {
         let stop = Arc::new(AtomicBool::new(false));
         let prefer = Arc::new(AtomicU8::new(PREFER_SOURCE));
         let acked = Arc::new(Mutex::new(Vec::new()));
-        let urls = [source.to_owned(), target.to_owned()];
         let (s, p, a) = (stop.clone(), prefer.clone(), acked.clone());
         let handle = thread::spawn(move || {
             let mut failures = Vec::new();
@@ -95,7 +132,7 @@ impl Writer {
                     1 + i % 500
                 );
                 loop {
-                    match attempt(&urls[current as usize], &sql) {
+                    match dbs[current as usize](&sql) {
                         Attempt::Ok => {
                             a.lock().unwrap().push((tag.clone(), current));
                             break;
@@ -429,4 +466,160 @@ fn cutover_killed_at_steps_then_rerun() {
     assert_converge(&job);
     sigterm(third);
     job.clean();
+}
+
+/// MariaDB → PostgreSQL: cutover without reverse replication. The source server becomes
+/// `read_only` (the application user's sessions ended), the target's identity sequences move
+/// past the source's AUTO_INCREMENT, the application moves to the target, the job ends.
+#[test]
+fn mariadb_to_postgres_cutover_without_reverse() {
+    mariadb_cutover_case(false);
+}
+
+/// MariaDB → MariaDB on another server: the same, with the target server fenced by
+/// `read_only` until the switch and its AUTO_INCREMENT counters moved.
+#[test]
+fn mariadb_to_mariadb_cutover_without_reverse() {
+    mariadb_cutover_case(true);
+}
+
+const MARIADB_SCHEMA: &str = "
+CREATE TABLE account (id int AUTO_INCREMENT PRIMARY KEY, owner varchar(40) NOT NULL,
+  balance decimal(12,2) NOT NULL) ENGINE=InnoDB;
+INSERT INTO account (owner, balance) SELECT CONCAT('owner ', seq), seq * 1.5 FROM seq_1_to_500;
+CREATE TABLE ledger (id bigint AUTO_INCREMENT PRIMARY KEY, account int NOT NULL,
+  amount int NOT NULL, tag varchar(40) NOT NULL UNIQUE) ENGINE=InnoDB;
+INSERT INTO ledger (account, amount, tag) SELECT 1 + seq % 500, seq, CONCAT('seed ', seq) FROM seq_1_to_2000;
+";
+
+fn mariadb_cutover_case(mariadb_target: bool) {
+    use crate::support::mariadb::MariaDbServer;
+    // Servers of this test's own: read_only holds off every application on a server.
+    let server = MariaDbServer::start_private();
+    let db = "co_my_src";
+    let source = server.create_db(db);
+    server.exec_script(db, MARIADB_SCHEMA);
+    server.exec("CREATE USER app@'%' IDENTIFIED BY 'app'; GRANT ALL ON co_my_src.* TO app@'%';");
+    let target_server = mariadb_target.then(MariaDbServer::start_private);
+    let (target, target_writes): (String, AttemptFn) = match &target_server {
+        Some(t) => {
+            let url = t.create_db("co_my_dst");
+            t.exec("CREATE USER app@'%' IDENTIFIED BY 'app'; GRANT ALL ON co_my_dst.* TO app@'%';");
+            (url, mariadb_attempt(t.port, "co_my_dst"))
+        }
+        None => {
+            let url = crate::support::pg().create_db("co_my_dst");
+            let writes = pg_attempt(&url);
+            (url, writes)
+        }
+    };
+    let state = tempfile::Builder::new()
+        .prefix("kuaka-it-state-")
+        .tempdir()
+        .expect("state");
+    let state_dir = state.path().to_str().expect("utf-8").to_owned();
+    let run_command = || {
+        let mut c = kuaka();
+        c.args([
+            "run", "--source", &source, "--target", &target, "--state", &state_dir,
+        ]);
+        c
+    };
+    let mut streaming = Background::spawn(run_command());
+    wait_until("streaming", Duration::from_secs(120), || {
+        assert!(
+            streaming.is_running(),
+            "kuaka exited early:\n{}",
+            streaming.stderr()
+        );
+        crate::support::job_phase(state.path()) == "streaming"
+    });
+    let writer = Writer::start_with([mariadb_attempt(server.port, db), target_writes]);
+    wait_until("writes on the source", Duration::from_secs(30), || {
+        writer.count_on(0) >= 30
+    });
+    let cutover = |extra: &[&str]| {
+        let mut c = kuaka();
+        c.args(["cutover", "--state", &state_dir, "--max-lag", "30"])
+            .args(extra);
+        run(c)
+    };
+    // No way back from MariaDB yet: asked for explicitly.
+    let refused = cutover(&[]);
+    refused.assert_exit_code(2);
+    assert!(
+        refused.all_output().contains("--no-reverse"),
+        "{}",
+        refused.all_output()
+    );
+    writer.prefer.store(PREFER_TARGET, Ordering::Relaxed);
+    let out = cutover(&["--no-reverse"]);
+    out.assert_success();
+    let text = out.all_output();
+    for step in [
+        "check lag",
+        "fence",
+        "drain",
+        "verify",
+        "sequences",
+        "unfence target",
+    ] {
+        assert!(text.contains(step), "no step {step:?} in:\n{text}");
+    }
+    assert!(text.contains("read_only = ON"), "{text}");
+    // The job ends by itself.
+    let ended = streaming.wait(Duration::from_secs(30));
+    ended.assert_success();
+    assert!(
+        ended.all_output().contains("cut over"),
+        "{}",
+        ended.all_output()
+    );
+    wait_until("writes on the target", Duration::from_secs(30), || {
+        writer.count_on(1) >= 30
+    });
+    let acked = writer.finish();
+    assert!(
+        matches!(
+            mariadb_attempt(server.port, db)("UPDATE account SET balance = balance WHERE id = 1"),
+            Attempt::ReadOnly
+        ),
+        "the source accepts the application's writes after the cutover"
+    );
+    // Everything acknowledged on either side is in the target once (the writer failed on
+    // any error but read-only, so no insert on the target hit a used AUTO_INCREMENT value).
+    let tags: Vec<String> = match &target_server {
+        Some(t) => t
+            .rows("co_my_dst", "SELECT tag FROM ledger WHERE tag LIKE 'w%'")
+            .into_iter()
+            .map(|r| r[0].clone())
+            .collect(),
+        None => query_one(
+            &target,
+            "SELECT string_agg(tag, ',') FROM ledger WHERE tag LIKE 'w%'",
+        )
+        .split(',')
+        .map(str::to_owned)
+        .collect(),
+    };
+    let set: std::collections::HashSet<&String> = tags.iter().collect();
+    assert_eq!(set.len(), tags.len(), "a write is in the target twice");
+    let missing: Vec<&String> = acked
+        .iter()
+        .map(|(t, _)| t)
+        .filter(|t| !set.contains(t))
+        .take(10)
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "acknowledged writes missing in the target: {missing:?}"
+    );
+    // A rerun has nothing to do.
+    let again = run(run_command());
+    again.assert_success();
+    assert!(
+        again.all_output().contains("cut over"),
+        "{}",
+        again.all_output()
+    );
 }
