@@ -407,10 +407,17 @@ fn cutover_killed_at_steps_then_rerun() {
         let mut c = job.stream_command(&[]);
         c.env("KUAKA_FAILPOINT", fp);
         let mut b = Background::spawn(c);
-        wait_until("streaming", Duration::from_secs(120), || {
-            assert!(b.is_running(), "kuaka exited early:\n{}", b.stderr());
-            job.phase() == "streaming"
-        });
+        // This run holds the state directory (the phase alone is an earlier run's).
+        let lock = job.state.path().join("lock");
+        wait_until(
+            "the run to take the state directory",
+            Duration::from_secs(120),
+            || {
+                assert!(b.is_running(), "kuaka exited early:\n{}", b.stderr());
+                job.phase() == "streaming"
+                    && std::fs::read_to_string(&lock).is_ok_and(|p| p.trim() == b.pid().to_string())
+            },
+        );
         b
     };
     let writer = Writer::start(&job.source, &job.target);
@@ -419,27 +426,41 @@ fn cutover_killed_at_steps_then_rerun() {
     });
     writer.prefer.store(PREFER_TARGET, Ordering::Relaxed);
 
-    // Killed right after fencing: both databases refuse the application, nothing switched.
-    let first = with_failpoint("cutover.after_step:2");
-    let out = switch(&job, "cutover", &[]);
-    out.assert_exit_code(2);
-    first
-        .wait(Duration::from_secs(30))
-        .assert_killed_by_sigkill();
-    assert!(refuses_writes(&job.source) && refuses_writes(&job.target));
+    // Killed after each step before the switch (1 check lag … 5 sequences): nothing switched;
+    // from the fence on, both databases refuse the application.
+    for step in 1..=5 {
+        let killed = with_failpoint(&format!("cutover.after_step:{step}"));
+        switch(&job, "cutover", &[]).assert_exit_code(2);
+        killed
+            .wait(Duration::from_secs(30))
+            .assert_killed_by_sigkill();
+        assert_eq!(job_direction(&job), "forward", "after step {step}");
+        if step >= 2 {
+            assert!(
+                refuses_writes(&job.source) && refuses_writes(&job.target),
+                "after step {step}"
+            );
+        }
+    }
 
     // Killed after the reverse slot is made and the direction recorded: the restart finishes
-    // the switch (unfences the target) before streaming back.
-    let second = with_failpoint("cutover.after_step:6");
-    let out = switch(&job, "cutover", &[]);
-    out.assert_exit_code(2);
-    second
+    // the switch (unfences the target) before streaming back; killed once more in that
+    // finishing step (its first), and the next start finishes it again.
+    let killed = with_failpoint("cutover.after_step:6");
+    switch(&job, "cutover", &[]).assert_exit_code(2);
+    killed
         .wait(Duration::from_secs(30))
         .assert_killed_by_sigkill();
+    assert_eq!(job_direction(&job), "reverse");
     assert!(
         refuses_writes(&job.target),
         "unfenced before the switch finished"
     );
+    let mut c = job.stream_command(&[]);
+    c.env("KUAKA_FAILPOINT", "cutover.after_step:1");
+    Background::spawn(c)
+        .wait(Duration::from_secs(60))
+        .assert_killed_by_sigkill();
     let mut third = Background::spawn(job.stream_command(&[]));
     wait_until(
         "the target to accept writes",
@@ -460,12 +481,65 @@ fn cutover_killed_at_steps_then_rerun() {
         writer.count_on(1) >= 20
     });
     assert!(refuses_writes(&job.source));
-    let acked = writer.finish();
-    wait_for_tags(&job.source, &acked, "source (through reverse replication)");
-    assert_all_acked_in(&job.target, &acked, "target");
-    assert_converge(&job);
     sigterm(third);
+
+    // Fallback killed after each step before its switch (1 check lag … 5 sequences), then
+    // after it (6: the direction is forward again): the restart drops the reverse slot and
+    // unfences the source.
+    writer.prefer.store(PREFER_SOURCE, Ordering::Relaxed);
+    for step in 1..=6 {
+        let killed = with_failpoint(&format!("fallback.after_step:{step}"));
+        switch(&job, "fallback", &[]).assert_exit_code(2);
+        killed
+            .wait(Duration::from_secs(30))
+            .assert_killed_by_sigkill();
+        let expected = if step == 6 { "forward" } else { "reverse" };
+        assert_eq!(job_direction(&job), expected, "after fallback step {step}");
+    }
+    let mut fourth = Background::spawn(job.stream_command(&[]));
+    wait_until(
+        "the source to accept writes",
+        Duration::from_secs(60),
+        || {
+            assert!(fourth.is_running(), "kuaka exited:\n{}", fourth.stderr());
+            !refuses_writes(&job.source)
+        },
+    );
+    let before = writer.count_on(0);
+    wait_until(
+        "writes on the source again",
+        Duration::from_secs(30),
+        || writer.count_on(0) >= before + 20,
+    );
+    assert!(refuses_writes(&job.target));
+    let acked = writer.finish();
+    assert!(
+        acked.iter().any(|(_, d)| *d == 1),
+        "no write reached the target"
+    );
+    wait_for_tags(&job.target, &acked, "target (forward again)");
+    assert_all_acked_in(&job.source, &acked, "source");
+    assert_converge(&job);
+    sigterm(fourth);
     job.clean();
+    assert_eq!(
+        query_one(
+            &job.target,
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'kuaka%'"
+        ),
+        "0",
+        "a reverse slot is left on the target"
+    );
+}
+
+fn job_direction(job: &Job) -> String {
+    let out = {
+        let mut c = kuaka();
+        c.args(["status", "--state", job.state_dir(), "--json"]);
+        c.output().expect("status")
+    };
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
+    v["direction"].as_str().unwrap_or_default().to_owned()
 }
 
 /// MariaDB → PostgreSQL: cutover without reverse replication. The source server becomes
