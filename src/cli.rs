@@ -245,6 +245,11 @@ pub struct RunArgs {
     /// parallel by key (`per-key`, order kept per key, eventually consistent between rows).
     #[arg(long, value_enum, default_value_t = crate::config::ApplyMode::Transactional)]
     pub apply_mode: crate::config::ApplyMode,
+    /// During a dual-write period: never let a change replace a target row whose COLUMN (a
+    /// version or modification time, e.g. gmt_modified) is greater; such changes are counted
+    /// and logged. PostgreSQL → PostgreSQL jobs, --apply-mode transactional.
+    #[arg(long, value_name = "COLUMN")]
+    pub newer_wins: Option<String>,
     /// Workers for `--apply-mode per-key` (fixed when the job starts).
     #[arg(long, value_name = "N", default_value_t = 4)]
     pub apply_workers: usize,
@@ -395,6 +400,26 @@ impl RunArgs {
                 "applies to change capture; a --snapshot-only run always ends after the copy",
             ));
         }
+        if let Some(c) = &self.newer_wins {
+            if c.is_empty() || c.contains('\0') {
+                errors.push(invalid("--newer-wins", "must name a column"));
+            }
+            if self.apply_mode != crate::config::ApplyMode::Transactional {
+                errors.push(invalid(
+                    "--newer-wins",
+                    "works with --apply-mode transactional only",
+                ));
+            }
+            if let Some((s, t)) = &endpoints
+                && (s.engine != crate::config::EngineKind::Postgres
+                    || t.engine != crate::config::EngineKind::Postgres)
+            {
+                errors.push(invalid(
+                    "--newer-wins",
+                    "is implemented for PostgreSQL → PostgreSQL jobs only",
+                ));
+            }
+        }
         if self.max_rows_per_sec == Some(0) {
             errors.push(invalid("--max-rows-per-sec", "must be at least 1"));
         }
@@ -421,6 +446,7 @@ impl RunArgs {
                 index_memory: self.index_memory.clone(),
                 apply_mode: self.apply_mode,
                 apply_workers: self.apply_workers,
+                newer_wins: self.newer_wins.clone(),
                 until: self.until,
             }),
             _ => Err(errors),

@@ -284,6 +284,12 @@ fn status(args: &StatusArgs) -> u8 {
     };
     let rows_total: i64 = tables.iter().map(|t| t.rows_copied).sum();
     let direction = pipeline::cutover::direction(&store).unwrap_or_else(|_| "forward".into());
+    let kept_back: std::collections::BTreeMap<String, u64> = store
+        .meta("newer_wins_kept_back")
+        .ok()
+        .flatten()
+        .and_then(|j| serde_json::from_str(&j).ok())
+        .unwrap_or_default();
     let switch = pipeline::cutover::read_progress(&args.state);
     // After a cutover the reverse leg keeps its own positions.
     let reverse_positions = if direction == "reverse" {
@@ -321,6 +327,7 @@ fn status(args: &StatusArgs) -> u8 {
             "positions": positions.iter().map(|(n, v, at)| serde_json::json!({"name": n, "value": v, "recorded_at": at})).collect::<Vec<_>>(),
             "replication_slot": slot,
             "direction": direction,
+            "newer_wins_kept_back": kept_back,
             "last_switch": switch,
             "reverse_positions": reverse_positions.iter().map(|(n, v, at)| serde_json::json!({"name": n, "value": v, "recorded_at": at})).collect::<Vec<_>>(),
             "last_verification": last_verification,
@@ -369,6 +376,9 @@ fn status(args: &StatusArgs) -> u8 {
     }
     for (name, value, _) in &reverse_positions {
         println!("reverse position {name}: {value}");
+    }
+    for (table, n) in &kept_back {
+        println!("newer wins: {n} changes to {table} not applied (the target's row was newer)");
     }
     if let Some(p) = &switch {
         println!(
@@ -863,6 +873,7 @@ async fn demo_inner(
         index_memory: crate::config::DEFAULT_INDEX_MEMORY.to_owned(),
         apply_mode: Default::default(),
         apply_workers: 1,
+        newer_wins: None,
         until: None,
     };
     let writer = ShopWriter::start(&source_path, 7);

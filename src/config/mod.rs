@@ -79,6 +79,9 @@ pub struct JobSpec {
     /// Workers of `--apply-mode per-key` (fixed for the life of the job: keys are routed by it).
     #[serde(default = "default_apply_workers")]
     pub apply_workers: usize,
+    /// `--newer-wins COLUMN`: a property of the run (turned on for a dual-write period).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub newer_wins: Option<String>,
     /// Not stored with the job: a property of one run.
     #[serde(skip)]
     pub until: Option<Until>,

@@ -6,7 +6,7 @@
 //! Phases in the state store: `snapshot` → `catching_up` (the target is not yet consistent:
 //! apply has not passed P1) → `streaming`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -328,6 +328,7 @@ async fn run_leg(
             ApplyMode::PerKey => spec.apply_workers.max(1),
         },
         origin: leg.reverse.then(|| format!("kuaka_{job_id}")),
+        newer_wins: spec.newer_wins.clone(),
     };
     let apply_stop = stop.clone();
     let apply_task: JoinHandle<Result<()>> =
@@ -626,6 +627,14 @@ fn write_status(
             &serde_json::to_string(&*counts).unwrap_or_default(),
         );
     }
+    if let Ok(kept) = apply.kept_back.lock()
+        && !kept.is_empty()
+    {
+        let _ = store.set_meta(
+            "newer_wins_kept_back",
+            &serde_json::to_string(&*kept).unwrap_or_default(),
+        );
+    }
 }
 
 struct ApplyContext {
@@ -638,6 +647,8 @@ struct ApplyContext {
     workers: usize,
     /// Replication origin (prefix; `_w<N>` per session) the writes are marked with.
     origin: Option<String>,
+    /// `--newer-wins COLUMN`.
+    newer_wins: Option<String>,
 }
 
 enum SessionEnd {
@@ -710,7 +721,8 @@ async fn apply_session(
     let mut relations: HashMap<u32, Arc<Relation>> = HashMap::new();
     loop {
         let strict = applied < strict_until;
-        let mut batch = Batch::new(strict);
+        let mut batch = Batch::new(strict).with_newer_wins(ctx.newer_wins.as_deref());
+        let mut kept: BTreeMap<String, u64> = BTreeMap::new();
         let mut open = false;
         let mut in_txn = false;
         let mut skip = false;
@@ -791,7 +803,8 @@ async fn apply_session(
                     sql.insert_str(0, "BEGIN;\n");
                     open = true;
                 }
-                if let Err(e) = execute(&client, &sql).await {
+                let guarded = batch.take_guarded();
+                if let Err(e) = execute_counted(&client, &sql, &guarded, &mut kept).await {
                     return conflict_or(e, strict, seen);
                 }
             }
@@ -810,12 +823,19 @@ async fn apply_session(
             PgLsn(lsn),
             commit_time,
         ));
-        if let Err(e) = execute(&client, &sql).await {
+        let guarded = batch.take_guarded();
+        if let Err(e) = execute_counted(&client, &sql, &guarded, &mut kept).await {
             return conflict_or(e, strict, seen);
         }
         failpoint::hit("apply.before_commit");
         execute(&client, "COMMIT").await?;
         failpoint::hit("apply.after_commit");
+        if !kept.is_empty() {
+            for (table, n) in &kept {
+                tracing::warn!(table = %table, rows = n, "newer wins: the target's rows were newer; these changes were not applied");
+            }
+            ctx.progress.add_kept_back(&kept);
+        }
         applied = lsn;
         let p = &ctx.progress;
         p.applied.store(lsn, Ordering::Relaxed);
@@ -833,6 +853,41 @@ fn conflict_or(e: postgres::Error, strict: bool, seen: u64) -> Result<SessionEnd
     } else {
         Err(e.into())
     }
+}
+
+/// [`execute`], counting per table the rows the `--newer-wins` guard kept back: each
+/// guarded statement returns the rows it wrote.
+async fn execute_counted(
+    client: &Client,
+    sql: &str,
+    guarded: &[(String, u64)],
+    kept: &mut BTreeMap<String, u64>,
+) -> std::result::Result<(), postgres::Error> {
+    if guarded.is_empty() {
+        return execute(client, sql).await;
+    }
+    let messages = client
+        .simple_query(sql)
+        .await
+        .map_err(|e| postgres::Error::query("applying changes to the target", e))?;
+    let mut next = guarded.iter();
+    let mut returning = false;
+    for m in messages {
+        match m {
+            tokio_postgres::SimpleQueryMessage::RowDescription(_) => returning = true,
+            tokio_postgres::SimpleQueryMessage::CommandComplete(written) => {
+                if returning
+                    && let Some((table, rows)) = next.next()
+                    && *rows > written
+                {
+                    *kept.entry(table.clone()).or_default() += rows - written;
+                }
+                returning = false;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 async fn execute(client: &Client, sql: &str) -> std::result::Result<(), postgres::Error> {

@@ -277,6 +277,12 @@ pub struct Batch {
     strict: bool,
     pub rows: usize,
     pub counts: BTreeMap<String, TableCounts>,
+    /// `--newer-wins COLUMN`: an upsert or update never replaces a target row whose column
+    /// is greater (the dual-write period after a cutover).
+    newer_wins: Option<String>,
+    /// The guarded statements written so far, in order: (table, rows it carries). Each
+    /// returns the rows it wrote, so the ones kept back can be counted.
+    guarded: Vec<(String, u64)>,
 }
 
 impl Batch {
@@ -285,6 +291,16 @@ impl Batch {
             strict,
             ..Batch::default()
         }
+    }
+
+    pub fn with_newer_wins(mut self, column: Option<&str>) -> Batch {
+        self.newer_wins = column.map(str::to_owned);
+        self
+    }
+
+    /// The guarded statements of the SQL taken so far (see [`Batch::take_sql`]).
+    pub fn take_guarded(&mut self) -> Vec<(String, u64)> {
+        std::mem::take(&mut self.guarded)
     }
 
     fn count(&mut self, table: &QualifiedName) -> &mut TableCounts {
@@ -313,12 +329,28 @@ impl Batch {
                     .filter(|(_, c)| **c != Cell::Unchanged)
                     .map(|(n, c)| format!("{} = {}", quote_ident(n), c.sql()))
                     .collect();
+                let guard = self.newer_wins.as_deref().and_then(|col| {
+                    let i = rel.columns.iter().position(|c| c == col)?;
+                    match &row[i] {
+                        Cell::Unchanged => None,
+                        value if value.sql() == "NULL" => None,
+                        value => Some(format!(
+                            " AND ({0} IS NULL OR {0} <= {1}) RETURNING NULL",
+                            quote_ident(col),
+                            value.sql()
+                        )),
+                    }
+                });
+                if guard.is_some() {
+                    self.guarded.push((rel.name.display_name(), 1));
+                }
                 let _ = writeln!(
                     self.sql,
-                    "UPDATE {} SET {} WHERE {};",
+                    "UPDATE {} SET {} WHERE {}{};",
                     rel.name,
                     sets.join(", "),
-                    key_condition(&rel, &key)
+                    key_condition(&rel, &key),
+                    guard.unwrap_or_default()
                 );
             }
             RowChange::Truncate {
@@ -375,7 +407,12 @@ impl Batch {
                 ops: HashMap::new(),
             };
             p.ops.insert(key, op);
-            write_pending(&mut self.sql, p);
+            write_pending(
+                &mut self.sql,
+                p,
+                self.newer_wins.as_deref(),
+                &mut self.guarded,
+            );
             return;
         }
         let name = rel.name.clone();
@@ -394,13 +431,23 @@ impl Batch {
 
     fn flush_table(&mut self, table: &QualifiedName) {
         if let Some(p) = self.pending.remove(table) {
-            write_pending(&mut self.sql, p);
+            write_pending(
+                &mut self.sql,
+                p,
+                self.newer_wins.as_deref(),
+                &mut self.guarded,
+            );
         }
     }
 
     pub fn flush_all(&mut self) {
         for (_, p) in std::mem::take(&mut self.pending) {
-            write_pending(&mut self.sql, p);
+            write_pending(
+                &mut self.sql,
+                p,
+                self.newer_wins.as_deref(),
+                &mut self.guarded,
+            );
         }
     }
 
@@ -423,7 +470,12 @@ fn key_condition(rel: &Relation, key: &[Cell]) -> String {
         .join(" AND ")
 }
 
-fn write_pending(sql: &mut String, p: Pending) {
+fn write_pending(
+    sql: &mut String,
+    p: Pending,
+    newer_wins: Option<&str>,
+    guarded: &mut Vec<(String, u64)>,
+) {
     let rel = &p.rel;
     let key_cols: Vec<String> = rel
         .key
@@ -485,6 +537,17 @@ fn write_pending(sql: &mut String, p: Pending) {
             .collect();
         if sets.is_empty() {
             let _ = writeln!(sql, " ON CONFLICT ({}) DO NOTHING;", key_cols.join(", "));
+        } else if let Some(col) = newer_wins.filter(|c| rel.columns.iter().any(|n| n == c)) {
+            // Rows the guard keeps back are not returned: counted by the caller.
+            let _ = writeln!(
+                sql,
+                " ON CONFLICT ({}) DO UPDATE SET {} WHERE {table}.{c} IS NULL OR EXCLUDED.{c} IS NULL OR {table}.{c} <= EXCLUDED.{c} RETURNING NULL;",
+                key_cols.join(", "),
+                sets.join(", "),
+                table = rel.name,
+                c = quote_ident(col)
+            );
+            guarded.push((rel.name.display_name(), upserts.len() as u64));
         } else {
             let _ = writeln!(
                 sql,
@@ -505,9 +568,19 @@ pub struct ApplyProgress {
     pub transactions: AtomicU64,
     pub changes: AtomicU64,
     pub counts: std::sync::Mutex<BTreeMap<String, TableCounts>>,
+    /// Changes the `--newer-wins` guard did not apply (the target's row was newer), by table.
+    pub kept_back: std::sync::Mutex<BTreeMap<String, u64>>,
 }
 
 impl ApplyProgress {
+    pub fn add_kept_back(&self, kept: &BTreeMap<String, u64>) {
+        if let Ok(mut all) = self.kept_back.lock() {
+            for (t, n) in kept {
+                *all.entry(t.clone()).or_default() += n;
+            }
+        }
+    }
+
     pub fn add_counts(&self, counts: &BTreeMap<String, TableCounts>) {
         if let Ok(mut all) = self.counts.lock() {
             for (t, c) in counts {
@@ -613,6 +686,56 @@ mod tests {
 
     fn v(s: &str) -> Cell {
         Cell::Value(s.into())
+    }
+
+    #[test]
+    fn newer_wins_guards_upserts_and_updates_and_lists_them() {
+        let mut b = Batch::new(false).with_newer_wins(Some("v"));
+        let r = rel();
+        b.add(RowChange::Upsert {
+            rel: r.clone(),
+            row: vec![v("1"), v("a"), v("x")],
+        });
+        b.add(RowChange::Upsert {
+            rel: r.clone(),
+            row: vec![v("2"), v("b"), v("x")],
+        });
+        b.add(RowChange::Update {
+            rel: r.clone(),
+            key: vec![v("3")],
+            row: vec![v("3"), v("c"), Cell::Unchanged],
+        });
+        // A NULL version carries no order: applied unguarded.
+        b.add(RowChange::Update {
+            rel: r.clone(),
+            key: vec![v("4")],
+            row: vec![v("4"), Cell::Null, Cell::Unchanged],
+        });
+        b.flush_all();
+        let sql = b.take_sql();
+        assert!(
+            sql.contains(r#"WHERE "public"."t"."v" IS NULL OR EXCLUDED."v" IS NULL OR "public"."t"."v" <= EXCLUDED."v" RETURNING NULL;"#),
+            "{sql}"
+        );
+        assert!(
+            sql.contains(r#"AND ("v" IS NULL OR "v" <= 'c') RETURNING NULL;"#),
+            "{sql}"
+        );
+        assert!(sql.contains(r#"WHERE "id" = '4';"#), "{sql}");
+        // In statement order: the update of 3 flushed the two pending upserts first.
+        assert_eq!(
+            b.take_guarded(),
+            vec![("public.t".to_owned(), 2), ("public.t".to_owned(), 1)]
+        );
+        // Without the column in the table, nothing is guarded.
+        let mut plain = Batch::new(false).with_newer_wins(Some("gmt_modified"));
+        plain.add(RowChange::Upsert {
+            rel: r,
+            row: vec![v("1"), v("a"), v("x")],
+        });
+        plain.flush_all();
+        assert!(!plain.take_sql().contains("RETURNING"));
+        assert!(plain.take_guarded().is_empty());
     }
 
     #[test]
