@@ -769,8 +769,9 @@ async fn compare_range(
     }
     if options.quick {
         report.method = "counts".into();
-        let (sc, smin, smax) = source.quick(&pair.source).await?;
-        let (tc, tmin, tmax) = target.quick(&pair.target).await?;
+        // Both sides at once: this runs inside a cutover's write-unavailability window.
+        let (s, t) = tokio::join!(source.quick(&pair.source), target.quick(&pair.target));
+        let ((sc, smin, smax), (tc, tmin, tmax)) = (s?, t?);
         report.source_rows = sc as u64;
         report.target_rows = tc as u64;
         if sc != tc {
