@@ -1008,13 +1008,16 @@ async fn end_sessions(
     let roles: Vec<String> = roles.to_vec();
     let row = client
         .query_one(
-            "SELECT coalesce(array_agg(pid), '{}') FROM ( \
+            // The filter must run before the termination: a CTE kept as it is, and the
+            // termination in the aggregate's FILTER (a qual next to the others could be
+            // evaluated first, ending sessions of every database on the server).
+            "WITH victims AS MATERIALIZED ( \
                SELECT pid FROM pg_stat_activity \
                WHERE datname = current_database() AND pid <> pg_backend_pid() \
                  AND backend_type = 'client backend' \
                  AND coalesce(application_name, '') NOT LIKE 'kuaka %' \
-                 AND (cardinality($1::text[]) = 0 OR usename = ANY ($1::text[])) \
-             ) s WHERE pg_terminate_backend(pid)",
+                 AND (cardinality($1::text[]) = 0 OR usename = ANY ($1::text[]))) \
+             SELECT coalesce(array_agg(pid) FILTER (WHERE pg_terminate_backend(pid)), '{}') FROM victims",
             &[&roles],
         )
         .await?;

@@ -283,10 +283,25 @@ fn cutover_and_fallback_under_writes() {
         writer.count_on(0) >= 30
     });
 
-    // Cutover: the writer is refused by the source and moves to the target.
+    // Cutover: the writer is refused by the source and moves to the target. A session on
+    // another database of the same server is not the application's: it must survive.
+    let bystander_db = crate::support::pg().create_db("cutover_bystander");
+    let bystander = thread::spawn(move || {
+        Command::new("psql")
+            .args(["-X", "-q", "-d", &bystander_db, "-c", "SELECT pg_sleep(4)"])
+            .output()
+            .expect("psql")
+    });
+    thread::sleep(Duration::from_millis(300));
     writer.prefer.store(PREFER_TARGET, Ordering::Relaxed);
     let out = switch(&job, "cutover", &[]);
     out.assert_success();
+    let bystander = bystander.join().expect("bystander");
+    assert!(
+        bystander.status.success(),
+        "the fence ended a session of another database: {}",
+        String::from_utf8_lossy(&bystander.stderr)
+    );
     let text = out.all_output();
     for step in [
         "check lag",
