@@ -782,8 +782,8 @@ pub async fn unfence(endpoint: &Endpoint, side: Side, roles: &[String]) -> Resul
     }
 }
 
-/// MySQL/MariaDB: end the application's sessions (every user but kuaka's, or the
-/// `--app-role` users), then `SET GLOBAL read_only = ON` for the whole server (it waits for
+/// MySQL/MariaDB: end the application's sessions (every user but kuaka's connected to the
+/// job's database, or every session of the `--app-role` users), then `SET GLOBAL read_only = ON` for the whole server (it waits for
 /// transactions being committed; users with SUPER / READ ONLY ADMIN are not held off).
 async fn my_fence(endpoint: &Endpoint, side: Side, roles: &[String]) -> Result<String> {
     use mysql_async::prelude::Queryable;
@@ -795,18 +795,24 @@ async fn my_fence(endpoint: &Endpoint, side: Side, roles: &[String]) -> Result<S
         .map_err(what)?
         .unwrap_or_default();
     let ids: Vec<u64> = conn
-        .query("SELECT ID, USER FROM information_schema.PROCESSLIST WHERE ID <> CONNECTION_ID()                 AND COMMAND NOT IN ('Binlog Dump', 'Binlog Dump GTID', 'Daemon', 'Killed')                 AND USER NOT IN ('system user', 'event_scheduler', 'unauthenticated user')")
+        .query(
+            "SELECT ID, USER, DB FROM information_schema.PROCESSLIST WHERE ID <> CONNECTION_ID() \
+                AND COMMAND NOT IN ('Binlog Dump', 'Binlog Dump GTID', 'Daemon', 'Killed') \
+                AND USER NOT IN ('system user', 'event_scheduler', 'unauthenticated user')",
+        )
         .await
         .map_err(what)?
         .into_iter()
-        .filter(|(_, user): &(u64, String)| {
+        .filter(|(_, user, db): &(u64, String, Option<String>)| {
             if roles.is_empty() {
-                *user != me
+                // The application's sessions: other users', in the job's database (sessions
+                // of other databases are held off by read_only but left connected).
+                *user != me && db.as_deref() == Some(endpoint.database.as_str())
             } else {
                 roles.contains(user)
             }
         })
-        .map(|(id, _)| id)
+        .map(|(id, _, _)| id)
         .collect();
     for id in &ids {
         match conn.query_drop(format!("KILL CONNECTION {id}")).await {
@@ -858,7 +864,7 @@ async fn my_fence(endpoint: &Endpoint, side: Side, roles: &[String]) -> Result<S
         endpoint.host_port(),
         ids.len(),
         if roles.is_empty() {
-            format!("users other than {me}")
+            format!("users other than {me} in {}", endpoint.database)
         } else {
             format!("users {}", roles.join(", "))
         }
