@@ -293,11 +293,8 @@ fn status(args: &StatusArgs) -> u8 {
     let switch = pipeline::cutover::read_progress(&args.state);
     // After a cutover the reverse leg keeps its own positions.
     let reverse_positions = if direction == "reverse" {
-        store
-            .meta("cutovers")
-            .ok()
-            .flatten()
-            .and_then(|v| v.parse::<u32>().ok())
+        Some(pipeline::cutover::cutovers(&store))
+            .filter(|n| *n > 0)
             .and_then(|n| {
                 StateStore::open_for_reading(&pipeline::cutover::reverse_dir(&args.state, n))
                     .ok()
@@ -586,12 +583,7 @@ async fn clean(args: &CleanArgs) -> u8 {
         let client = postgres::connect(&target, Side::Target, "clean").await?;
         // Reverse legs of cutovers: their slots on the target, positions and origins on the
         // source.
-        let cutovers = store
-            .meta("cutovers")
-            .ok()
-            .flatten()
-            .and_then(|v| v.parse::<u32>().ok())
-            .unwrap_or(0);
+        let cutovers = pipeline::cutover::cutovers(&store);
         if cutovers > 0 {
             let source_client = postgres::connect(&source, Side::Source, "clean").await?;
             for n in 1..=cutovers {
@@ -664,12 +656,7 @@ async fn clean(args: &CleanArgs) -> u8 {
         );
         return EXIT_OK;
     }
-    let legs = store
-        .meta("cutovers")
-        .ok()
-        .flatten()
-        .and_then(|v| v.parse::<u32>().ok())
-        .unwrap_or(0);
+    let legs = pipeline::cutover::cutovers(&store);
     drop(store);
     let dir = &args.state;
     let _ = std::fs::remove_dir_all(pipeline::cdc::log_dir(dir));

@@ -79,10 +79,7 @@ pub async fn run(
                 });
             }
             "reverse" => {
-                let n = store
-                    .meta("cutovers")?
-                    .and_then(|v| v.parse::<u32>().ok())
-                    .unwrap_or(1);
+                let n = cutover::cutovers(store).max(1);
                 let dir = cutover::reverse_dir(state_dir, n);
                 let leg_store = Arc::new(StateStore::open_locked(&dir)?);
                 let reverse = cutover::reverse_spec(spec);

@@ -494,6 +494,17 @@ fn stored_schema(store: &StateStore) -> Result<Schema> {
         .ok_or_else(|| Error::Definite("the state store holds no schema for this job".into()))
 }
 
+/// How many cutovers the job has made (the number of its latest reverse leg); 0 before the
+/// first. An unreadable value counts as none.
+pub fn cutovers(store: &StateStore) -> u32 {
+    store
+        .meta("cutovers")
+        .ok()
+        .flatten()
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(0)
+}
+
 /// The state directory of the n-th reverse leg.
 pub fn reverse_dir(state_dir: &Path, n: u32) -> PathBuf {
     state_dir.join(format!("reverse-{n}"))
@@ -527,11 +538,7 @@ pub async fn switch_forward(
                 "not started (--no-reverse): the job ends here".into(),
             );
         } else {
-            let n = main
-                .meta("cutovers")?
-                .and_then(|v| v.parse::<u32>().ok())
-                .unwrap_or(0)
-                + 1;
+            let n = cutovers(main) + 1;
             let slot = create_reverse_leg(spec, main, state_dir, base_job, n).await?;
             main.set_meta("cutovers", &n.to_string())?;
             main.set_meta("direction", "reverse")?;
@@ -673,10 +680,7 @@ async fn finish_fallback(
     request: &Request,
     rep: &mut Reporter,
 ) -> Result<()> {
-    let n = main
-        .meta("cutovers")?
-        .and_then(|v| v.parse::<u32>().ok())
-        .unwrap_or(0);
+    let n = cutovers(main);
     if n > 0 {
         let job_id = reverse_job_id(base_job, n);
         let target = postgres::connect(&spec.target, Side::Target, "fallback").await?;

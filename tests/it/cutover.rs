@@ -337,12 +337,7 @@ fn cutover_and_fallback_under_writes() {
         target_seq >= source_max,
         "target sequence {target_seq} behind source id {source_max}"
     );
-    let status = {
-        let mut c = kuaka();
-        c.args(["status", "--state", job.state_dir(), "--json"]);
-        c.output().expect("status")
-    };
-    let status: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status json");
+    let status = job.status_json();
     assert_eq!(status["direction"], "reverse", "{status:#}");
     assert_eq!(status["last_switch"]["state"], "done", "{status:#}");
     // Rerunning is a no-op.
@@ -407,12 +402,7 @@ fn cutover_and_fallback_under_writes() {
     assert_converge(&job);
     assert!(streaming.is_running(), "{}", streaming.stderr());
     sigterm(streaming);
-    let status = {
-        let mut c = kuaka();
-        c.args(["status", "--state", job.state_dir(), "--json"]);
-        c.output().expect("status")
-    };
-    let status: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status json");
+    let status = job.status_json();
     assert_eq!(status["direction"], "forward", "{status:#}");
     job.clean();
     assert_eq!(
@@ -564,13 +554,10 @@ fn cutover_killed_at_steps_then_rerun() {
 }
 
 fn job_direction(job: &Job) -> String {
-    let out = {
-        let mut c = kuaka();
-        c.args(["status", "--state", job.state_dir(), "--json"]);
-        c.output().expect("status")
-    };
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
-    v["direction"].as_str().unwrap_or_default().to_owned()
+    job.status_json()["direction"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
 }
 
 /// MariaDB → PostgreSQL: cutover without reverse replication. The source server becomes
@@ -778,15 +765,7 @@ fn newer_wins_keeps_the_newer_row() {
     wait_until(
         "status to count the kept-back change",
         Duration::from_secs(30),
-        || {
-            let out = {
-                let mut c = kuaka();
-                c.args(["status", "--state", job.state_dir(), "--json"]);
-                c.output().expect("status")
-            };
-            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-            v["newer_wins_kept_back"]["public.item"] == 1
-        },
+        || job.status_json()["newer_wins_kept_back"]["public.item"] == 1,
     );
     sigterm(streaming);
     job.clean();
