@@ -950,19 +950,12 @@ async fn demo_inner(
     let catch_up = t2.elapsed().as_secs_f64();
     // kuaka verify, as a user would run it: every row of every table, by value and storage
     // class.
-    let verification = crate::verify::run(&crate::verify::Options {
-        source: spec.source.clone(),
-        target: spec.target.clone(),
-        selection: crate::config::Selection::default(),
-        quick: false,
-        show_values: false,
-        rechecks: 0,
-        repair: false,
-        chunk_rows: 10_000,
-        jobs: 2,
-        state: None,
-        follow_job: Default::default(),
-    })
+    let verification = crate::verify::run(&crate::verify::Options::once(
+        spec.source.clone(),
+        spec.target.clone(),
+        crate::config::Selection::default(),
+        false,
+    ))
     .await?;
     let _ = std::fs::write(
         state.join(crate::verify::SUMMARY_FILE),

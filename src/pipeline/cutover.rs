@@ -327,20 +327,11 @@ pub async fn prepare(live: &Live<'_>, request: &Request) -> Result<Prepared> {
         Ok(()) => Ok(Prepared { reporter: rep }),
         Err(e) => {
             // Undo the fences: the application gets its database back.
-            let undo = async {
-                unfence(live.writes(), live.writes_side(), &request.app_roles).await?;
-                if !live.reverse {
-                    unfence(live.moves(), live.moves_side(), &request.app_roles).await?;
-                }
-                Ok::<_, Error>(())
+            let mut fenced = vec![(live.writes(), live.writes_side())];
+            if !live.reverse {
+                fenced.push((live.moves(), live.moves_side()));
             }
-            .await;
-            let e = match undo {
-                Ok(()) => e,
-                Err(u) => Error::Definite(format!(
-                    "{e}; lifting the fences again also failed: {u} (the application may not write anywhere: rerun the command or lift them by hand)"
-                )),
-            };
+            let e = lift_fences(e, &fenced, &request.app_roles).await;
             rep.fail(&e);
             remove_request(live.state_dir, &request.id);
             Err(e)
@@ -448,19 +439,8 @@ pub async fn verify_step(
     spec: &JobSpec,
     full: bool,
 ) -> Result<()> {
-    let options = crate::verify::Options {
-        source: from.clone(),
-        target: to.clone(),
-        selection: spec.selection.clone(),
-        quick: !full,
-        show_values: false,
-        rechecks: 0,
-        repair: false,
-        chunk_rows: 10_000,
-        jobs: 2,
-        state: None,
-        follow_job: Arc::new(std::sync::atomic::AtomicBool::new(false)),
-    };
+    let options =
+        crate::verify::Options::once(from.clone(), to.clone(), spec.selection.clone(), !full);
     let report = crate::verify::run(&options).await?;
     rep.progress.rows_verified = report.rows;
     let kind = if full { "full" } else { "quick" };
@@ -763,6 +743,19 @@ pub async fn finish_interrupted(
     }
     remove_request(state_dir, &request.id);
     result
+}
+
+/// After a failed switch: lift the fences again (the application gets its databases back).
+/// Returns the error, extended when lifting failed too.
+pub async fn lift_fences(e: Error, fenced: &[(&Endpoint, Side)], roles: &[String]) -> Error {
+    for (endpoint, side) in fenced {
+        if let Err(u) = unfence(endpoint, *side, roles).await {
+            return Error::Definite(format!(
+                "{e}; lifting the fences again also failed: {u} (the application may not write anywhere: rerun the command or lift them by hand)"
+            ));
+        }
+    }
+    e
 }
 
 /// Make the database read-only for the application, the way its engine allows (see the

@@ -1255,28 +1255,16 @@ struct Switch {
 impl Switch {
     /// Give up: lift what was fenced, say why; the job streams on.
     async fn abandon(mut self, spec: &JobSpec, e: Error) {
-        let mut e = e;
-        if self.fenced {
-            let roles = &self.request.app_roles;
-            let undo = async {
-                cutover::unfence(&spec.source, crate::engine::postgres::Side::Source, roles)
-                    .await?;
-                cutover::unfence(&spec.target, crate::engine::postgres::Side::Target, roles).await
-            }
-            .await;
-            if let Err(u) = undo {
-                e = Error::Definite(format!(
-                    "{e}; lifting the fences again also failed: {u} (the application may not write anywhere: rerun the command or lift them by hand)"
-                ));
-            }
-        }
+        use crate::engine::postgres::Side;
+        let e = if self.fenced {
+            let fenced = [(&spec.source, Side::Source), (&spec.target, Side::Target)];
+            cutover::lift_fences(e, &fenced, &self.request.app_roles).await
+        } else {
+            e
+        };
         tracing::warn!("cutover did not happen: {e}");
         self.reporter.fail(&e);
-        cutover::remove_request(&self.reporter_dir(), &self.request.id);
-    }
-
-    fn reporter_dir(&self) -> std::path::PathBuf {
-        self.reporter.dir()
+        cutover::remove_request(&self.reporter.dir(), &self.request.id);
     }
 }
 

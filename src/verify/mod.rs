@@ -48,6 +48,26 @@ pub struct Options {
     pub follow_job: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
+impl Options {
+    /// One comparison outside any job (no state, no re-reads, no repair): the demo's and a
+    /// cutover's.
+    pub fn once(source: Endpoint, target: Endpoint, selection: Selection, quick: bool) -> Options {
+        Options {
+            source,
+            target,
+            selection,
+            quick,
+            show_values: false,
+            rechecks: 0,
+            repair: false,
+            chunk_rows: 10_000,
+            jobs: 2,
+            state: None,
+            follow_job: Default::default(),
+        }
+    }
+}
+
 /// The outcome of a verification.
 #[derive(Debug, Default, Serialize)]
 pub struct Report {
