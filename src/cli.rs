@@ -420,6 +420,19 @@ impl RunArgs {
                 ));
             }
         }
+        if self.apply_mode != crate::config::ApplyMode::Transactional
+            && let Some((s, t)) = &endpoints
+            && (s.engine, t.engine)
+                == (
+                    crate::config::EngineKind::Postgres,
+                    crate::config::EngineKind::Mysql,
+                )
+        {
+            errors.push(invalid(
+                "--apply-mode",
+                "per-key apply is implemented for PostgreSQL targets only; a PostgreSQL → MySQL/MariaDB job applies transactionally",
+            ));
+        }
         if self.max_rows_per_sec == Some(0) {
             errors.push(invalid("--max-rows-per-sec", "must be at least 1"));
         }

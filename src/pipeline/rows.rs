@@ -58,6 +58,30 @@ fn block<R>(f: impl FnOnce() -> R) -> R {
     tokio::task::block_in_place(f)
 }
 
+/// A MySQL/MariaDB target session for rows of another engine, and the binary collation its
+/// text columns get: values that do not fit are errors, not silent truncation, and keys
+/// compare byte by byte (trailing spaces kept) like on SQLite and PostgreSQL.
+pub(crate) async fn mysql_target(endpoint: &Endpoint, role: &str) -> Result<(Sink, &'static str)> {
+    let mut sink = Sink::connect(endpoint, role).await?;
+    let Sink::Mysql(conn) = &mut sink else {
+        unreachable!("a MySQL endpoint gives a MySQL sink")
+    };
+    // Values that do not fit are errors, not silent truncation; SQLite compares
+    // text byte by byte and keeps trailing spaces, so keys do too.
+    let (flavour, version) = mysql::flavour(conn).await?;
+    let collation = match flavour {
+        Flavour::Mariadb => "utf8mb4_nopad_bin",
+        Flavour::Mysql if !version.starts_with("5.") => "utf8mb4_0900_bin",
+        Flavour::Mysql => "utf8mb4_bin",
+    };
+    sink.execute(
+        "SET SESSION sql_mode = 'STRICT_ALL_TABLES,NO_AUTO_VALUE_ON_ZERO,NO_ENGINE_SUBSTITUTION'",
+        "setting a strict sql_mode on the target",
+    )
+    .await?;
+    Ok((sink, collation))
+}
+
 impl Target {
     async fn connect(endpoint: &Endpoint) -> Result<Target> {
         match endpoint.engine {
@@ -86,23 +110,7 @@ impl Target {
                 Ok(Target::Postgres(client))
             }
             EngineKind::Mysql => {
-                let mut sink = Sink::connect(endpoint, "rows target").await?;
-                let Sink::Mysql(conn) = &mut sink else {
-                    unreachable!("a MySQL endpoint gives a MySQL sink")
-                };
-                // Values that do not fit are errors, not silent truncation; SQLite compares
-                // text byte by byte and keeps trailing spaces, so keys do too.
-                let (flavour, version) = mysql::flavour(conn).await?;
-                let collation = match flavour {
-                    Flavour::Mariadb => "utf8mb4_nopad_bin",
-                    Flavour::Mysql if !version.starts_with("5.") => "utf8mb4_0900_bin",
-                    Flavour::Mysql => "utf8mb4_bin",
-                };
-                sink.execute(
-                    "SET SESSION sql_mode = 'STRICT_ALL_TABLES,NO_AUTO_VALUE_ON_ZERO,NO_ENGINE_SUBSTITUTION'",
-                    "setting a strict sql_mode on the target",
-                )
-                .await?;
+                let (sink, collation) = mysql_target(endpoint, "rows target").await?;
                 Ok(Target::Mysql(sink, collation))
             }
         }
@@ -356,7 +364,11 @@ impl Target {
 
 /// Deletes then upserts of one table as MySQL statements (values checked against the
 /// column's model type like on PostgreSQL).
-fn mysql_statements(table: &SourceTable, upserts: &[Row], deletes: &[Row]) -> Result<String> {
+pub(crate) fn mysql_statements(
+    table: &SourceTable,
+    upserts: &[Row],
+    deletes: &[Row],
+) -> Result<String> {
     let types = table.column_types();
     let key_index = table.key_index();
     let key_types: Vec<_> = key_index.iter().map(|&i| types[i].clone()).collect();
@@ -619,7 +631,7 @@ fn mysql_key_shares(t: &SourceTable) -> HashMap<String, u32> {
 
 /// `CREATE TABLE` on MySQL/MariaDB for a SQLite table: columns and primary key, text compared
 /// byte by byte like SQLite's BINARY collation.
-fn mysql_create_table(t: &SourceTable, collation: &str) -> String {
+pub(crate) fn mysql_create_table(t: &SourceTable, collation: &str) -> String {
     let shares = mysql_key_shares(t);
     let mut parts: Vec<String> = t
         .table
@@ -627,11 +639,24 @@ fn mysql_create_table(t: &SourceTable, collation: &str) -> String {
         .iter()
         .filter(|c| c.generated.is_none())
         .map(|c| {
+            // An integer key filled by a sequence (identity or serial) keeps being filled by
+            // the target once the application writes there.
+            let auto = t.key.len() == 1
+                && t.key[0] == c.name
+                && matches!(
+                    c.data_type,
+                    DataType::Int16 | DataType::Int32 | DataType::Int64
+                )
+                && (c.identity.is_some()
+                    || c.default
+                        .as_deref()
+                        .is_some_and(|d| d.starts_with("nextval(")));
             format!(
-                "{} {}{}",
+                "{} {}{}{}",
                 mysql::quote_ident(&c.name),
                 myapply::column_type(&c.data_type, shares.get(&c.name).copied()),
-                if c.nullable { " NULL" } else { " NOT NULL" }
+                if c.nullable { " NULL" } else { " NOT NULL" },
+                if auto { " AUTO_INCREMENT" } else { "" }
             )
         })
         .collect();
@@ -654,7 +679,7 @@ fn mysql_idents(names: &[String]) -> String {
 }
 
 /// Unique keys and indexes on MySQL/MariaDB, after the data.
-fn mysql_indexes(t: &SourceTable) -> Vec<(String, String)> {
+pub(crate) fn mysql_indexes(t: &SourceTable) -> Vec<(String, String)> {
     let table = mysql::quote_ident(t.name());
     let mut steps = Vec::new();
     for (i, k) in t.table.unique_keys.iter().enumerate() {
@@ -691,15 +716,10 @@ fn mysql_indexes(t: &SourceTable) -> Vec<(String, String)> {
 
 /// Foreign keys on MySQL/MariaDB with SQLite's ON UPDATE / ON DELETE rules (InnoDB has no
 /// SET DEFAULT: such a key is named in a warning and left out).
-fn mysql_foreign_keys(t: &SourceTable) -> Vec<(String, String)> {
+pub(crate) fn mysql_foreign_keys(t: &SourceTable) -> Vec<(String, String)> {
     let mut steps = Vec::new();
     for fk in &t.table.foreign_keys {
-        // The rules follow the last parenthesis of the SQLite definition.
-        let rules = fk
-            .definition
-            .rfind(')')
-            .map(|i| fk.definition[i + 1..].trim().to_owned())
-            .unwrap_or_default();
+        let rules = fk_actions(&fk.definition);
         if rules.contains("SET DEFAULT") {
             tracing::warn!(
                 "foreign key {} of {} uses SET DEFAULT, which InnoDB does not support; it is not created",
@@ -721,6 +741,45 @@ fn mysql_foreign_keys(t: &SourceTable) -> Vec<(String, String)> {
         ));
     }
     steps
+}
+
+/// The `ON DELETE` / `ON UPDATE` actions of a foreign key's definition (SQLite or PostgreSQL),
+/// without what InnoDB does not take (`MATCH`, `DEFERRABLE`, `NOT VALID`, column lists).
+pub(crate) fn fk_actions(definition: &str) -> String {
+    // The actions follow the last parenthesis of the referenced columns.
+    let Some(start) = definition.find("REFERENCES") else {
+        return String::new();
+    };
+    let rest = &definition[start..];
+    let tail = rest.find(')').map(|i| &rest[i + 1..]).unwrap_or("");
+    let words: Vec<&str> = tail.split_whitespace().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < words.len() {
+        if words[i].eq_ignore_ascii_case("ON")
+            && let Some(event) = words.get(i + 1)
+            && (event.eq_ignore_ascii_case("DELETE") || event.eq_ignore_ascii_case("UPDATE"))
+        {
+            let action: Vec<&str> = match words.get(i + 2).map(|w| w.to_ascii_uppercase()) {
+                Some(w) if w == "SET" || w == "NO" => {
+                    words.iter().skip(i + 2).take(2).copied().collect()
+                }
+                Some(_) => vec![words[i + 2]],
+                None => Vec::new(),
+            };
+            if !action.is_empty() {
+                i += 2 + action.len();
+                out.push(format!(
+                    "ON {} {}",
+                    event.to_ascii_uppercase(),
+                    action.join(" ").to_ascii_uppercase()
+                ));
+                continue;
+            }
+        }
+        i += 1;
+    }
+    out.join(" ")
 }
 
 /// Run a job whose source is SQLite.

@@ -6,6 +6,7 @@
 mod cutover;
 mod mysql;
 mod pg_cdc;
+mod pg_mysql;
 mod pg_replication;
 mod pg_snapshot;
 mod pg_snapshot_more;

@@ -216,6 +216,27 @@ fn verify_mariadb_to_pg_finds_every_planted_difference() {
 }
 
 #[test]
+fn verify_pg_to_mariadb_finds_every_planted_difference() {
+    let source = pg().create_db("verify_pgmy_src");
+    psql(
+        &source,
+        &format!(
+            "CREATE TABLE planted (id int PRIMARY KEY, name varchar(20), note text, amount numeric(10,2), free numeric, at timestamp(6)); {ROWS}"
+        ),
+    );
+    let server = mariadb();
+    let target = server.create_db("verify_pgmy_dst");
+    let state = tempfile::tempdir().expect("state");
+    snapshot(&source, &target, state.path());
+    plant_and_check(
+        &source,
+        &target,
+        |sql| server.exec_script("verify_pgmy_dst", sql),
+        "at + INTERVAL 1 MICROSECOND",
+    );
+}
+
+#[test]
 fn verify_sqlite_to_mariadb_finds_every_planted_difference() {
     let dir = tempfile::tempdir().expect("dir");
     let path = dir.path().join("planted.db");

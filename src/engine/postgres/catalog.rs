@@ -516,7 +516,11 @@ async fn read_indexes(
 ) -> Result<()> {
     let rows = client
         .query(
-            "SELECT i.indrelid, ic.relname::text, pg_get_indexdef(i.indexrelid), i.indisunique \
+            "SELECT i.indrelid, ic.relname::text, pg_get_indexdef(i.indexrelid), i.indisunique, \
+                    ARRAY(SELECT CASE WHEN k.n = 0 OR i.indpred IS NOT NULL THEN '<expression>' ELSE a.attname::text END \
+                          FROM unnest(i.indkey::int2[]) WITH ORDINALITY k(n, o) \
+                          LEFT JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.n \
+                          WHERE k.o <= i.indnkeyatts ORDER BY k.o) \
              FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid \
              WHERE i.indrelid = ANY($1) \
                AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = i.indexrelid \
@@ -539,7 +543,9 @@ async fn read_indexes(
             name: r.get(1),
             unique: r.get(3),
             definition,
-            columns: Vec::new(),
+            // Key columns, for another engine; `<expression>` for expressions and for every
+            // column of a partial index (neither can be rendered elsewhere).
+            columns: r.get(4),
         });
     }
     Ok(())

@@ -149,6 +149,20 @@ impl ReplicationConnection {
             quote_literal(&names),
             if streaming { ", streaming 'on'" } else { "" }
         );
+        // pgoutput sends values in their text form, made with this session's settings: the
+        // same fixed ones as the snapshot's sessions (UTC, ISO dates, exact floats, hex
+        // bytea), so a target of another engine can read them.
+        for setting in [
+            "SET TimeZone = 'UTC'",
+            "SET DateStyle = 'ISO, YMD'",
+            "SET IntervalStyle = 'postgres'",
+            "SET extra_float_digits = 3",
+            "SET bytea_output = 'hex'",
+        ] {
+            self.wire
+                .simple_query(setting, "setting up the replication session")
+                .await?;
+        }
         self.wire.copy_both(&sql, "starting replication").await?;
         Ok(ReplicationStream { wire: self.wire })
     }

@@ -1,0 +1,837 @@
+//! PostgreSQL → MySQL/MariaDB: the snapshot and the apply side of a job whose changes are
+//! captured from PostgreSQL (pgoutput) and written to a MySQL/MariaDB target.
+//!
+//! - Tables are rendered from the model ([`myapply::column_type`], the type map in the
+//!   README), text columns with a binary collation: PostgreSQL's keys are unique byte by byte.
+//! - The snapshot reads each table under the replication slot's exported snapshot (workers
+//!   import it), in cursor pages, and writes multi-row upserts in transactions of
+//!   [`ROWS_PER_COMMIT`] rows; the last page of a table carries the table's "copied" row in
+//!   `kuaka.row_copied`. A table cut off by a crash is emptied and copied again.
+//! - Values arrive as PostgreSQL text (sessions in UTC, ISO dates, hex bytea) and are turned
+//!   into model values by [`pg_value`]; what MySQL cannot hold (infinite dates, NaN,
+//!   timestamps BC, more than 30 decimal places) is an error naming table, column and key.
+//! - Apply reads the change log like the PostgreSQL apply: whole source transactions per
+//!   target transaction, the position in `kuaka.apply_position` in the same transaction.
+//!   Changes of a table are reduced to their net effect per key, except on tables with unique
+//!   keys besides the primary key, whose changes go one by one in source order: MySQL's
+//!   `ON DUPLICATE KEY UPDATE` fires on any unique key, so a reordered batch could update the
+//!   wrong row. `TRUNCATE` becomes `DELETE FROM` (a MySQL `TRUNCATE` commits the transaction).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use tokio_postgres::{Client, SimpleQueryMessage};
+use tokio_util::sync::CancellationToken;
+
+use super::binlog_target::{Dialect, Sink};
+use super::cdc::ApplyContext;
+use super::rows::{self, describe_key, mysql_target};
+use super::snapshot::Summary;
+use super::{Error, Result};
+use crate::changelog::{LogReader, RecordKind};
+use crate::config::{JobSpec, TargetExists};
+use crate::engine::mysql::{self, apply as myapply};
+use crate::engine::postgres::apply::{self, Cell, Relation, RowChange, TableCounts};
+use crate::engine::postgres::capture::KuakaRecord;
+use crate::engine::postgres::decode::PgOutput;
+use crate::engine::postgres::snapshot::{CopyProgress, ExportedSnapshot, SOURCE_SESSION_SETUP};
+use crate::engine::postgres::{self, Side, catalog};
+use crate::engine::sqlite::SourceTable;
+use crate::model::PgLsn;
+use crate::model::schema::{DataType, QualifiedName, Schema, quote_ident, quote_literal};
+use crate::model::value::{Row, Value};
+use crate::state::StateStore;
+use crate::ui::Ui;
+
+/// Rows per cursor page and per committed batch of a table copy.
+const ROWS_PER_COMMIT: usize = 10_000;
+/// Changes per apply batch (at a transaction boundary), and SQL held before it is sent.
+const MAX_BATCH_CHANGES: usize = 20_000;
+const MAX_PENDING_SQL: usize = 4 << 20;
+const MAX_BATCH_TIME: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// A PostgreSQL text value as a model value for a MySQL column of `data_type`.
+pub fn pg_value(text: &str, data_type: &DataType) -> std::result::Result<Value, String> {
+    let temporal_bad = |t: &str| t.contains("infinity") || t.ends_with(" BC");
+    Ok(match data_type {
+        DataType::Bool => Value::Bool(text == "t"),
+        DataType::Int16 | DataType::Int32 | DataType::Int64 => Value::Int(
+            text.parse()
+                .map_err(|_| format!("{text:?} is not an integer"))?,
+        ),
+        DataType::Float32 | DataType::Float64 => {
+            let f: f64 = text
+                .parse()
+                .map_err(|_| format!("{text:?} is not a number"))?;
+            if !f.is_finite() {
+                return Err(format!(
+                    "{text} has no MySQL equivalent (FLOAT/DOUBLE are finite)"
+                ));
+            }
+            Value::Float(f)
+        }
+        DataType::Numeric { scale, .. } => {
+            if text == "NaN" || text.contains("Infinity") {
+                return Err(format!(
+                    "{text} has no MySQL equivalent (DECIMAL is finite)"
+                ));
+            }
+            let places = text.split_once('.').map_or(0, |(_, f)| f.len());
+            if scale.is_none() && places > 30 {
+                return Err(format!(
+                    "{text} has {places} decimal places; MySQL's DECIMAL holds at most 30"
+                ));
+            }
+            Value::Decimal(text.to_owned())
+        }
+        // `money` prints with the currency symbol and group separators of lc_monetary.
+        DataType::Money => Value::Decimal(
+            text.chars()
+                .filter(|c| c.is_ascii_digit() || *c == '.' || *c == '-')
+                .collect(),
+        ),
+        DataType::Bytes => {
+            let hex = text
+                .strip_prefix("\\x")
+                .ok_or_else(|| format!("bytea {text:?} is not in hex output"))?;
+            Value::Bytes(
+                (0..hex.len() / 2)
+                    .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16))
+                    .collect::<std::result::Result<_, _>>()
+                    .map_err(|_| format!("bytea {text:?} is not valid hex"))?,
+            )
+        }
+        DataType::Date | DataType::Timestamp if temporal_bad(text) => {
+            return Err(format!("{text} has no MySQL equivalent"));
+        }
+        DataType::TimestampTz => {
+            if temporal_bad(text) {
+                return Err(format!("{text} has no MySQL equivalent"));
+            }
+            // Sessions run in UTC: the offset is always +00.
+            let utc = text
+                .strip_suffix("+00")
+                .ok_or_else(|| format!("timestamp {text:?} is not in UTC"))?;
+            Value::Text(utc.to_owned())
+        }
+        _ => Value::Text(text.to_owned()),
+    })
+}
+
+/// The moved tables as the MySQL side needs them: key, copied columns, model types.
+pub fn source_tables(schema: &Schema) -> Result<Vec<SourceTable>> {
+    let mut seen: HashMap<&str, &QualifiedName> = HashMap::new();
+    let mut out = Vec::new();
+    for t in schema.tables.iter().filter(|t| t.holds_rows()) {
+        let Some(pk) = &t.primary_key else {
+            return Err(Error::Definite(format!(
+                "table {} has no primary key: a MySQL/MariaDB target needs one to apply changes by key; add one or leave the table out with --exclude",
+                t.name.display_name()
+            )));
+        };
+        if let Some(other) = seen.insert(&t.name.name, &t.name) {
+            return Err(Error::Definite(format!(
+                "tables {} and {} would both be {} in the MySQL database: leave one out with --exclude",
+                other.display_name(),
+                t.name.display_name(),
+                t.name.name
+            )));
+        }
+        out.push(SourceTable {
+            table: t.clone(),
+            key: pk.columns.clone(),
+            columns: t.copied_columns().map(|c| c.name.clone()).collect(),
+            create_sql: String::new(),
+            index_sql: Vec::new(),
+            trigger_sql: Vec::new(),
+            without_rowid: false,
+        });
+    }
+    Ok(out)
+}
+
+/// A source session for the copy: text output that parses the same everywhere, in UTC.
+async fn source_session(spec: &JobSpec, role: &str, snapshot_id: &str) -> Result<Client> {
+    let client = postgres::connect(&spec.source, Side::Source, role).await?;
+    client
+        .batch_execute(&format!(
+            "{SOURCE_SESSION_SETUP}; SET TimeZone = 'UTC'; \
+             BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+            quote_literal(snapshot_id)
+        ))
+        .await
+        .map_err(|e| postgres::Error::query("importing the snapshot for the copy", e))?;
+    Ok(client)
+}
+
+/// The snapshot of a PostgreSQL → MySQL/MariaDB job. `slot_snapshot` is the replication
+/// slot's snapshot on a first run (the copy is then exactly the slot's start).
+pub async fn snapshot(
+    spec: &JobSpec,
+    store: &Arc<StateStore>,
+    job_id: &str,
+    ui: &Ui,
+    cancel: &CancellationToken,
+    slot_snapshot: Option<ExportedSnapshot>,
+) -> Result<Summary> {
+    let exact = slot_snapshot.is_some();
+    let snapshot = match slot_snapshot {
+        Some(s) => s,
+        None => {
+            let client =
+                postgres::connect(&spec.source, Side::Source, "snapshot coordinator").await?;
+            ExportedSnapshot::export(client).await?
+        }
+    };
+    let schema = match store.meta("schema")? {
+        Some(json) => serde_json::from_str(&json)
+            .map_err(|e| Error::Definite(format!("reading the stored schema: {e}")))?,
+        None => {
+            let fresh = catalog::read_schema(&snapshot.client, &spec.selection).await?;
+            store.set_meta("schema", &serde_json::to_string(&fresh).unwrap_or_default())?;
+            fresh
+        }
+    };
+    for note in &schema.skipped {
+        tracing::warn!("{note}");
+    }
+    let tables = source_tables(&schema)?;
+    if tables.is_empty() {
+        return Err(Error::Definite(format!(
+            "no tables selected on {}: check --tables/--exclude (patterns are schema.table globs)",
+            spec.source
+        )));
+    }
+    let (mut sink, collation) = mysql_target(&spec.target, "schema").await?;
+
+    if !store.step_done("pg_mysql:pre_data")? {
+        let names: Vec<String> = tables.iter().map(|t| t.name().to_owned()).collect();
+        let ours = store.meta("pg_mysql_creating")?.is_some();
+        let existing = sink.existing_tables(&names).await?;
+        if !existing.is_empty() && !ours && spec.target_exists == TargetExists::Error {
+            return Err(Error::Definite(format!(
+                "the target already has tables named like the source's: {}; use --target-exists drop, or another target",
+                existing.join(", ")
+            )));
+        }
+        let mut sql = String::new();
+        for t in &existing {
+            let _ = write!(sql, "DROP TABLE IF EXISTS {};", mysql::quote_ident(t));
+        }
+        store.set_meta("pg_mysql_creating", "1")?;
+        for t in &tables {
+            sql.push_str(&rows::mysql_create_table(t, collation));
+        }
+        sink.execute(&sql, "creating the target tables").await?;
+        store.mark_step("pg_mysql:pre_data", "pre_data")?;
+        tracing::info!(tables = tables.len(), "target tables created");
+        for t in &schema.tables {
+            for c in t.columns.iter().filter(|c| c.generated.is_some()) {
+                tracing::warn!(
+                    "generated column {}.{} is not created on MySQL (its expression is PostgreSQL SQL); add it by hand",
+                    t.name.display_name(),
+                    c.name
+                );
+            }
+        }
+    }
+
+    let copied = sink.copied(job_id).await?;
+    let todo: Vec<SourceTable> = tables
+        .iter()
+        .filter(|t| !copied.contains_key(t.name()))
+        .cloned()
+        .collect();
+    drop(sink);
+    let copy_started = Instant::now();
+    let queue = Arc::new(std::sync::Mutex::new(todo));
+    let copied_now = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let workers = spec.jobs.max(1).min(tables.len());
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..workers {
+        let (spec, queue, copied_now, job_id, ui, cancel, id) = (
+            spec.clone(),
+            queue.clone(),
+            copied_now.clone(),
+            job_id.to_owned(),
+            ui.clone(),
+            cancel.clone(),
+            snapshot.id.clone(),
+        );
+        tasks.spawn(async move {
+            let source = source_session(&spec, &format!("copy {w}"), &id).await?;
+            let (mut sink, _) = mysql_target(&spec.target, &format!("copy {w}")).await?;
+            loop {
+                let next = queue.lock().ok().and_then(|mut q| q.pop());
+                let Some(t) = next else { return Ok(()) };
+                let n = copy_table(&source, &mut sink, &t, &job_id, &ui, &cancel).await?;
+                copied_now.fetch_add(n, Ordering::Relaxed);
+            }
+        });
+    }
+    let mut first_error = None;
+    while let Some(r) = tasks.join_next().await {
+        let r = r.unwrap_or_else(|e| Err(Error::Definite(format!("a copy task failed: {e}"))));
+        if let Err(e) = r {
+            // One failure stops the others (their tables are copied again on a rerun).
+            cancel.cancel();
+            first_error.get_or_insert(e);
+        }
+    }
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    let copy_seconds = copy_started.elapsed().as_secs_f64();
+    let _ = snapshot.client.batch_execute("COMMIT").await;
+    drop(snapshot);
+
+    // Indexes, then foreign keys (their parents' unique keys must exist), each once.
+    let (mut sink, _) = mysql_target(&spec.target, "schema").await?;
+    let mut steps = Vec::new();
+    for t in &tables {
+        steps.extend(rows::mysql_indexes(t));
+    }
+    for t in &tables {
+        steps.extend(rows::mysql_foreign_keys(t));
+    }
+    for t in &schema.tables {
+        for c in &t.checks {
+            tracing::warn!(
+                "check constraint {} of {} is not created on MySQL (PostgreSQL SQL); add it by hand",
+                c.name,
+                t.name.display_name()
+            );
+        }
+    }
+    for (label, sql) in steps {
+        let key = format!("pg_mysql:post:{label}");
+        if store.step_done(&key)? {
+            continue;
+        }
+        sink.execute(&sql, &format!("creating {label}")).await?;
+        store.mark_step(&key, "post_data")?;
+    }
+    for v in &schema.views {
+        tracing::warn!(
+            "view {} is not recreated on MySQL (PostgreSQL SQL); create it by hand",
+            v.name.display_name()
+        );
+    }
+    if spec.snapshot_only {
+        store.set_phase("done")?;
+    }
+    let copied = sink.copied(job_id).await?;
+    let rows_this_run = copied_now.load(Ordering::Relaxed);
+    Ok(Summary {
+        tables: tables.len(),
+        rows: copied.values().map(|r| *r as u64).sum::<u64>(),
+        rows_this_run,
+        copy_seconds,
+        exact,
+        ..Summary::default()
+    })
+}
+
+/// Copy one table (emptied first: a copy cut off by a crash starts over).
+async fn copy_table(
+    source: &Client,
+    sink: &mut Sink,
+    t: &SourceTable,
+    job_id: &str,
+    ui: &Ui,
+    cancel: &CancellationToken,
+) -> Result<u64> {
+    let name = t.table.name.display_name();
+    let progress = ui.table(
+        &name,
+        t.table.estimated_rows.unwrap_or(0).max(0) as u64,
+        0,
+        0,
+    );
+    sink.execute(
+        &format!("DELETE FROM {}", mysql::quote_ident(t.name())),
+        &format!("emptying target table {}", t.name()),
+    )
+    .await?;
+    let cursor = quote_ident(&format!("kuaka_copy_{}", t.name()));
+    let columns: Vec<String> = t.columns.iter().map(|c| quote_ident(c)).collect();
+    let read = |what: &str, e| postgres::Error::query(format!("{what} {name}"), e);
+    source
+        .batch_execute(&format!(
+            "DECLARE {cursor} NO SCROLL CURSOR FOR SELECT {} FROM {}",
+            columns.join(", "),
+            t.table.name
+        ))
+        .await
+        .map_err(|e| read("reading", e))?;
+    let types = t.column_types();
+    let key_index = t.key_index();
+    let mut count = 0i64;
+    loop {
+        if cancel.is_cancelled() {
+            return Err(Error::Interrupted);
+        }
+        let messages = source
+            .simple_query(&format!("FETCH {ROWS_PER_COMMIT} FROM {cursor}"))
+            .await
+            .map_err(|e| read("reading", e))?;
+        let mut batch: Vec<Row> = Vec::with_capacity(ROWS_PER_COMMIT);
+        for m in messages {
+            if let SimpleQueryMessage::Row(r) = m {
+                let mut row = Vec::with_capacity(types.len());
+                for (i, ty) in types.iter().enumerate() {
+                    row.push(match r.get(i) {
+                        None => Value::Null,
+                        Some(text) => pg_value(text, ty).map_err(|e| {
+                            let key: Row = key_index
+                                .iter()
+                                .map(|&k| {
+                                    let text = r.get(k).unwrap_or_default();
+                                    pg_value(text, &types[k])
+                                        .unwrap_or_else(|_| Value::Text(text.to_owned()))
+                                })
+                                .collect();
+                            Error::Definite(format!(
+                                "table {name}, column {}, row with key {}: {e}",
+                                t.columns[i],
+                                describe_key(&key)
+                            ))
+                        })?,
+                    });
+                }
+                batch.push(row);
+            }
+        }
+        let last = batch.len() < ROWS_PER_COMMIT;
+        count += batch.len() as i64;
+        let marker = if last {
+            Dialect::Mysql.copied_marker(job_id, t.name(), count)
+        } else {
+            String::new()
+        };
+        let body = rows::mysql_statements(t, &batch, &[])?;
+        sink.commit(
+            &body,
+            &marker,
+            &format!("writing to target table {}", t.name()),
+        )
+        .await
+        .map_err(|e| e.error)?;
+        crate::failpoint::hit("snapshot.chunk.after_commit");
+        progress.add(batch.len() as u64, 0);
+        if last {
+            break;
+        }
+    }
+    source
+        .batch_execute(&format!("CLOSE {cursor}"))
+        .await
+        .map_err(|e| read("closing the cursor of", e))?;
+    progress.finish();
+    tracing::info!(table = %name, rows = count, "copied");
+    Ok(count as u64)
+}
+
+/// The tables of a stored schema by name, for apply.
+pub fn apply_tables(schema: &Schema) -> Result<HashMap<QualifiedName, SourceTable>> {
+    Ok(source_tables(schema)?
+        .into_iter()
+        .map(|t| (t.table.name.clone(), t))
+        .collect())
+}
+
+#[derive(Debug)]
+enum Net {
+    Upsert(Vec<Cell>),
+    Delete,
+}
+
+/// One table's changes not yet written: its relation, keys in first-seen order, and the net
+/// change per key.
+type Pending = (Arc<Relation>, Vec<Vec<Cell>>, HashMap<Vec<Cell>, Net>);
+
+/// Changes on their way to one MySQL transaction.
+struct Batch<'a> {
+    tables: &'a HashMap<QualifiedName, SourceTable>,
+    pending: BTreeMap<QualifiedName, Pending>,
+    sql: String,
+    rows: usize,
+    counts: BTreeMap<String, TableCounts>,
+}
+
+impl<'a> Batch<'a> {
+    fn new(tables: &'a HashMap<QualifiedName, SourceTable>) -> Batch<'a> {
+        Batch {
+            tables,
+            pending: BTreeMap::new(),
+            sql: String::new(),
+            rows: 0,
+            counts: BTreeMap::new(),
+        }
+    }
+
+    fn table(&self, name: &QualifiedName) -> Result<&'a SourceTable> {
+        self.tables.get(name).ok_or_else(|| {
+            Error::Definite(format!(
+                "a change of {} arrived, but the job did not copy that table",
+                name.display_name()
+            ))
+        })
+    }
+
+    /// The literal of one cell of `rel`'s column `i`, checked against the column's type.
+    fn literal(&self, rel: &Relation, i: usize, cell: &Cell, out: &mut String) -> Result<()> {
+        let Cell::Value(text) = cell else {
+            out.push_str("NULL");
+            return Ok(());
+        };
+        let t = self.table(&rel.name)?;
+        let column = &rel.columns[i];
+        // A column added on the source after the copy is not in the model: its text goes
+        // as it is and the target column's type converts it.
+        let data_type = t
+            .table
+            .column(column)
+            .map(|c| c.data_type.clone())
+            .unwrap_or(DataType::Text);
+        let value =
+            pg_value(text, &data_type).and_then(|v| myapply::typed_literal(&v, &data_type, out));
+        value.map_err(|e| {
+            Error::Definite(format!(
+                "table {}, column {column}: {e}",
+                rel.name.display_name()
+            ))
+        })
+    }
+
+    fn tuple(&self, rel: &Relation, columns: &[usize], cells: &[Cell]) -> Result<String> {
+        let mut out = String::from("(");
+        for (n, (&i, cell)) in columns.iter().zip(cells).enumerate() {
+            if n > 0 {
+                out.push_str(", ");
+            }
+            self.literal(rel, i, cell, &mut out)?;
+        }
+        out.push(')');
+        Ok(out)
+    }
+
+    fn key_condition(&self, rel: &Relation, key: &[Cell]) -> Result<String> {
+        let mut parts = Vec::new();
+        for (&i, cell) in rel.key.iter().zip(key) {
+            let mut lit = String::new();
+            self.literal(rel, i, cell, &mut lit)?;
+            parts.push(format!("{} = {lit}", mysql::quote_ident(&rel.columns[i])));
+        }
+        Ok(parts.join(" AND "))
+    }
+
+    fn count(&mut self, table: &QualifiedName) -> &mut TableCounts {
+        self.counts.entry(table.display_name()).or_default()
+    }
+
+    fn add(&mut self, change: RowChange) -> Result<()> {
+        self.rows += 1;
+        match change {
+            RowChange::Upsert { rel, row } => {
+                self.count(&rel.name).upserts += 1;
+                let key = rel.key.iter().map(|i| row[*i].clone()).collect();
+                self.net(rel, key, Net::Upsert(row))?;
+            }
+            RowChange::Delete { rel, key } => {
+                self.count(&rel.name).deletes += 1;
+                self.net(rel, key, Net::Delete)?;
+            }
+            RowChange::Update { rel, key, row } => {
+                self.count(&rel.name).updates += 1;
+                self.flush_table(&rel.name)?;
+                let mut sets = Vec::new();
+                for (i, cell) in row.iter().enumerate() {
+                    if *cell == Cell::Unchanged {
+                        continue;
+                    }
+                    let mut lit = String::new();
+                    self.literal(&rel, i, cell, &mut lit)?;
+                    sets.push(format!("{} = {lit}", mysql::quote_ident(&rel.columns[i])));
+                }
+                let condition = self.key_condition(&rel, &key)?;
+                let _ = writeln!(
+                    self.sql,
+                    "UPDATE {} SET {} WHERE {condition};",
+                    mysql::quote_ident(&rel.name.name),
+                    sets.join(", ")
+                );
+            }
+            RowChange::Truncate { rels, .. } => {
+                self.flush_all()?;
+                for r in &rels {
+                    self.count(&r.name).truncates += 1;
+                    // TRUNCATE would commit the transaction (and lose the position).
+                    let _ = writeln!(
+                        self.sql,
+                        "DELETE FROM {};",
+                        mysql::quote_ident(&r.name.name)
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn instruction(&mut self, record: &KuakaRecord) -> Result<()> {
+        match record {
+            KuakaRecord::AddColumn {
+                table,
+                column,
+                type_sql,
+            } => {
+                self.flush_table(table)?;
+                // The PostgreSQL type may have no MySQL spelling: the column arrives as
+                // text, which holds any value's text form.
+                tracing::warn!(
+                    "column {column} ({type_sql}) was added to {} on the source: adding it to the MySQL target as longtext",
+                    table.display_name()
+                );
+                let _ = writeln!(
+                    self.sql,
+                    "ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} longtext NULL;",
+                    mysql::quote_ident(&table.name),
+                    mysql::quote_ident(column)
+                );
+                Ok(())
+            }
+        }
+    }
+
+    fn net(&mut self, rel: Arc<Relation>, key: Vec<Cell>, op: Net) -> Result<()> {
+        let name = rel.name.clone();
+        // Tables with other unique keys get their changes in source order, one by one.
+        let in_order = !self.table(&name)?.table.unique_keys.is_empty()
+            || self.table(&name)?.table.indexes.iter().any(|i| i.unique);
+        let pending = self
+            .pending
+            .entry(name.clone())
+            .or_insert_with(|| (rel, Vec::new(), HashMap::new()));
+        if pending.2.insert(key.clone(), op).is_none() {
+            pending.1.push(key);
+        }
+        if in_order || pending.1.len() >= 5_000 {
+            self.flush_table(&name)?;
+        }
+        Ok(())
+    }
+
+    fn flush_table(&mut self, table: &QualifiedName) -> Result<()> {
+        if let Some((rel, order, mut ops)) = self.pending.remove(table) {
+            let all: Vec<usize> = (0..rel.columns.len()).collect();
+            let key_names: Vec<String> = rel.key.iter().map(|&i| rel.columns[i].clone()).collect();
+            let mut deletes = Vec::new();
+            let mut upserts = Vec::new();
+            for key in order {
+                match ops.remove(&key) {
+                    Some(Net::Delete) => deletes.push(self.tuple(&rel, &rel.key, &key)?),
+                    Some(Net::Upsert(row)) => upserts.push(self.tuple(&rel, &all, &row)?),
+                    None => {}
+                }
+            }
+            let table = &rel.name.name;
+            if !deletes.is_empty() {
+                self.sql
+                    .push_str(&myapply::delete(table, &key_names, &deletes));
+            }
+            if !upserts.is_empty() {
+                self.sql
+                    .push_str(&myapply::upsert(table, &rel.columns, &key_names, &upserts));
+            }
+        }
+        Ok(())
+    }
+
+    fn flush_all(&mut self) -> Result<()> {
+        let names: Vec<QualifiedName> = self.pending.keys().cloned().collect();
+        for n in names {
+            self.flush_table(&n)?;
+        }
+        Ok(())
+    }
+}
+
+/// Apply the change log to a MySQL/MariaDB target from its recorded position, until
+/// stopped. Single session, whole source transactions per target transaction.
+pub(super) async fn apply_session(ctx: &ApplyContext, cancel: &CancellationToken) -> Result<()> {
+    let tables = ctx.mysql_tables.clone().ok_or_else(|| {
+        Error::Definite("the job's schema is missing from the state store".into())
+    })?;
+    let (mut sink, _) = mysql_target(&ctx.target, "apply").await?;
+    let mut applied = match sink.applied_position(&ctx.job_id).await? {
+        Some(p) => p.parse::<PgLsn>().map(|l| l.0).map_err(|_| {
+            Error::Definite(format!("unreadable applied position {p:?} on the target"))
+        })?,
+        None => ctx.p0.0,
+    };
+    ctx.progress.applied.store(applied, Ordering::Relaxed);
+    let log_err = |e: crate::changelog::LogError| Error::Definite(e.to_string());
+    let mut reader = LogReader::open(&ctx.dir, applied, ctx.log_end.clone()).map_err(log_err)?;
+    let mut relations: HashMap<u32, Arc<Relation>> = HashMap::new();
+    loop {
+        let mut batch = Batch::new(&tables);
+        let mut open = false;
+        let mut in_txn = false;
+        let mut skip = false;
+        let mut txns = 0u64;
+        let mut last: Option<(u64, i64)> = None;
+        let started = Instant::now();
+        loop {
+            let record = if in_txn || txns == 0 {
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    r = reader.next() => match r.map_err(log_err)? {
+                        Some(r) => r,
+                        None => return Ok(()),
+                    },
+                }
+            } else if batch.rows >= MAX_BATCH_CHANGES || started.elapsed() >= MAX_BATCH_TIME {
+                break;
+            } else {
+                match reader.try_next().map_err(log_err)? {
+                    Some(r) => r,
+                    None => break,
+                }
+            };
+            match record.kind {
+                RecordKind::Kuaka if !skip => {
+                    batch.instruction(&KuakaRecord::parse(&record.payload)?)?;
+                }
+                RecordKind::Kuaka => {}
+                RecordKind::PgOutput => match apply::decode_record(&record.payload)? {
+                    PgOutput::Begin { final_lsn, .. } => {
+                        in_txn = true;
+                        skip = final_lsn.0 <= applied;
+                    }
+                    PgOutput::Commit {
+                        commit_lsn,
+                        commit_time_us,
+                        ..
+                    } => {
+                        in_txn = false;
+                        if !skip {
+                            txns += 1;
+                            last = Some((commit_lsn.0, commit_time_us));
+                        }
+                        skip = false;
+                    }
+                    message @ PgOutput::Relation { .. } => {
+                        if let Some((id, rel)) = Relation::from_message(&message) {
+                            batch.flush_table(&rel.name)?;
+                            relations.insert(id, Arc::new(rel));
+                        }
+                    }
+                    m @ (PgOutput::Insert { .. }
+                    | PgOutput::Update { .. }
+                    | PgOutput::Delete { .. }
+                    | PgOutput::Truncate { .. })
+                        if !skip =>
+                    {
+                        for change in apply::resolve(m, &relations)? {
+                            batch.add(change)?;
+                        }
+                    }
+                    _ => {}
+                },
+            }
+            if batch.sql.len() > MAX_PENDING_SQL {
+                if !open {
+                    sink.execute("START TRANSACTION", "starting an apply transaction")
+                        .await?;
+                    open = true;
+                }
+                let sql = std::mem::take(&mut batch.sql);
+                sink.execute(&sql, "applying changes to the target").await?;
+            }
+        }
+        let Some((lsn, commit_time_us)) = last else {
+            continue;
+        };
+        batch.flush_all()?;
+        let body = std::mem::take(&mut batch.sql);
+        let tail = Dialect::Mysql.position_update(
+            &ctx.job_id,
+            &PgLsn(lsn).to_string(),
+            (commit_time_us / 1_000_000 + 946_684_800).max(0) as u32,
+        );
+        if open {
+            sink.execute(&format!("{body}{tail}"), "applying changes to the target")
+                .await?;
+            crate::failpoint::hit("apply.before_commit");
+            sink.execute("COMMIT", "committing applied changes").await?;
+            crate::failpoint::hit("apply.after_commit");
+        } else {
+            sink.commit(&body, &tail, "applying changes to the target")
+                .await
+                .map_err(|e| e.error)?;
+        }
+        applied = lsn;
+        let p = &ctx.progress;
+        p.applied.store(lsn, Ordering::Relaxed);
+        p.applied_commit_time_us
+            .store(commit_time_us, Ordering::Relaxed);
+        p.transactions.fetch_add(txns, Ordering::Relaxed);
+        p.changes.fetch_add(batch.rows as u64, Ordering::Relaxed);
+        p.add_counts(&batch.counts);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn postgres_text_becomes_mysql_values() {
+        let v = |t: &str, d: DataType| pg_value(t, &d);
+        assert_eq!(v("t", DataType::Bool).unwrap(), Value::Bool(true));
+        assert_eq!(
+            v("\\x00ff", DataType::Bytes).unwrap(),
+            Value::Bytes(vec![0, 255])
+        );
+        assert_eq!(
+            v("2001-02-03 04:05:06.5+00", DataType::TimestampTz).unwrap(),
+            Value::Text("2001-02-03 04:05:06.5".into())
+        );
+        assert!(v("2001-02-03 04:05:06+02", DataType::TimestampTz).is_err());
+        assert!(v("infinity", DataType::Timestamp).is_err());
+        assert!(v("2001-02-03 BC", DataType::Date).is_err());
+        assert!(v("NaN", DataType::Float64).is_err());
+        let unbounded = DataType::Numeric {
+            precision: None,
+            scale: None,
+        };
+        assert!(v("NaN", unbounded.clone()).is_err());
+        assert!(v(&format!("1.{}", "1".repeat(31)), unbounded.clone()).is_err());
+        assert_eq!(
+            v("-1.10", unbounded).unwrap(),
+            Value::Decimal("-1.10".into())
+        );
+        assert_eq!(
+            v("-$1,234.50", DataType::Money).unwrap(),
+            Value::Decimal("-1234.50".into())
+        );
+    }
+
+    #[test]
+    fn foreign_key_actions_keep_what_innodb_takes() {
+        assert_eq!(
+            rows::fk_actions(
+                "FOREIGN KEY (a, b) REFERENCES s.t(x, y) MATCH FULL ON UPDATE SET NULL ON DELETE CASCADE DEFERRABLE INITIALLY DEFERRED"
+            ),
+            "ON UPDATE SET NULL ON DELETE CASCADE"
+        );
+        assert_eq!(
+            rows::fk_actions("FOREIGN KEY (a) REFERENCES t(x) ON DELETE NO ACTION NOT VALID"),
+            "ON DELETE NO ACTION"
+        );
+        assert_eq!(rows::fk_actions("FOREIGN KEY (a) REFERENCES t(x)"), "");
+    }
+}
