@@ -565,10 +565,9 @@ async fn clean(args: &CleanArgs) -> u8 {
         }
     }
     let result = async {
-        if target.engine != crate::config::EngineKind::Postgres {
-            return Ok(());
-        }
-        if slot.is_some() || publication.is_some() {
+        if source.engine == crate::config::EngineKind::Postgres
+            && (slot.is_some() || publication.is_some())
+        {
             let client = postgres::connect(&source, Side::Source, "clean").await?;
             let done = postgres::capture::drop_slot_and_publication(
                 &client,
@@ -580,11 +579,50 @@ async fn clean(args: &CleanArgs) -> u8 {
                 eprintln!("kuaka: {d} on {source}");
             }
         }
+        if target.engine != crate::config::EngineKind::Postgres {
+            return Ok(());
+        }
         let client = postgres::connect(&target, Side::Target, "clean").await?;
         // Reverse legs of cutovers: their slots on the target, positions and origins on the
         // source.
         let cutovers = pipeline::cutover::cutovers(&store);
-        if cutovers > 0 {
+        if cutovers > 0 && source.engine == crate::config::EngineKind::Mysql {
+            // The reverse legs wrote their positions into the MySQL source's kuaka database
+            // (removed above with the job's own rows when the target is MySQL; here the
+            // target is PostgreSQL).
+            let ids: Vec<String> = (1..=cutovers)
+                .map(|n| pipeline::cutover::reverse_job_id(&job.job_id, n))
+                .collect();
+            for id in &ids {
+                let done = postgres::capture::drop_slot_and_publication(
+                    &client,
+                    &postgres::capture::slot_name(id),
+                    &postgres::capture::publication_name(id),
+                )
+                .await?;
+                for d in done {
+                    eprintln!("kuaka: {d} on {target}");
+                }
+            }
+            use mysql_async::prelude::Queryable;
+            match crate::engine::mysql::connect(&source, "clean").await {
+                Ok(mut conn) => {
+                    for id in &ids {
+                        if let Err(e) = conn
+                            .exec_drop(
+                                "DELETE FROM kuaka.apply_position WHERE job_id = ?",
+                                (id.as_str(),),
+                            )
+                            .await
+                        {
+                            eprintln!("kuaka: removing the reverse position {id} from the source: {e}");
+                        }
+                    }
+                    conn.disconnect().await.ok();
+                }
+                Err(e) => eprintln!("kuaka: the reverse positions stay on the source: {e}"),
+            }
+        } else if cutovers > 0 {
             let source_client = postgres::connect(&source, Side::Source, "clean").await?;
             for n in 1..=cutovers {
                 let id = pipeline::cutover::reverse_job_id(&job.job_id, n);
@@ -1055,10 +1093,11 @@ async fn switch_over(
     use crate::config::EngineKind;
     match (spec.source.engine, spec.target.engine) {
         (EngineKind::Postgres, EngineKind::Postgres) => {}
-        (EngineKind::Mysql, EngineKind::Postgres | EngineKind::Mysql) if action == "cutover" => {
+        (EngineKind::Mysql, EngineKind::Postgres) => {}
+        (EngineKind::Mysql, EngineKind::Mysql) if action == "cutover" => {
             if !no_reverse {
                 eprintln!(
-                    "kuaka: reverse replication after a cutover is implemented for PostgreSQL → PostgreSQL jobs only; this job moves {} to {}: run `kuaka cutover --no-reverse` to cut over without a way back",
+                    "kuaka: reverse replication after a cutover is implemented for jobs with a PostgreSQL target only; this job moves {} to {}: run `kuaka cutover --no-reverse` to cut over without a way back",
                     spec.source.redacted(),
                     spec.target.redacted()
                 );
@@ -1076,7 +1115,7 @@ async fn switch_over(
         }
         _ => {
             eprintln!(
-                "kuaka: {action} is implemented for PostgreSQL → PostgreSQL jobs, and cutover without reverse replication for MySQL/MariaDB → PostgreSQL or MySQL/MariaDB jobs; this job moves {} to {}",
+                "kuaka: {action} is implemented for PostgreSQL → PostgreSQL and MySQL/MariaDB → PostgreSQL jobs, and cutover without reverse replication for MySQL/MariaDB → MySQL/MariaDB jobs; this job moves {} to {}",
                 spec.source.redacted(),
                 spec.target.redacted()
             );

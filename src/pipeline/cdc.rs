@@ -78,33 +78,7 @@ pub async fn run(
                     ..Summary::default()
                 });
             }
-            "reverse" => {
-                let n = cutover::cutovers(store).max(1);
-                let dir = cutover::reverse_dir(state_dir, n);
-                let leg_store = Arc::new(StateStore::open_locked(&dir)?);
-                let reverse = cutover::reverse_spec(spec);
-                let leg = Leg {
-                    job: spec,
-                    state_dir,
-                    main: store,
-                    base_job: job_id,
-                    reverse: true,
-                };
-                tracing::info!(
-                    "the job is cut over: streaming the target's changes back to the source"
-                );
-                run_leg(
-                    &reverse,
-                    &leg_store,
-                    &dir,
-                    &cutover::reverse_job_id(job_id, n),
-                    true,
-                    ui,
-                    cancel,
-                    &leg,
-                )
-                .await?
-            }
+            "reverse" => run_reverse(spec, store, state_dir, job_id, ui, cancel).await?,
             _ => {
                 let leg = Leg {
                     job: spec,
@@ -120,6 +94,41 @@ pub async fn run(
             return Ok(summary);
         }
     }
+}
+
+/// The job after a cutover: the target's changes streamed back to the source until a
+/// fallback (the summary then says `handoff`) or a stop.
+pub(super) async fn run_reverse(
+    spec: &JobSpec,
+    store: &Arc<StateStore>,
+    state_dir: &Path,
+    job_id: &str,
+    ui: &Ui,
+    cancel: &CancellationToken,
+) -> Result<Summary> {
+    let n = cutover::cutovers(store).max(1);
+    let dir = cutover::reverse_dir(state_dir, n);
+    let leg_store = Arc::new(StateStore::open_locked(&dir)?);
+    let reverse = cutover::reverse_spec(spec, store);
+    let leg = Leg {
+        job: spec,
+        state_dir,
+        main: store,
+        base_job: job_id,
+        reverse: true,
+    };
+    tracing::info!("the job is cut over: streaming the target's changes back to the source");
+    run_leg(
+        &reverse,
+        &leg_store,
+        &dir,
+        &cutover::reverse_job_id(job_id, n),
+        true,
+        ui,
+        cancel,
+        &leg,
+    )
+    .await
 }
 
 /// One direction of a job.
@@ -154,6 +163,7 @@ async fn run_leg(
 ) -> Result<Summary> {
     let slot = capture::slot_name(job_id);
     let publication = capture::publication_name(job_id);
+    let to_mysql = spec.target.engine == crate::config::EngineKind::Mysql;
     let source = postgres::connect(&spec.source, Side::Source, "capture setup").await?;
 
     let (p0, slot_snapshot) = match store.meta("capture_start")? {
@@ -247,7 +257,13 @@ async fn run_leg(
         Some(p) => p.parse().unwrap_or(p0),
         None => {
             store.set_phase("snapshot")?;
-            let snap = run_phases(spec, store, job_id, resumed, ui, cancel, slot_snapshot);
+            let snap = async {
+                if to_mysql {
+                    super::pg_mysql::snapshot(spec, store, job_id, ui, cancel, slot_snapshot).await
+                } else {
+                    run_phases(spec, store, job_id, resumed, ui, cancel, slot_snapshot).await
+                }
+            };
             tokio::pin!(snap);
             let result = tokio::select! {
                 r = &mut snap => r,
@@ -313,7 +329,19 @@ async fn run_leg(
         None => store.set_meta("apply_mode", &mode)?,
     }
     let apply_progress = Arc::new(ApplyProgress::default());
+    let mysql_tables = if to_mysql {
+        let schema: crate::model::schema::Schema = store
+            .meta("schema")?
+            .and_then(|j| serde_json::from_str(&j).ok())
+            .ok_or_else(|| {
+                Error::Definite("the job's schema is missing from the state store".into())
+            })?;
+        Some(Arc::new(super::pg_mysql::apply_tables(&schema)?))
+    } else {
+        None
+    };
     let ctx = ApplyContext {
+        mysql_tables,
         target: spec.target.clone(),
         job_id: job_id.to_owned(),
         dir: dir.clone(),
@@ -634,13 +662,16 @@ fn write_status(
     }
 }
 
-struct ApplyContext {
-    target: Endpoint,
-    job_id: String,
-    dir: PathBuf,
-    log_end: watch::Receiver<LogEnd>,
-    p0: PgLsn,
-    progress: Arc<ApplyProgress>,
+pub(super) struct ApplyContext {
+    pub(super) target: Endpoint,
+    pub(super) job_id: String,
+    pub(super) dir: PathBuf,
+    pub(super) log_end: watch::Receiver<LogEnd>,
+    pub(super) p0: PgLsn,
+    pub(super) progress: Arc<ApplyProgress>,
+    /// A MySQL/MariaDB target: the moved tables with their model types.
+    pub(super) mysql_tables:
+        Option<Arc<HashMap<QualifiedName, crate::engine::sqlite::SourceTable>>>,
     workers: usize,
     /// Replication origin (prefix; `_w<N>` per session) the writes are marked with.
     origin: Option<String>,
@@ -662,7 +693,11 @@ async fn apply_loop(ctx: ApplyContext, cancel: CancellationToken) -> Result<()> 
     let mut strict_until = 0u64;
     loop {
         let before = ctx.progress.applied.load(Ordering::Relaxed);
-        let result = if ctx.workers > 1 {
+        let result = if ctx.mysql_tables.is_some() {
+            super::pg_mysql::apply_session(&ctx, &cancel)
+                .await
+                .map(|()| SessionEnd::Stopped)
+        } else if ctx.workers > 1 {
             per_key::session(&ctx, &cancel)
                 .await
                 .map(|()| SessionEnd::Stopped)

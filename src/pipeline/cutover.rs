@@ -410,7 +410,18 @@ async fn prepare_steps(live: &Live<'_>, request: &Request, rep: &mut Reporter) -
         request.full_verify,
     )
     .await?;
-    // 5. Sequences.
+    // 5. Sequences. InnoDB moves a table's AUTO_INCREMENT past every key written to it, so a
+    // MySQL/MariaDB side is ahead already.
+    if live.moves().engine == crate::config::EngineKind::Mysql {
+        rep.step(
+            "sequences",
+            format!(
+                "AUTO_INCREMENT counters on the {} are past every applied key",
+                live.moves_side().name()
+            ),
+        );
+        return Ok(());
+    }
     let schema = stored_schema(live.main)?;
     let moved = sync_sequences(
         live.writes(),
@@ -519,7 +530,8 @@ pub async fn switch_forward(
             );
         } else {
             let n = cutovers(main) + 1;
-            let slot = create_reverse_leg(spec, main, state_dir, base_job, n).await?;
+            let schema = stored_schema(main)?;
+            let slot = create_reverse_leg(spec, main, state_dir, base_job, n, &schema).await?;
             main.set_meta("cutovers", &n.to_string())?;
             main.set_meta("direction", "reverse")?;
             rep.progress.reverse_slot = Some(slot.clone());
@@ -556,19 +568,19 @@ pub async fn finish_cutover(spec: &JobSpec, request: &Request, rep: &mut Reporte
 
 /// The publication and slot on the target, and the reverse leg's own state store primed to
 /// stream from the slot's start (no snapshot: the two databases are equal at this point).
-async fn create_reverse_leg(
+pub async fn create_reverse_leg(
     spec: &JobSpec,
     main: &StateStore,
     state_dir: &Path,
     base_job: &str,
     n: u32,
+    schema: &Schema,
 ) -> Result<String> {
     let job_id = reverse_job_id(base_job, n);
     let slot = capture::slot_name(&job_id);
     let publication = capture::publication_name(&job_id);
-    let schema = stored_schema(main)?;
     let target = postgres::connect(&spec.target, Side::Target, "cutover").await?;
-    capture::preflight(&target, &schema).await.map_err(|e| {
+    capture::preflight(&target, schema).await.map_err(|e| {
         Error::Definite(format!(
             "the target cannot be captured for reverse replication: {e} (use --no-reverse to cut over without a way back)"
         ))
@@ -578,8 +590,8 @@ async fn create_reverse_leg(
     if capture::slot_status(&target, &slot).await?.is_some() {
         capture::drop_slot_and_publication(&target, &slot, "").await?;
     }
-    capture::ensure_publication(&target, &publication, &schema).await?;
-    let shapes = capture::read_shapes(&target, &schema).await?;
+    capture::ensure_publication(&target, &publication, schema).await?;
+    let shapes = capture::read_shapes(&target, schema).await?;
     let mut repl = ReplicationConnection::connect(&spec.target, "cutover").await?;
     let created = repl.create_slot(&slot, false, false).await?;
     drop(repl);
@@ -589,7 +601,7 @@ async fn create_reverse_leg(
             .map_err(|e| Error::Definite(format!("removing {}: {e}", dir.display())))?;
     }
     let leg = StateStore::open_locked(&dir)?;
-    let reverse = reverse_spec(spec);
+    let reverse = reverse_spec(spec, main);
     leg.create_job(
         &job_id,
         &reverse.source.redacted(),
@@ -599,10 +611,7 @@ async fn create_reverse_leg(
     let start = created.consistent_point.to_string();
     leg.set_meta("slot", &slot)?;
     leg.set_meta("publication", &publication)?;
-    leg.set_meta(
-        "schema",
-        &serde_json::to_string(&schema).unwrap_or_default(),
-    )?;
+    leg.set_meta("schema", &serde_json::to_string(schema).unwrap_or_default())?;
     leg.set_meta(
         "shapes",
         &serde_json::to_string(&shapes).unwrap_or_default(),
@@ -616,10 +625,29 @@ async fn create_reverse_leg(
     Ok(slot)
 }
 
-/// The job turned around: target → source, one apply session in commit order.
-pub fn reverse_spec(spec: &JobSpec) -> JobSpec {
+/// The job turned around: target → source, one apply session in commit order. A MySQL
+/// job's selection named `database.table`; turned around it names the moved tables in the
+/// PostgreSQL target's `public` schema (recorded at the cutover).
+pub fn reverse_spec(spec: &JobSpec, main: &StateStore) -> JobSpec {
     let mut r = spec.clone();
     std::mem::swap(&mut r.source, &mut r.target);
+    if let Some(tables) = main
+        .meta("reverse_tables")
+        .ok()
+        .flatten()
+        .and_then(|j| serde_json::from_str::<Vec<String>>(&j).ok())
+    {
+        r.selection = crate::config::Selection {
+            include: tables
+                .into_iter()
+                .map(|t| crate::config::Pattern {
+                    schema: "public".into(),
+                    table: t,
+                })
+                .collect(),
+            exclude: Vec::new(),
+        };
+    }
     r.apply_mode = crate::config::ApplyMode::Transactional;
     r.until = None;
     r
@@ -677,6 +705,15 @@ async fn finish_fallback(
             } else {
                 dropped.join(", ")
             },
+        );
+    }
+    if spec.source.engine == crate::config::EngineKind::Mysql {
+        let at = super::mysql::resume_forward_from_now(spec, base_job).await?;
+        rep.step(
+            "forward position",
+            format!(
+                "the forward stream resumes at {at}, after the changes kuaka applied to the source"
+            ),
         );
     }
     unfence(&spec.source, Side::Source, &request.app_roles).await?;

@@ -309,15 +309,37 @@ pub async fn run(
     ui: &Ui,
     cancel: &CancellationToken,
 ) -> Result<Summary> {
-    // A job cut over to its target has nothing left to stream (a cutover interrupted after
-    // its switch is finished first).
-    cutover::finish_interrupted(spec, store, &store.dir(), job_id).await?;
-    if cutover::direction(store)? == "none" {
-        return Ok(Summary {
-            cut_over: true,
-            ..Summary::default()
-        });
+    // Each cutover or fallback turns the job around (a switch interrupted after its switch
+    // point is finished first).
+    loop {
+        cutover::finish_interrupted(spec, store, &store.dir(), job_id).await?;
+        let summary = match cutover::direction(store)?.as_str() {
+            // Cut over without reverse replication: nothing left to stream.
+            "none" => {
+                return Ok(Summary {
+                    cut_over: true,
+                    ..Summary::default()
+                });
+            }
+            "reverse" => {
+                super::cdc::run_reverse(spec, store, &store.dir(), job_id, ui, cancel).await?
+            }
+            _ => forward(spec, store, job_id, ui, cancel).await?,
+        };
+        if !summary.handoff {
+            return Ok(summary);
+        }
     }
+}
+
+/// The forward direction: snapshot (unless done) and binlog streaming.
+async fn forward(
+    spec: &JobSpec,
+    store: &Arc<StateStore>,
+    job_id: &str,
+    ui: &Ui,
+    cancel: &CancellationToken,
+) -> Result<Summary> {
     let database = spec.source.database.clone();
     // Connect and read the catalog, retrying transient failures (a restarting server, a
     // dropped connection, an OS error on the server) like the other phases do.
@@ -494,9 +516,29 @@ pub async fn run(
     }
     drop(source);
     let streamed = stream(spec, store, job_id, flavour, &catalog, &p0, &p1, cancel).await?;
-    summary.cut_over = streamed.cut_over;
+    // Cut over with reverse replication: the same process streams the other way now.
+    summary.handoff = streamed.cut_over && cutover::direction(store)? == "reverse";
+    summary.cut_over = streamed.cut_over && !summary.handoff;
     summary.mysql_stream = Some(streamed);
     Ok(summary)
+}
+
+/// At a fallback, with the source fenced and the reverse stream drained: the forward stream
+/// resumes at the source's binlog position now, after the changes kuaka applied to the source
+/// (they came from the target; streaming them again would undo newer target rows).
+pub async fn resume_forward_from_now(spec: &JobSpec, job_id: &str) -> Result<String> {
+    let mut source = mysql::connect(&spec.source, "fallback").await?;
+    let at = cursor_text(&binlog::current_position(&mut source).await?);
+    let mut target = Sink::connect(&spec.target, "fallback").await?;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as u32)
+        .unwrap_or(0);
+    let sql = target.dialect().position_update(job_id, &at, now);
+    target
+        .execute(&sql, "moving the forward position on the target")
+        .await?;
+    Ok(at)
 }
 
 /// `CREATE TABLE` on PostgreSQL: the columns only. The primary key and the rest come after the
@@ -1269,11 +1311,12 @@ impl Switch {
 }
 
 /// The cutover's steps with the stream stopped at the drained position: verify, counters,
-/// the switch (direction `none`: no reverse replication from a MySQL source yet), the target
-/// unfenced.
+/// the switch (reverse replication from a PostgreSQL target, or direction `none` with
+/// `--no-reverse`), the target unfenced.
 async fn finish_switch(
     spec: &JobSpec,
     store: &StateStore,
+    job_id: &str,
     catalog: &MyCatalog,
     sw: &mut Switch,
     drained: &BinlogCursor,
@@ -1299,11 +1342,49 @@ async fn finish_switch(
         "sequences",
         format!("{moved} AUTO_INCREMENT counters moved on the target to at least the source's"),
     );
-    store.set_meta("direction", "none")?;
-    sw.reporter.step(
-        "reverse replication",
-        "not started (--no-reverse): the job ends here".into(),
-    );
+    if sw.request.no_reverse {
+        store.set_meta("direction", "none")?;
+        sw.reporter.step(
+            "reverse replication",
+            "not started (--no-reverse): the job ends here".into(),
+        );
+    } else {
+        // The moved tables as the PostgreSQL target holds them: the reverse leg captures
+        // them there and applies to the source.
+        let names: Vec<String> = catalog.tables.iter().map(|t| t.name().to_owned()).collect();
+        let selection = crate::config::Selection {
+            include: names
+                .iter()
+                .map(|t| crate::config::Pattern {
+                    schema: "public".into(),
+                    table: t.clone(),
+                })
+                .collect(),
+            exclude: Vec::new(),
+        };
+        let client = crate::engine::postgres::connect(
+            &spec.target,
+            crate::engine::postgres::Side::Target,
+            "cutover",
+        )
+        .await?;
+        let schema = crate::engine::postgres::catalog::read_schema(&client, &selection).await?;
+        drop(client);
+        store.set_meta(
+            "reverse_tables",
+            &serde_json::to_string(&names).unwrap_or_default(),
+        )?;
+        let n = cutover::cutovers(store) + 1;
+        let slot =
+            cutover::create_reverse_leg(spec, store, &store.dir(), job_id, n, &schema).await?;
+        store.set_meta("cutovers", &n.to_string())?;
+        store.set_meta("direction", "reverse")?;
+        sw.reporter.progress.reverse_slot = Some(slot.clone());
+        sw.reporter.step(
+            "reverse replication",
+            format!("replication slot {slot} on the target: changes the application makes there from now on reach the source"),
+        );
+    }
     cutover::finish_cutover(spec, &sw.request, &mut sw.reporter).await?;
     cutover::remove_request(&sw.reporter.dir(), &sw.request.id);
     Ok(())
@@ -1577,14 +1658,14 @@ async fn session(
                 }
             } else if reached {
                 let mut sw = state.switch.take().expect("a switch under way");
-                match finish_switch(spec, store, catalog, &mut sw, &applied).await {
+                match finish_switch(spec, store, job_id, catalog, &mut sw, &applied).await {
                     Ok(()) => {
                         state.summary.applied = cursor_text(&applied);
                         let _ = store.set_position("applied", &cursor_text(&applied));
                         let _ = stream.close().await;
                         return Ok(SessionEnd::CutOver);
                     }
-                    Err(e) if cutover::direction(store)? == "none" => {
+                    Err(e) if cutover::direction(store)? != "forward" => {
                         // Past the switch: finished when the job starts again.
                         sw.reporter.fail(&e);
                         return Err(e);

@@ -563,8 +563,10 @@ fn job_direction(job: &Job) -> String {
 /// MariaDB → PostgreSQL: cutover without reverse replication. The source server becomes
 /// `read_only` (the application user's sessions ended), the target's identity sequences move
 /// past the source's AUTO_INCREMENT, the application moves to the target, the job ends.
+/// MariaDB → PostgreSQL: cutover with reverse replication (PostgreSQL → MariaDB), the
+/// application's target writes reaching the source, then fallback and forward again.
 #[test]
-fn mariadb_to_postgres_cutover_without_reverse() {
+fn mariadb_to_postgres_cutover_and_fallback() {
     mariadb_cutover_case(false);
 }
 
@@ -636,16 +638,22 @@ fn mariadb_cutover_case(mariadb_target: bool) {
             .args(extra);
         run(c)
     };
-    // No way back from MariaDB yet: asked for explicitly.
-    let refused = cutover(&[]);
-    refused.assert_exit_code(2);
-    assert!(
-        refused.all_output().contains("--no-reverse"),
-        "{}",
-        refused.all_output()
-    );
+    if mariadb_target {
+        // No way back to a MariaDB source from a MariaDB target yet: asked for explicitly.
+        let refused = cutover(&[]);
+        refused.assert_exit_code(2);
+        assert!(
+            refused.all_output().contains("--no-reverse"),
+            "{}",
+            refused.all_output()
+        );
+    }
     writer.prefer.store(PREFER_TARGET, Ordering::Relaxed);
-    let out = cutover(&["--no-reverse"]);
+    let out = cutover(if mariadb_target {
+        &["--no-reverse"]
+    } else {
+        &[]
+    });
     out.assert_success();
     let text = out.all_output();
     for step in [
@@ -654,11 +662,16 @@ fn mariadb_cutover_case(mariadb_target: bool) {
         "drain",
         "verify",
         "sequences",
+        "reverse replication",
         "unfence target",
     ] {
         assert!(text.contains(step), "no step {step:?} in:\n{text}");
     }
     assert!(text.contains("read_only = ON"), "{text}");
+    if !mariadb_target {
+        mariadb_reverse_and_fallback(&server, db, &target, &state_dir, writer, streaming);
+        return;
+    }
     // The job ends by itself.
     let ended = streaming.wait(Duration::from_secs(30));
     ended.assert_success();
@@ -713,6 +726,130 @@ fn mariadb_cutover_case(mariadb_target: bool) {
         again.all_output().contains("cut over"),
         "{}",
         again.all_output()
+    );
+}
+
+/// The tags in MariaDB's ledger (`w…` ones: the writer's).
+fn mariadb_tags(server: &crate::support::mariadb::MariaDbServer, db: &str) -> Vec<String> {
+    server
+        .rows(db, "SELECT tag FROM ledger WHERE tag LIKE 'w%'")
+        .into_iter()
+        .map(|r| r[0].clone())
+        .collect()
+}
+
+fn assert_each_once(tags: &[String], acked: &[(String, u8)], what: &str) {
+    let set: std::collections::HashSet<&String> = tags.iter().collect();
+    assert_eq!(set.len(), tags.len(), "a write is in the {what} twice");
+    let missing: Vec<&String> = acked
+        .iter()
+        .map(|(t, _)| t)
+        .filter(|t| !set.contains(t))
+        .take(10)
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "acknowledged writes missing in the {what}: {missing:?}"
+    );
+}
+
+/// After a MariaDB → PostgreSQL cutover with reverse replication: the target's writes reach
+/// the source; fallback; the source's writes reach the target again, and nothing kuaka wrote
+/// to the source comes back (each tag once on both sides).
+fn mariadb_reverse_and_fallback(
+    server: &crate::support::mariadb::MariaDbServer,
+    db: &str,
+    target: &str,
+    state_dir: &str,
+    writer: Writer,
+    streaming: Background,
+) {
+    wait_until("writes on the target", Duration::from_secs(30), || {
+        writer.count_on(1) >= 30
+    });
+    assert!(
+        matches!(
+            mariadb_attempt(server.port, db)("UPDATE account SET balance = balance WHERE id = 1"),
+            Attempt::ReadOnly
+        ),
+        "the source accepts the application's writes after the cutover"
+    );
+    let acked_now = writer.acked.lock().unwrap().clone();
+    wait_until(
+        "the target's writes to reach the source",
+        Duration::from_secs(60),
+        || mariadb_tags(server, db).len() >= acked_now.len(),
+    );
+    assert_each_once(&mariadb_tags(server, db), &acked_now, "source (reverse)");
+    let mut status = kuaka();
+    status.args(["status", "--json", "--state", state_dir]);
+    let status: serde_json::Value = serde_json::from_str(&run(status).stdout).expect("status json");
+    assert_eq!(status["direction"], "reverse", "{status:#}");
+
+    writer.prefer.store(PREFER_SOURCE, Ordering::Relaxed);
+    let before = writer.count_on(0);
+    let mut fallback = kuaka();
+    fallback.args(["fallback", "--state", state_dir, "--max-lag", "30"]);
+    let out = run(fallback);
+    out.assert_success();
+    assert!(
+        out.all_output().contains("forward position"),
+        "{}",
+        out.all_output()
+    );
+    wait_until(
+        "writes on the source again",
+        Duration::from_secs(30),
+        || writer.count_on(0) >= before + 30,
+    );
+    assert!(
+        refuses_writes(target),
+        "the target accepts writes after the fallback"
+    );
+    let acked = writer.finish();
+    // Forward again: every write is in both databases, once.
+    wait_until(
+        "every write to reach the target (forward again)",
+        Duration::from_secs(60),
+        || {
+            query_one(target, "SELECT count(*) FROM ledger WHERE tag LIKE 'w%'")
+                .parse::<usize>()
+                .unwrap_or(0)
+                >= acked.len()
+        },
+    );
+    let target_tags: Vec<String> = query_one(
+        target,
+        "SELECT string_agg(tag, ',') FROM ledger WHERE tag LIKE 'w%'",
+    )
+    .split(',')
+    .map(str::to_owned)
+    .collect();
+    assert_each_once(&target_tags, &acked, "target");
+    assert_each_once(&mariadb_tags(server, db), &acked, "source");
+    let sums = || {
+        (
+            query_one(target, "SELECT sum(balance)::text FROM account"),
+            server.rows(db, "SELECT CAST(SUM(balance) AS CHAR) FROM account")[0][0].clone(),
+        )
+    };
+    wait_until("balances to converge", Duration::from_secs(30), || {
+        let (a, b) = sums();
+        a == b
+    });
+    let mut streaming = streaming;
+    assert!(streaming.is_running(), "{}", streaming.stderr());
+    sigterm(streaming);
+    let mut clean = kuaka();
+    clean.args(["clean", "--state", state_dir]);
+    run(clean).assert_success();
+    assert_eq!(
+        query_one(
+            target,
+            "SELECT count(*) FROM pg_replication_slots WHERE database = current_database() AND slot_name LIKE 'kuaka%'"
+        ),
+        "0",
+        "a reverse slot is left on the target"
     );
 }
 
