@@ -729,6 +729,155 @@ fn mariadb_cutover_case(mariadb_target: bool) {
     );
 }
 
+/// Whether the MariaDB source refuses the application's writes (read_only).
+fn mariadb_refuses_writes(port: u16, db: &str) -> bool {
+    let write = mariadb_attempt(port, db);
+    let mut last = String::new();
+    for _ in 0..50 {
+        match write("UPDATE account SET balance = balance WHERE id = 1") {
+            Attempt::ReadOnly => return true,
+            Attempt::Ok => return false,
+            Attempt::Retry => last = "session ended".into(),
+            Attempt::Failed(e) => last = e,
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    panic!("could not tell whether the MariaDB source takes writes: {last}");
+}
+
+/// MariaDB → PostgreSQL with reverse replication, kuaka killed after each cutover step and
+/// each fallback step: every rerun ends consistent, and after all of it every acknowledged
+/// write is in both databases exactly once.
+#[test]
+fn mariadb_cutover_killed_at_steps_then_rerun() {
+    use crate::support::mariadb::MariaDbServer;
+    let server = MariaDbServer::start_private();
+    let db = "co_kill_src";
+    let source = server.create_db(db);
+    server.exec_script(db, MARIADB_SCHEMA);
+    server.exec("CREATE USER app@'%' IDENTIFIED BY 'app'; GRANT ALL ON co_kill_src.* TO app@'%';");
+    let target = crate::support::pg().create_db("co_kill_dst");
+    let job = Job::between(db, source, "co_kill_dst", target.clone());
+    let with_failpoint = |fp: &str| {
+        let mut c = job.stream_command(&[]);
+        c.env("KUAKA_FAILPOINT", fp);
+        let mut b = Background::spawn(c);
+        let lock = job.state.path().join("lock");
+        wait_until(
+            "the run to take the state directory",
+            Duration::from_secs(120),
+            || {
+                assert!(b.is_running(), "kuaka exited early:\n{}", b.stderr());
+                job.phase() == "streaming"
+                    && std::fs::read_to_string(&lock).is_ok_and(|p| p.trim() == b.pid().to_string())
+            },
+        );
+        b
+    };
+    let start = |what: &str, writable: &dyn Fn() -> bool| {
+        let mut b = Background::spawn(job.stream_command(&[]));
+        wait_until(what, Duration::from_secs(60), || {
+            assert!(b.is_running(), "kuaka exited:\n{}", b.stderr());
+            writable()
+        });
+        b
+    };
+    let first = start("the first run", &|| job.phase() == "streaming");
+    let writer = Writer::start_with([mariadb_attempt(server.port, db), pg_attempt(&target)]);
+    wait_until("writes on the source", Duration::from_secs(30), || {
+        writer.count_on(0) >= 20
+    });
+    sigterm(first);
+    writer.prefer.store(PREFER_TARGET, Ordering::Relaxed);
+
+    // Before the switch (1 check lag … 5 sequences): still forward; fenced from step 2 on.
+    // After step 6 (reverse slot made, direction recorded): the restart unfences the target.
+    for step in 1..=6 {
+        let killed = with_failpoint(&format!("cutover.after_step:{step}"));
+        switch(&job, "cutover", &[]).assert_exit_code(2);
+        killed
+            .wait(Duration::from_secs(30))
+            .assert_killed_by_sigkill();
+        let expected = if step == 6 { "reverse" } else { "forward" };
+        assert_eq!(job_direction(&job), expected, "after cutover step {step}");
+        if (2..6).contains(&step) {
+            assert!(
+                mariadb_refuses_writes(server.port, db),
+                "source writable after step {step}"
+            );
+            assert!(refuses_writes(&target), "target writable after step {step}");
+        }
+    }
+    let reverse = start("the target to accept writes", &|| !refuses_writes(&target));
+    assert!(mariadb_refuses_writes(server.port, db));
+    wait_until("writes on the target", Duration::from_secs(30), || {
+        writer.count_on(1) >= 20
+    });
+    sigterm(reverse);
+
+    // Fallback: 1–5 before its switch, 6 the switch (forward again).
+    writer.prefer.store(PREFER_SOURCE, Ordering::Relaxed);
+    for step in 1..=6 {
+        let killed = with_failpoint(&format!("fallback.after_step:{step}"));
+        switch(&job, "fallback", &[]).assert_exit_code(2);
+        killed
+            .wait(Duration::from_secs(30))
+            .assert_killed_by_sigkill();
+        let expected = if step == 6 { "forward" } else { "reverse" };
+        assert_eq!(job_direction(&job), expected, "after fallback step {step}");
+    }
+    // Killed again while a restart finishes the fallback: after dropping the reverse slot,
+    // then after moving the forward position past kuaka's writes to the source. The source
+    // stays fenced until the last step.
+    for step in 1..=2 {
+        let mut c = job.stream_command(&[]);
+        c.env("KUAKA_FAILPOINT", format!("fallback.after_step:{step}"));
+        Background::spawn(c)
+            .wait(Duration::from_secs(60))
+            .assert_killed_by_sigkill();
+        assert_eq!(job_direction(&job), "forward");
+        assert!(
+            mariadb_refuses_writes(server.port, db),
+            "unfenced at finishing step {step}"
+        );
+    }
+    let last = start("the source to accept writes", &|| {
+        !mariadb_refuses_writes(server.port, db)
+    });
+    let before = writer.count_on(0);
+    wait_until(
+        "writes on the source again",
+        Duration::from_secs(30),
+        || writer.count_on(0) >= before + 20,
+    );
+    assert!(refuses_writes(&target));
+    let acked = writer.finish();
+    assert!(
+        acked.iter().any(|(_, d)| *d == 1),
+        "no write reached the target"
+    );
+    wait_until(
+        "every write to reach the target",
+        Duration::from_secs(60),
+        || {
+            query_one(&target, "SELECT count(*) FROM ledger WHERE tag LIKE 'w%'")
+                .parse::<usize>()
+                .unwrap_or(0)
+                >= acked.len()
+        },
+    );
+    let target_tags: Vec<String> = query_one(
+        &target,
+        "SELECT string_agg(tag, ',') FROM ledger WHERE tag LIKE 'w%'",
+    )
+    .split(',')
+    .map(str::to_owned)
+    .collect();
+    assert_each_once(&target_tags, &acked, "target");
+    assert_each_once(&mariadb_tags(&server, db), &acked, "source");
+    sigterm(last);
+}
+
 /// The tags in MariaDB's ledger (`w…` ones: the writer's).
 fn mariadb_tags(server: &crate::support::mariadb::MariaDbServer, db: &str) -> Vec<String> {
     server
