@@ -21,8 +21,9 @@
 # target a PostgreSQL database; the load is `sysbench oltp_write_only --threads
 # $CLIENTS` as an application user (not root: read_only does not hold off
 # admins), on $SB_TABLES tables of $SB_SIZE rows prepared per run; the probe
-# writes as that user too. `kuaka cutover --no-reverse` (no fallback: reverse
-# replication from MariaDB does not exist yet).
+# writes as that user too. `kuaka cutover` starts reverse replication
+# (PostgreSQL -> MariaDB); `kuaka fallback` follows as for PostgreSQL, with the
+# probe's writes on the target as the only load then.
 #
 # No peer: none of pgcopydb, pgloader, Debezium or DM automates a cutover (see
 # ../shared/research/anchors-cdc.md), so there is nothing to run side by side;
@@ -170,7 +171,9 @@ if [[ $ENGINE == mariadb ]]; then
     }
     : >"$DIR/cut_windows"
     : >"$DIR/cut_gaps"
-    printf '%-4s %12s %12s  %s\n' run "cutover" "probe gap" "cutover steps (s)"
+    : >"$DIR/fall_windows"
+    : >"$DIR/fall_gaps"
+    printf '%-4s %12s %12s %12s %12s  %s\n' run "cutover" "probe gap" "fallback" "probe gap" "cutover steps (s)"
     for run in $(seq 1 "$RUNS"); do
         db=src$run
         my -e "SET GLOBAL read_only = OFF; CREATE DATABASE $db; GRANT ALL ON $db.* TO app@'%';
@@ -198,27 +201,38 @@ if [[ $ENGINE == mariadb ]]; then
         PROBE_PID=$!
         sleep "$LOAD_SECONDS"
         echo dst >"$DIR/work/prefer"
-        "$KUAKA_BIN" cutover --state "$state" --max-lag 10 --no-reverse >"$DIR/work/cutover$run.log" 2>&1 ||
+        "$KUAKA_BIN" cutover --state "$state" --max-lag 10 >"$DIR/work/cutover$run.log" 2>&1 ||
             die "cutover failed: $(tail -5 "$DIR/work/cutover$run.log")"
         kill "$PGBENCH_PID" 2>/dev/null || true
         wait "$PGBENCH_PID" 2>/dev/null || true
         PGBENCH_PID=""
         sleep 2
+        cut=$(jq -r .window_seconds "$state/cutover.json")
+        steps=$(jq -r '[.steps[] | "\(.name)=\(.seconds * 1000 | floor / 1000)"] | join(" ")' "$state/cutover.json")
+        echo src >"$DIR/work/prefer"
+        "$KUAKA_BIN" fallback --state "$state" --max-lag 10 >"$DIR/work/fallback$run.log" 2>&1 ||
+            die "fallback failed: $(tail -5 "$DIR/work/fallback$run.log")"
+        sleep 2
         kill "$PROBE_PID" 2>/dev/null || true
         wait "$PROBE_PID" 2>/dev/null || true
         PROBE_PID=""
+        fall=$(jq -r .window_seconds "$state/cutover.json")
+        kill -TERM "$KUAKA_PID" 2>/dev/null || true
         wait "$KUAKA_PID" 2>/dev/null || true
         KUAKA_PID=""
-        cut=$(jq -r .window_seconds "$state/cutover.json")
-        steps=$(jq -r '[.steps[] | "\(.name)=\(.seconds * 1000 | floor / 1000)"] | join(" ")' "$state/cutover.json")
         cut_gap=$(gap src dst "$DIR/work/probe$run")
+        fall_gap=$(awk '$2 == "dst" { d = 1 } d' "$DIR/work/probe$run" | gap dst src /dev/stdin)
         echo "$cut" >>"$DIR/cut_windows"
         echo "${cut_gap:-nan}" >>"$DIR/cut_gaps"
-        printf '%-4s %11ss %11ss  %s\n' "$run" "$cut" "${cut_gap:-?}" "$steps"
+        echo "$fall" >>"$DIR/fall_windows"
+        echo "${fall_gap:-nan}" >>"$DIR/fall_gaps"
+        printf '%-4s %11ss %11ss %11ss %11ss  %s\n' "$run" "$cut" "${cut_gap:-?}" "$fall" "${fall_gap:-?}" "$steps"
     done
     mc=$(median <"$DIR/cut_windows")
     mg=$(median <"$DIR/cut_gaps")
-    printf '%-4s %11ss %11ss\n' median "$mc" "$mg"
+    mf=$(median <"$DIR/fall_windows")
+    mfg=$(median <"$DIR/fall_gaps")
+    printf '%-4s %11ss %11ss %11ss %11ss\n' median "$mc" "$mg" "$mf" "$mfg"
     verdict=$(awk -v w="$mc" 'BEGIN { print (w < 1 ? "met (under 1 s)" : (w < 2 ? "met (under 2 s, not under 1 s)" : "NOT met")) }')
     echo "target: MariaDB -> PostgreSQL cutover window under 2 s (aim 1 s) with sysbench oltp_write_only --threads $CLIENTS: $verdict"
     exit 0
