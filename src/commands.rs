@@ -1093,7 +1093,7 @@ async fn switch_over(
     use crate::config::EngineKind;
     match (spec.source.engine, spec.target.engine) {
         (EngineKind::Postgres, EngineKind::Postgres) => {}
-        (EngineKind::Mysql, EngineKind::Postgres) => {}
+        (EngineKind::Mysql, EngineKind::Postgres) | (EngineKind::Sqlite, EngineKind::Sqlite) => {}
         (EngineKind::Mysql, EngineKind::Mysql) if action == "cutover" => {
             if !no_reverse {
                 eprintln!(
@@ -1115,7 +1115,7 @@ async fn switch_over(
         }
         _ => {
             eprintln!(
-                "kuaka: {action} is implemented for PostgreSQL → PostgreSQL and MySQL/MariaDB → PostgreSQL jobs, and cutover without reverse replication for MySQL/MariaDB → MySQL/MariaDB jobs; this job moves {} to {}",
+                "kuaka: {action} is implemented for PostgreSQL → PostgreSQL, MySQL/MariaDB → PostgreSQL and SQLite → SQLite jobs, and cutover without reverse replication for MySQL/MariaDB → MySQL/MariaDB jobs; this job moves {} to {}",
                 spec.source.redacted(),
                 spec.target.redacted()
             );

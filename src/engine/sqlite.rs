@@ -185,6 +185,7 @@ pub fn read_catalog(conn: &Connection) -> Result<SourceCatalog> {
             .prepare(
                 "SELECT type, name, tbl_name, sql FROM sqlite_schema \
                  WHERE name NOT LIKE 'sqlite\\_%' ESCAPE '\\' AND name NOT LIKE '\\_kuaka\\_%' ESCAPE '\\' \
+                   AND name NOT LIKE 'kuaka\\_fence\\_%' ESCAPE '\\' \
                  ORDER BY type, name",
             )
             .map_err(sql_error("reading sqlite_schema"))?;
@@ -699,7 +700,8 @@ pub fn target_bookkeeping(conn: &Connection) -> Result<()> {
     conn.execute_batch(&format!(
         "PRAGMA foreign_keys = OFF;
          CREATE TABLE IF NOT EXISTS {POSITION_TABLE} (job_id TEXT PRIMARY KEY, position INTEGER NOT NULL);
-         CREATE TABLE IF NOT EXISTS {COPIED_TABLE} (job_id TEXT NOT NULL, table_name TEXT NOT NULL, rows INTEGER NOT NULL, PRIMARY KEY (job_id, table_name));"
+         CREATE TABLE IF NOT EXISTS {COPIED_TABLE} (job_id TEXT NOT NULL, table_name TEXT NOT NULL, rows INTEGER NOT NULL, PRIMARY KEY (job_id, table_name));
+         CREATE TABLE IF NOT EXISTS _kuaka_fence_pass (pass INTEGER);"
     ))
     .map_err(sql_error("creating kuaka's tables on the SQLite target"))
 }

@@ -689,7 +689,18 @@ async fn finish_fallback(
     rep: &mut Reporter,
 ) -> Result<()> {
     let n = cutovers(main);
-    if n > 0 {
+    if spec.target.engine == EngineKind::Sqlite {
+        let removed = tokio::task::block_in_place(|| {
+            crate::engine::sqlite::remove_capture(&crate::engine::sqlite::open(
+                &spec.target.database,
+                false,
+            )?)
+        })?;
+        rep.step(
+            "drop reverse capture",
+            format!("{removed} capture triggers and the change table removed from the target"),
+        );
+    } else if n > 0 {
         let job_id = reverse_job_id(base_job, n);
         let target = postgres::connect(&spec.target, Side::Target, "fallback").await?;
         let dropped = capture::drop_slot_and_publication(
@@ -707,8 +718,12 @@ async fn finish_fallback(
             },
         );
     }
-    if spec.source.engine == crate::config::EngineKind::Mysql {
-        let at = super::mysql::resume_forward_from_now(spec, base_job).await?;
+    if matches!(spec.source.engine, EngineKind::Mysql | EngineKind::Sqlite) {
+        let at = if spec.source.engine == EngineKind::Mysql {
+            super::mysql::resume_forward_from_now(spec, base_job).await?
+        } else {
+            tokio::task::block_in_place(|| super::rows::resume_forward_from_now(spec, base_job))?
+        };
         rep.step(
             "forward position",
             format!(
@@ -801,9 +816,9 @@ pub async fn fence(endpoint: &Endpoint, side: Side, roles: &[String]) -> Result<
     match endpoint.engine {
         EngineKind::Postgres => pg_fence(endpoint, side, roles).await,
         EngineKind::Mysql => my_fence(endpoint, side, roles).await,
-        EngineKind::Sqlite => Err(Error::Definite(
-            "a SQLite database cannot be fenced by kuaka".into(),
-        )),
+        EngineKind::Sqlite => {
+            tokio::task::block_in_place(|| super::sqlite_switch::fence(&endpoint.database))
+        }
     }
 }
 
@@ -812,7 +827,9 @@ pub async fn unfence(endpoint: &Endpoint, side: Side, roles: &[String]) -> Resul
     match endpoint.engine {
         EngineKind::Postgres => pg_unfence(endpoint, side, roles).await,
         EngineKind::Mysql => my_unfence(endpoint, side).await,
-        EngineKind::Sqlite => Ok(()),
+        EngineKind::Sqlite => {
+            tokio::task::block_in_place(|| super::sqlite_switch::unfence(&endpoint.database))
+        }
     }
 }
 

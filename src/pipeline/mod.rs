@@ -7,6 +7,7 @@ pub mod mysql;
 pub mod pg_mysql;
 pub mod rows;
 pub mod snapshot;
+pub mod sqlite_switch;
 
 use crate::engine::ErrorClass;
 

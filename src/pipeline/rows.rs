@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::binlog_target::{Dialect, Sink};
 use super::snapshot::Summary;
-use super::{Error, Result};
+use super::{Error, Result, cutover};
 use crate::config::{Endpoint, EngineKind, JobSpec, TargetExists, Until};
 use crate::engine::mysql::{self, Flavour, apply as myapply};
 use crate::engine::postgres::snapshot::CopyProgress;
@@ -295,12 +295,18 @@ impl Target {
                     Error::Definite(format!("applying changes to the SQLite target: {e}"))
                 };
                 let tx = conn.transaction().map_err(fail)?;
+                // Through a cutover's fence (see `sqlite_switch`): seen by this transaction only.
+                let pass = super::sqlite_switch::PASS_TABLE;
+                tx.execute_batch(&format!("INSERT INTO {pass} VALUES (1)"))
+                    .map_err(fail)?;
                 for (name, upserts, deletes) in &by_table {
                     let Some(table) = tables.get(*name) else {
                         continue;
                     };
                     write_sqlite_rows(&tx, table, upserts, deletes).map_err(fail)?;
                 }
+                tx.execute_batch(&format!("DELETE FROM {pass}"))
+                    .map_err(fail)?;
                 tx.execute(
                     &format!(
                         "INSERT INTO {} (job_id, position) VALUES (?1, ?2) ON CONFLICT (job_id) DO UPDATE SET position = excluded.position",
@@ -782,8 +788,321 @@ pub(crate) fn fk_actions(definition: &str) -> String {
     out.join(" ")
 }
 
-/// Run a job whose source is SQLite.
+/// Run a job whose source is SQLite; a SQLite → SQLite job turns around at each cutover
+/// and fallback (see `sqlite_switch`).
 pub async fn run(
+    spec: &JobSpec,
+    store: &Arc<StateStore>,
+    job_id: &str,
+    ui: &Ui,
+    cancel: &CancellationToken,
+) -> Result<Summary> {
+    loop {
+        cutover::finish_interrupted(spec, store, &store.dir(), job_id).await?;
+        let summary = match cutover::direction(store)?.as_str() {
+            "none" => {
+                return Ok(Summary {
+                    cut_over: true,
+                    ..Summary::default()
+                });
+            }
+            "reverse" => reverse(spec, store, job_id, cancel).await?,
+            _ => forward(spec, store, job_id, ui, cancel).await?,
+        };
+        if !summary.handoff {
+            return Ok(summary);
+        }
+    }
+}
+
+/// Apply one batch of changes `from` → `to` under the position `leg_job`. Returns the number
+/// of changed keys applied.
+async fn pump(
+    from: &mut Connection,
+    to: &mut Target,
+    tables: &HashMap<String, SourceTable>,
+    leg_job: &str,
+    applied: &mut i64,
+) -> Result<usize> {
+    let (changes, last) =
+        block(|| sqlite::read_changes(from, tables, *applied, CHANGES_PER_BATCH))?;
+    if last > *applied {
+        to.apply(tables, &changes, leg_job, last).await?;
+        *applied = last;
+    }
+    Ok(changes.len())
+}
+
+/// Apply until `applied` reaches the current end of `from`'s change table (read once at the
+/// start), or `within` runs out. Returns the end when reached.
+async fn catch_up(
+    from: &mut Connection,
+    to: &mut Target,
+    tables: &HashMap<String, SourceTable>,
+    leg_job: &str,
+    applied: &mut i64,
+    within: Duration,
+) -> Result<Option<i64>> {
+    let goal = block(|| sqlite::current_position(from))?;
+    let deadline = Instant::now() + within;
+    while *applied < goal {
+        if Instant::now() > deadline {
+            return Ok(None);
+        }
+        if pump(from, to, tables, leg_job, applied).await? == 0 && *applied < goal {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    Ok(Some(goal))
+}
+
+/// A cutover (`reverse` false: the forward leg is running) or a fallback of a SQLite →
+/// SQLite job, performed by the streaming loop. `from`/`to` are the running leg's.
+#[allow(clippy::too_many_arguments)]
+async fn switch(
+    spec: &JobSpec,
+    store: &StateStore,
+    job_id: &str,
+    request: cutover::Request,
+    from: &mut Connection,
+    to: &mut Target,
+    tables: &HashMap<String, SourceTable>,
+    leg_job: &str,
+    applied: &mut i64,
+) -> Result<()> {
+    use crate::engine::postgres::Side;
+    let reverse = request.action == "fallback";
+    let dir = store.dir();
+    let mut rep = cutover::Reporter::new(&dir, &request);
+    rep.progress.steps.clear();
+    rep.begin();
+    // The database the application writes to now, and the one it moves to.
+    let (writes, moves) = if reverse {
+        ((&spec.target, Side::Target), (&spec.source, Side::Source))
+    } else {
+        ((&spec.source, Side::Source), (&spec.target, Side::Target))
+    };
+    let max_lag = Duration::from_secs_f64(request.max_lag_seconds.max(0.0));
+    let drain_timeout = Duration::from_secs_f64(request.drain_timeout_seconds.max(1.0));
+    let mut fenced: Vec<(&crate::config::Endpoint, Side)> = Vec::new();
+    let before = async {
+        match catch_up(from, to, tables, leg_job, applied, max_lag).await? {
+            Some(at) => rep.step(
+                "check lag",
+                format!(
+                    "applied every change the {} held (change {at}) within --max-lag {:.1} s",
+                    writes.1.name(),
+                    request.max_lag_seconds
+                ),
+            ),
+            None => {
+                return Err(Error::Definite(format!(
+                    "refused: apply did not catch up with the {} within --max-lag {:.1} s; nothing was fenced",
+                    writes.1.name(),
+                    request.max_lag_seconds
+                )));
+            }
+        }
+        let mut said = Vec::new();
+        if !reverse {
+            said.push(cutover::fence(moves.0, moves.1, &[]).await?);
+            fenced.push(moves);
+        }
+        rep.progress.fenced_at_ms = Some(cutover::unix_ms());
+        said.push(cutover::fence(writes.0, writes.1, &[]).await?);
+        fenced.push(writes);
+        rep.step("fence", said.join("; "));
+        match catch_up(from, to, tables, leg_job, applied, drain_timeout).await? {
+            Some(at) => {
+                rep.progress.drained_at = Some(format!("sqlite:{at}"));
+                rep.step(
+                    "drain",
+                    format!("every change the fenced {} recorded (through change {at}) is applied", writes.1.name()),
+                );
+            }
+            None => {
+                return Err(Error::Definite(format!(
+                    "apply did not catch up with the fenced {} within --drain-timeout {:.0} s",
+                    writes.1.name(),
+                    request.drain_timeout_seconds
+                )));
+            }
+        }
+        cutover::verify_step(&mut rep, writes.0, moves.0, spec, request.full_verify).await?;
+        let moved = block(|| super::sqlite_switch::sync_sequences(&writes.0.database, &moves.0.database))?;
+        rep.step(
+            "sequences",
+            format!("{moved} AUTOINCREMENT counters on the {} raised to the {}'s", moves.1.name(), writes.1.name()),
+        );
+        Ok(())
+    }
+    .await;
+    if let Err(e) = before {
+        // Nothing switched: the application gets its database back.
+        let e = if reverse {
+            cutover::lift_fences(e, &[writes], &request.app_roles).await
+        } else {
+            cutover::lift_fences(e, &fenced, &request.app_roles).await
+        };
+        rep.fail(&e);
+        cutover::remove_request(&dir, &request.id);
+        return Err(e);
+    }
+    if reverse {
+        return cutover::switch_back(
+            spec,
+            store,
+            &dir,
+            job_id,
+            &request,
+            cutover::Prepared { reporter: rep },
+        )
+        .await;
+    }
+    let after = async {
+        if request.no_reverse {
+            store.set_meta("direction", "none")?;
+            rep.step(
+                "reverse replication",
+                "not started (--no-reverse): the job ends here".into(),
+            );
+        } else {
+            // Capture on the still-fenced target: every application write there is seen.
+            let p0 = block(|| {
+                let mut target = sqlite::open(&spec.target.database, false)?;
+                let list: Vec<SourceTable> = tables.values().cloned().collect();
+                sqlite::install_capture(&mut target, &list)?;
+                sqlite::current_position(&target)
+            })?;
+            let n = cutover::cutovers(store) + 1;
+            store.set_meta(&format!("rows_reverse_p0_{n}"), &p0.to_string())?;
+            store.set_meta("cutovers", &n.to_string())?;
+            store.set_meta("direction", "reverse")?;
+            rep.progress.reverse_slot = Some(format!("capture triggers on {}", spec.target.database));
+            rep.step(
+                "reverse replication",
+                "capture triggers on the target: changes the application makes there from now on reach the source".into(),
+            );
+        }
+        cutover::finish_cutover(spec, &request, &mut rep).await
+    }
+    .await;
+    match after {
+        Err(e) if cutover::direction(store)? == "forward" => {
+            let e = cutover::lift_fences(e, &fenced, &request.app_roles).await;
+            rep.fail(&e);
+            cutover::remove_request(&dir, &request.id);
+            Err(e)
+        }
+        // Past the switch: the progress stays "running", so the next start finishes it.
+        Err(e) => Err(e),
+        Ok(()) => {
+            cutover::remove_request(&dir, &request.id);
+            Ok(())
+        }
+    }
+}
+
+/// At a fallback, with both files fenced and the reverse stream drained: the forward stream
+/// resumes at the source's change position now, after the changes kuaka applied to it.
+pub fn resume_forward_from_now(spec: &JobSpec, job_id: &str) -> Result<String> {
+    let source = sqlite::open(&spec.source.database, false)?;
+    let at = sqlite::current_position(&source)?;
+    let target = sqlite::open(&spec.target.database, false)?;
+    target
+        .execute(
+            &format!(
+                "INSERT INTO {} (job_id, position) VALUES (?1, ?2) ON CONFLICT (job_id) DO UPDATE SET position = excluded.position",
+                sqlite::POSITION_TABLE
+            ),
+            rusqlite::params![job_id, at],
+        )
+        .map_err(|e| Error::Definite(format!("moving the forward position on the target: {e}")))?;
+    sqlite::purge_changes(&source, at)?;
+    Ok(format!("change {at}"))
+}
+
+/// After a cutover: the target's changes applied to the source until a fallback.
+async fn reverse(
+    spec: &JobSpec,
+    store: &Arc<StateStore>,
+    job_id: &str,
+    cancel: &CancellationToken,
+) -> Result<Summary> {
+    let n = cutover::cutovers(store).max(1);
+    let leg_job = cutover::reverse_job_id(job_id, n);
+    let mut from = block(|| sqlite::open(&spec.target.database, false))?;
+    let catalog = block(|| sqlite::read_catalog(&from))?;
+    let tables: HashMap<String, SourceTable> = catalog
+        .tables
+        .into_iter()
+        .filter(|t| spec.selection.selects(&t.table.name))
+        .map(|t| (t.name().to_owned(), t))
+        .collect();
+    let mut to = Target::connect(&spec.source).await?;
+    let p0: i64 = store
+        .meta(&format!("rows_reverse_p0_{n}"))?
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut applied = to.position(&leg_job).await?.unwrap_or(p0).max(p0);
+    tracing::info!(
+        from = applied,
+        "the job is cut over: streaming the target's changes back to the source"
+    );
+    let mut last_status = Instant::now() - Duration::from_secs(10);
+    let mut last_check = Instant::now();
+    loop {
+        if cancel.is_cancelled() {
+            return Err(Error::Interrupted);
+        }
+        if last_check.elapsed() >= Duration::from_millis(100) {
+            last_check = Instant::now();
+            if let Some(request) = cutover::pending_request(&store.dir(), true) {
+                let done = switch(
+                    spec,
+                    store,
+                    job_id,
+                    request,
+                    &mut from,
+                    &mut to,
+                    &tables,
+                    &leg_job,
+                    &mut applied,
+                )
+                .await;
+                match done {
+                    Ok(()) => {
+                        return Ok(Summary {
+                            handoff: true,
+                            ..Summary::default()
+                        });
+                    }
+                    Err(e) if cutover::direction(store)? == "forward" => return Err(e),
+                    Err(e) => tracing::warn!("fallback did not happen: {e}"),
+                }
+            }
+        }
+        let n = pump(&mut from, &mut to, &tables, &leg_job, &mut applied).await?;
+        if last_status.elapsed() >= Duration::from_secs(1) {
+            last_status = Instant::now();
+            let current = block(|| sqlite::current_position(&from)).unwrap_or(applied);
+            let _ = store.set_position("reverse_captured", &format!("sqlite:{current}"));
+            let _ = store.set_position("reverse_applied", &format!("sqlite:{applied}"));
+            if let Err(e) = block(|| sqlite::purge_changes(&from, applied)) {
+                tracing::warn!("{e}");
+            }
+        }
+        if n == 0 {
+            tokio::select! {
+                _ = cancel.cancelled() => return Err(Error::Interrupted),
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+    }
+}
+
+/// The forward direction: snapshot (unless done), then changes source → target.
+async fn forward(
     spec: &JobSpec,
     store: &Arc<StateStore>,
     job_id: &str,
@@ -1040,9 +1359,39 @@ pub async fn run(
     let mut goal: Option<i64> = None;
     let mut last_purge = Instant::now();
     let mut last_status = Instant::now() - Duration::from_secs(10);
+    let mut last_check = Instant::now();
+    let switchable = spec.target.engine == EngineKind::Sqlite;
     loop {
         if cancel.is_cancelled() {
             return Err(Error::Interrupted);
+        }
+        if consistent && switchable && last_check.elapsed() >= Duration::from_millis(100) {
+            last_check = Instant::now();
+            if let Some(request) = cutover::pending_request(&store.dir(), false) {
+                let done = switch(
+                    spec,
+                    store,
+                    job_id,
+                    request,
+                    &mut source,
+                    &mut target,
+                    &tables,
+                    job_id,
+                    &mut applied,
+                )
+                .await;
+                match done {
+                    Ok(()) => {
+                        summary.handoff = cutover::direction(store)? == "reverse";
+                        summary.cut_over = !summary.handoff;
+                        rows_summary.applied = applied;
+                        summary.rows_stream = Some(rows_summary);
+                        return Ok(summary);
+                    }
+                    Err(e) if cutover::direction(store)? != "forward" => return Err(e),
+                    Err(e) => tracing::warn!("cutover did not happen: {e}"),
+                }
+            }
         }
         if consistent && goal.is_none() && spec.until == Some(Until::CaughtUp) {
             goal = Some(block(|| sqlite::current_position(&source))?);

@@ -1056,3 +1056,193 @@ fn newer_wins_keeps_the_newer_row() {
     sigterm(streaming);
     job.clean();
 }
+
+/// A write to a SQLite file, as an application would make it.
+fn sqlite_attempt(path: std::path::PathBuf) -> AttemptFn {
+    Box::new(move |sql| {
+        let conn = match rusqlite::Connection::open(&path) {
+            Ok(c) => c,
+            Err(e) => return Attempt::Failed(e.to_string()),
+        };
+        let _ = conn.busy_timeout(Duration::from_secs(5));
+        match conn.execute_batch(sql) {
+            Ok(()) => Attempt::Ok,
+            Err(e) => {
+                let text = e.to_string();
+                if text.contains("read-only") {
+                    Attempt::ReadOnly
+                } else if text.contains("locked") || text.contains("busy") {
+                    Attempt::Retry
+                } else {
+                    Attempt::Failed(text)
+                }
+            }
+        }
+    })
+}
+
+fn sqlite_refuses_writes(path: &std::path::Path) -> bool {
+    match sqlite_attempt(path.to_path_buf())("UPDATE account SET balance = balance WHERE id = 1") {
+        Attempt::ReadOnly => true,
+        Attempt::Ok => false,
+        Attempt::Retry => panic!("{} stayed locked", path.display()),
+        Attempt::Failed(e) => panic!("writing {}: {e}", path.display()),
+    }
+}
+
+fn sqlite_tags(path: &std::path::Path) -> Vec<String> {
+    let conn = rusqlite::Connection::open(path).expect("open");
+    let mut s = conn
+        .prepare("SELECT tag FROM ledger WHERE tag LIKE 'w%'")
+        .expect("select");
+    s.query_map([], |r| r.get(0))
+        .expect("tags")
+        .collect::<rusqlite::Result<Vec<String>>>()
+        .expect("tags")
+}
+
+/// SQLite → SQLite: cutover with reverse replication and fallback under an application-like
+/// writer, kuaka killed after each step of both (and again while a restart finishes the
+/// fallback). The fence is triggers in the file; afterwards every acknowledged write is in
+/// both files exactly once and `kuaka verify` finds them equal.
+#[test]
+fn sqlite_cutover_and_fallback_killed_at_steps() {
+    let dir = tempfile::tempdir().expect("dir");
+    let source_path = dir.path().join("app.db");
+    let target_path = dir.path().join("app-new.db");
+    rusqlite::Connection::open(&source_path)
+        .expect("open")
+        .execute_batch(
+            "PRAGMA journal_mode = WAL;
+             CREATE TABLE account (id INTEGER PRIMARY KEY, owner TEXT NOT NULL, balance NUMERIC NOT NULL);
+             CREATE TABLE ledger (id INTEGER PRIMARY KEY AUTOINCREMENT, account INTEGER NOT NULL REFERENCES account,
+               amount INTEGER NOT NULL, tag TEXT UNIQUE NOT NULL);
+             WITH RECURSIVE g(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM g WHERE n < 500)
+             INSERT INTO account SELECT n, 'owner ' || n, n * 1.5 FROM g;
+             WITH RECURSIVE g(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM g WHERE n < 2000)
+             INSERT INTO ledger (account, amount, tag) SELECT 1 + n % 500, n, 'seed ' || n FROM g;",
+        )
+        .expect("schema");
+    let source = format!("sqlite://{}", source_path.display());
+    let target = format!("sqlite://{}", target_path.display());
+    let job = Job::between("app", source.clone(), "app-new", target.clone());
+    let with_failpoint = |fp: &str| {
+        let mut c = job.stream_command(&[]);
+        c.env("KUAKA_FAILPOINT", fp);
+        let mut b = Background::spawn(c);
+        let lock = job.state.path().join("lock");
+        wait_until(
+            "the run to take the state directory",
+            Duration::from_secs(120),
+            || {
+                assert!(b.is_running(), "kuaka exited early:\n{}", b.stderr());
+                job.phase() == "streaming"
+                    && std::fs::read_to_string(&lock).is_ok_and(|p| p.trim() == b.pid().to_string())
+            },
+        );
+        b
+    };
+    let mut first = Background::spawn(job.stream_command(&[]));
+    wait_until("streaming", Duration::from_secs(60), || {
+        assert!(first.is_running(), "kuaka exited early:\n{}", first.stderr());
+        job.phase() == "streaming"
+    });
+    let writer = Writer::start_with([
+        sqlite_attempt(source_path.clone()),
+        sqlite_attempt(target_path.clone()),
+    ]);
+    wait_until("writes on the source", Duration::from_secs(30), || {
+        writer.count_on(0) >= 20
+    });
+    sigterm(first);
+    writer.prefer.store(PREFER_TARGET, Ordering::Relaxed);
+
+    for step in 1..=6 {
+        let killed = with_failpoint(&format!("cutover.after_step:{step}"));
+        switch(&job, "cutover", &[]).assert_exit_code(2);
+        killed
+            .wait(Duration::from_secs(30))
+            .assert_killed_by_sigkill();
+        let expected = if step == 6 { "reverse" } else { "forward" };
+        assert_eq!(job_direction(&job), expected, "after cutover step {step}");
+        if (2..6).contains(&step) {
+            assert!(
+                sqlite_refuses_writes(&source_path),
+                "source writable after step {step}"
+            );
+            assert!(
+                sqlite_refuses_writes(&target_path),
+                "target writable after step {step}"
+            );
+        }
+    }
+    let mut reverse = Background::spawn(job.stream_command(&[]));
+    wait_until(
+        "the target to accept writes",
+        Duration::from_secs(60),
+        || {
+            assert!(reverse.is_running(), "kuaka exited:\n{}", reverse.stderr());
+            !sqlite_refuses_writes(&target_path)
+        },
+    );
+    assert!(sqlite_refuses_writes(&source_path));
+    wait_until("writes on the target", Duration::from_secs(30), || {
+        writer.count_on(1) >= 20
+    });
+    let on_target = writer.acked.lock().unwrap().clone();
+    wait_until(
+        "the target's writes on the source",
+        Duration::from_secs(60),
+        || sqlite_tags(&source_path).len() >= on_target.len(),
+    );
+    sigterm(reverse);
+
+    writer.prefer.store(PREFER_SOURCE, Ordering::Relaxed);
+    for step in 1..=6 {
+        let killed = with_failpoint(&format!("fallback.after_step:{step}"));
+        switch(&job, "fallback", &[]).assert_exit_code(2);
+        killed
+            .wait(Duration::from_secs(30))
+            .assert_killed_by_sigkill();
+        let expected = if step == 6 { "forward" } else { "reverse" };
+        assert_eq!(job_direction(&job), expected, "after fallback step {step}");
+    }
+    for step in 1..=2 {
+        let mut c = job.stream_command(&[]);
+        c.env("KUAKA_FAILPOINT", format!("fallback.after_step:{step}"));
+        Background::spawn(c)
+            .wait(Duration::from_secs(60))
+            .assert_killed_by_sigkill();
+        assert!(
+            sqlite_refuses_writes(&source_path),
+            "unfenced at finishing step {step}"
+        );
+    }
+    let mut last = Background::spawn(job.stream_command(&[]));
+    wait_until(
+        "the source to accept writes",
+        Duration::from_secs(60),
+        || {
+            assert!(last.is_running(), "kuaka exited:\n{}", last.stderr());
+            !sqlite_refuses_writes(&source_path)
+        },
+    );
+    let before = writer.count_on(0);
+    wait_until(
+        "writes on the source again",
+        Duration::from_secs(30),
+        || writer.count_on(0) >= before + 20,
+    );
+    assert!(sqlite_refuses_writes(&target_path));
+    let acked = writer.finish();
+    wait_until("every write on the target", Duration::from_secs(60), || {
+        sqlite_tags(&target_path).len() >= acked.len()
+    });
+    assert_each_once(&sqlite_tags(&target_path), &acked, "target");
+    assert_each_once(&sqlite_tags(&source_path), &acked, "source");
+    sigterm(last);
+    let mut verify = kuaka();
+    verify.args(["verify", "--source", &source, "--target", &target]);
+    let out = run(verify);
+    assert_eq!(out.status.code(), Some(0), "{}\n{}", out.stdout, out.stderr);
+}
