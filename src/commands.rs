@@ -838,6 +838,56 @@ async fn demo(args: &DemoArgs, ui: &Ui, cancel: &CancellationToken) -> u8 {
     }
 }
 
+/// Ask the demo's running job for a cutover or fallback and wait until it is done.
+async fn demo_switch(
+    state: &std::path::Path,
+    action: &str,
+) -> Result<pipeline::cutover::Progress, pipeline::Error> {
+    use pipeline::cutover;
+    let id = format!("demo-{action}-{}", cutover::unix_ms());
+    let request = cutover::Request {
+        id: id.clone(),
+        action: action.to_owned(),
+        max_lag_seconds: 10.0,
+        app_roles: Vec::new(),
+        full_verify: false,
+        no_reverse: false,
+        drain_timeout_seconds: 30.0,
+    };
+    cutover::write_request(state, &request)
+        .map_err(|e| pipeline::Error::Definite(format!("asking for the {action}: {e}")))?;
+    let started = std::time::Instant::now();
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        if let Some(p) = cutover::read_progress(state).filter(|p| p.request_id == id) {
+            match p.state.as_str() {
+                "done" => return Ok(p),
+                "failed" => {
+                    return Err(pipeline::Error::Definite(format!(
+                        "the {action} failed: {}",
+                        p.error.as_deref().unwrap_or("unknown error")
+                    )));
+                }
+                _ => {}
+            }
+        }
+        if started.elapsed() > std::time::Duration::from_secs(120) {
+            return Err(pipeline::Error::Definite(format!(
+                "the {action} did not finish within 120 s"
+            )));
+        }
+    }
+}
+
+/// A switch's steps with their durations, for one line.
+fn demo_steps(p: &pipeline::cutover::Progress) -> String {
+    p.steps
+        .iter()
+        .map(|s| format!("{} {:.3}s", s.name, s.seconds))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 async fn demo_inner(
     args: &DemoArgs,
     ui: &Ui,
@@ -875,7 +925,7 @@ async fn demo_inner(
         .map_err(|e| Error::Definite(format!("creating the demo shop: {e}")))?;
     let source_rows = counts.customers + counts.products + counts.orders + counts.order_lines;
     eprintln!(
-        "kuaka demo: 1/5 created the source shop.db: {} customers, {} products, {} orders, {} order lines ({source_rows} rows) in {:.1}s",
+        "kuaka demo: 1/7 created the source shop.db: {} customers, {} products, {} orders, {} order lines ({source_rows} rows) in {:.1}s",
         counts.customers,
         counts.products,
         counts.orders,
@@ -901,9 +951,9 @@ async fn demo_inner(
         newer_wins: None,
         until: None,
     };
-    let writer = ShopWriter::start(&source_path, 7);
+    let writer = ShopWriter::start_pair([source_path.clone(), target_path.clone()], 7);
     eprintln!(
-        "kuaka demo: 2/5 a writer keeps placing, paying, shipping and cancelling orders on the source"
+        "kuaka demo: 2/7 a writer keeps placing, paying, shipping and cancelling orders on the source"
     );
     // The first run copies and then follows the source until we stop it.
     let stop = cancel.child_token();
@@ -935,7 +985,7 @@ async fn demo_inner(
             if phase == "streaming" && copied_at.is_none() {
                 copied_at = Some(t.elapsed());
                 eprintln!(
-                    "kuaka demo: 3/5 snapshot copied and consistent after {:.1}s; now streaming the writer's changes for {}s",
+                    "kuaka demo: 3/7 snapshot copied and consistent after {:.1}s; now streaming the writer's changes for {}s",
                     t.elapsed().as_secs_f64(),
                     args.seconds
                 );
@@ -954,10 +1004,42 @@ async fn demo_inner(
                 }
             }
         }
+        if copied_at.is_none() || cancel.is_cancelled() {
+            return Ok((None, None));
+        }
+        // The application moves to the copy, and back.
+        writer.prefer(1);
+        let cut = demo_switch(&state, "cutover").await?;
+        eprintln!(
+            "kuaka demo: 4/7 cutover: the writer now writes to shop-copy.db and its changes stream back to shop.db; it could not write for {:.3}s ({})",
+            cut.window_seconds.unwrap_or(0.0),
+            demo_steps(&cut)
+        );
+        let on_target = writer.transactions();
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        eprintln!(
+            "kuaka demo:     writer {} transactions on shop-copy.db so far",
+            writer.transactions() - on_target
+        );
+        writer.prefer(0);
+        let back = demo_switch(&state, "fallback").await?;
+        eprintln!(
+            "kuaka demo: 5/7 fallback: the writer is back on shop.db and the copy follows it again; it could not write for {:.3}s",
+            back.window_seconds.unwrap_or(0.0)
+        );
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        Ok::<_, Error>((Some(cut), Some(back)))
     };
+    let mut switches = (None, None);
     let early = tokio::select! {
         r = &mut job => Some(r),
-        _ = monitor => None,
+        m = monitor => match m {
+            Ok(s) => {
+                switches = s;
+                None
+            }
+            Err(e) => Some(Err(e)),
+        },
     };
     let writes = writer.stop();
     stop.cancel();
@@ -976,7 +1058,7 @@ async fn demo_inner(
         return Err(Error::Definite(format!("the demo writer failed: {e}")));
     }
     eprintln!(
-        "kuaka demo: 4/5 writer stopped after {} transactions ({} inserts, {} updates, {} deletes); catching up",
+        "kuaka demo: 6/7 writer stopped after {} transactions ({} inserts, {} updates, {} deletes); catching up",
         writes.transactions, writes.inserts, writes.updates, writes.deletes
     );
     // The same job again, now until caught up: it resumes from its state.
@@ -1016,7 +1098,7 @@ async fn demo_inner(
     let copy = copied_at
         .map(|d| d.as_secs_f64())
         .unwrap_or(summary.copy_seconds);
-    eprintln!("kuaka demo: 5/5 verified: {}", report.join(", "));
+    eprintln!("kuaka demo: 7/7 verified: {}", report.join(", "));
     println!();
     println!("  kuaka demo summary");
     println!("  source        {}", source_path.display());
@@ -1029,6 +1111,17 @@ async fn demo_inner(
         "  live changes  {} writer transactions, applied with at most {max_lag} changes of lag; caught up {:.2}s after the writer stopped",
         writes.transactions, catch_up
     );
+    if let (Some(cut), Some(back)) = &switches {
+        println!(
+            "  cutover       writes unavailable for {:.3}s; the writer made {} transactions on the copy, streamed back to the source",
+            cut.window_seconds.unwrap_or(0.0),
+            writes.on_second
+        );
+        println!(
+            "  fallback      writes unavailable for {:.3}s; the source is written again and the copy follows",
+            back.window_seconds.unwrap_or(0.0)
+        );
+    }
     println!(
         "  positions     capture started at change {}, applied through change {}",
         stream.p0, stream.applied

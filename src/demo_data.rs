@@ -463,6 +463,10 @@ pub struct WriterStats {
     /// The error that stopped the writer early, if any (`SQLITE_BUSY` is retried, not an
     /// error).
     pub error: Option<String>,
+    /// Transactions committed on the second database of [`ShopWriter::start_pair`].
+    pub on_second: u64,
+    /// Times the writer was refused by a fenced database and moved to the other one.
+    pub moves: u64,
 }
 
 /// A background thread that keeps changing a shop made by [`create_shop`]: one small write
@@ -479,6 +483,8 @@ pub struct WriterStats {
 pub struct ShopWriter {
     stop: Arc<AtomicBool>,
     transactions: Arc<AtomicU64>,
+    /// Where the application is told to write (0 or 1 of the pair).
+    prefer: Arc<AtomicU64>,
     /// The running thread, or why it could not be started; `None` once joined.
     thread: Option<Result<JoinHandle<WriterStats>, String>>,
 }
@@ -488,22 +494,37 @@ impl ShopWriter {
     /// changes. An error opening the database (or starting the thread) is reported by
     /// [`stop`](ShopWriter::stop).
     pub fn start(path: &Path, seed: u64) -> ShopWriter {
+        ShopWriter::start_pair([path.to_path_buf(), path.to_path_buf()], seed)
+    }
+
+    /// Like [`start`](ShopWriter::start), on the first of two copies of the shop, behaving
+    /// like an application during a cutover: when its database refuses writes as read-only
+    /// (kuaka's fence), it moves to the one [`prefer`](ShopWriter::prefer) names, or waits
+    /// there until it is writable again.
+    pub fn start_pair(paths: [PathBuf; 2], seed: u64) -> ShopWriter {
         let stop = Arc::new(AtomicBool::new(false));
         let transactions = Arc::new(AtomicU64::new(0));
-        let path = path.to_path_buf();
+        let prefer = Arc::new(AtomicU64::new(0));
         let thread = {
             let stop = Arc::clone(&stop);
             let transactions = Arc::clone(&transactions);
+            let prefer = Arc::clone(&prefer);
             thread::Builder::new()
                 .name("kuaka-shop-writer".into())
-                .spawn(move || run_writer(&path, seed, &stop, &transactions))
+                .spawn(move || run_writer(&paths, seed, &stop, &transactions, &prefer))
                 .map_err(|e| format!("starting the writer thread: {e}"))
         };
         ShopWriter {
             stop,
             transactions,
+            prefer,
             thread: Some(thread),
         }
+    }
+
+    /// Tell the writer which database of the pair to write to once its current one refuses.
+    pub fn prefer(&self, index: u64) {
+        self.prefer.store(index.min(1), Ordering::Relaxed);
     }
 
     /// Transactions committed so far.
@@ -552,12 +573,19 @@ struct Changed {
 }
 
 /// The writer thread's body.
-fn run_writer(path: &Path, seed: u64, stop: &AtomicBool, transactions: &AtomicU64) -> WriterStats {
+fn run_writer(
+    paths: &[PathBuf; 2],
+    seed: u64,
+    stop: &AtomicBool,
+    transactions: &AtomicU64,
+    prefer: &AtomicU64,
+) -> WriterStats {
     let mut stats = WriterStats::default();
-    let mut conn = match open_writer(path) {
+    let mut current = 0usize;
+    let mut conn = match open_writer(&paths[current]) {
         Ok(conn) => conn,
         Err(e) => {
-            stats.error = Some(format!("opening {}: {e}", path.display()));
+            stats.error = Some(format!("opening {}: {e}", paths[current].display()));
             return stats;
         }
     };
@@ -572,12 +600,31 @@ fn run_writer(path: &Path, seed: u64, stop: &AtomicBool, transactions: &AtomicU6
                     stats.inserts += changed.inserts;
                     stats.updates += changed.updates;
                     stats.deletes += changed.deletes;
+                    if current == 1 {
+                        stats.on_second += 1;
+                    }
                     transactions.fetch_add(1, Ordering::Relaxed);
                     break;
                 }
-                Err(e) if is_busy(&e) => {
+                Err(e) if is_busy(&e) || is_fenced(&e) => {
                     if stop.load(Ordering::Relaxed) {
                         return stats;
+                    }
+                    let want = prefer.load(Ordering::Relaxed) as usize;
+                    if is_fenced(&e) && want != current {
+                        match open_writer(&paths[want]) {
+                            Ok(c) => {
+                                conn = c;
+                                current = want;
+                                stats.moves += 1;
+                                continue;
+                            }
+                            Err(e) => {
+                                stats.error =
+                                    Some(format!("opening {}: {e}", paths[want].display()));
+                                return stats;
+                            }
+                        }
                     }
                     thread::sleep(WRITER_BUSY_PAUSE);
                 }
@@ -603,6 +650,11 @@ fn open_writer(path: &Path) -> rusqlite::Result<Connection> {
     conn.busy_timeout(Duration::from_secs(10))?;
     conn.pragma_update(None, "foreign_keys", true)?;
     Ok(conn)
+}
+
+/// Whether `e` is kuaka's fence refusing the write (the database is cut over).
+fn is_fenced(e: &rusqlite::Error) -> bool {
+    e.to_string().contains("read-only (cutover)")
 }
 
 /// Whether `e` is a lock conflict worth retrying.

@@ -1144,7 +1144,11 @@ fn sqlite_cutover_and_fallback_killed_at_steps() {
     };
     let mut first = Background::spawn(job.stream_command(&[]));
     wait_until("streaming", Duration::from_secs(60), || {
-        assert!(first.is_running(), "kuaka exited early:\n{}", first.stderr());
+        assert!(
+            first.is_running(),
+            "kuaka exited early:\n{}",
+            first.stderr()
+        );
         job.phase() == "streaming"
     });
     let writer = Writer::start_with([

@@ -448,6 +448,22 @@ fn demo_runs_and_verifies() {
         out.stdout,
         out.stderr
     );
+    // It walked through a cutover (the writer wrote on the copy) and a fallback.
+    for line in ["4/7 cutover", "5/7 fallback"] {
+        assert!(out.stderr.contains(line), "no {line:?} in:\n{}", out.stderr);
+    }
+    let on_copy: u64 = out
+        .stdout
+        .lines()
+        .find_map(|l| l.split("the writer made ").nth(1))
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        on_copy > 0,
+        "no writes on the copy after the cutover:\n{}",
+        out.stdout
+    );
     // An independent check of the demo's own verification: every table's rows and storage
     // classes, hashed on both sides by SQLite.
     let source = Connection::open(dir.path().join("shop.db")).expect("open");
