@@ -422,15 +422,12 @@ impl RunArgs {
         }
         if self.apply_mode != crate::config::ApplyMode::Transactional
             && let Some((s, t)) = &endpoints
-            && (s.engine, t.engine)
-                == (
-                    crate::config::EngineKind::Postgres,
-                    crate::config::EngineKind::Mysql,
-                )
+            && s.engine == crate::config::EngineKind::Postgres
+            && t.engine != crate::config::EngineKind::Postgres
         {
             errors.push(invalid(
                 "--apply-mode",
-                "per-key apply is implemented for PostgreSQL targets only; a PostgreSQL → MySQL/MariaDB job applies transactionally",
+                "per-key apply is implemented for PostgreSQL targets only; a PostgreSQL → MySQL/MariaDB or SQLite job applies transactionally",
             ));
         }
         if self.max_rows_per_sec == Some(0) {

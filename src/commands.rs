@@ -535,6 +535,14 @@ async fn clean(args: &CleanArgs) -> u8 {
             }
         }
     }
+    if source.engine == crate::config::EngineKind::Postgres
+        && target.engine == crate::config::EngineKind::Sqlite
+        && let Err(e) =
+            tokio::task::block_in_place(|| pipeline::rows::clean_target(&target, &job.job_id))
+    {
+        eprintln!("kuaka: {e}");
+        return EXIT_ERROR;
+    }
     if target.engine == crate::config::EngineKind::Mysql {
         // kuaka's bookkeeping on a MySQL/MariaDB target lives in its `kuaka` database.
         let result = async {

@@ -163,6 +163,8 @@ pub fn data_type(declared: &str) -> DataType {
             "BOOLEAN" | "BOOL" => DataType::Bool,
             "DATE" => DataType::Date,
             "DATETIME" | "TIMESTAMP" => DataType::Timestamp,
+            // What kuaka declares for PostgreSQL's timestamptz (UTC text).
+            "TIMESTAMPTZ" => DataType::TimestampTz,
             "TIME" => DataType::Time,
             "DECIMAL" | "NUMERIC" | "NUMBER" => DataType::Numeric {
                 precision: params.first().copied(),

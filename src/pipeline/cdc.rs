@@ -163,7 +163,8 @@ async fn run_leg(
 ) -> Result<Summary> {
     let slot = capture::slot_name(job_id);
     let publication = capture::publication_name(job_id);
-    let to_mysql = spec.target.engine == crate::config::EngineKind::Mysql;
+    // MySQL/MariaDB or SQLite: rows rendered from the model (see `pg_mysql`).
+    let to_mysql = spec.target.engine != crate::config::EngineKind::Postgres;
     let source = postgres::connect(&spec.source, Side::Source, "capture setup").await?;
 
     let (p0, slot_snapshot) = match store.meta("capture_start")? {
@@ -329,7 +330,7 @@ async fn run_leg(
         None => store.set_meta("apply_mode", &mode)?,
     }
     let apply_progress = Arc::new(ApplyProgress::default());
-    let mysql_tables = if to_mysql {
+    let out_tables = if to_mysql {
         let schema: crate::model::schema::Schema = store
             .meta("schema")?
             .and_then(|j| serde_json::from_str(&j).ok())
@@ -341,7 +342,7 @@ async fn run_leg(
         None
     };
     let ctx = ApplyContext {
-        mysql_tables,
+        out_tables,
         target: spec.target.clone(),
         job_id: job_id.to_owned(),
         dir: dir.clone(),
@@ -669,9 +670,8 @@ pub(super) struct ApplyContext {
     pub(super) log_end: watch::Receiver<LogEnd>,
     pub(super) p0: PgLsn,
     pub(super) progress: Arc<ApplyProgress>,
-    /// A MySQL/MariaDB target: the moved tables with their model types.
-    pub(super) mysql_tables:
-        Option<Arc<HashMap<QualifiedName, crate::engine::sqlite::SourceTable>>>,
+    /// A MySQL/MariaDB or SQLite target: the moved tables with their model types.
+    pub(super) out_tables: Option<Arc<HashMap<QualifiedName, crate::engine::sqlite::SourceTable>>>,
     workers: usize,
     /// Replication origin (prefix; `_w<N>` per session) the writes are marked with.
     origin: Option<String>,
@@ -693,7 +693,7 @@ async fn apply_loop(ctx: ApplyContext, cancel: CancellationToken) -> Result<()> 
     let mut strict_until = 0u64;
     loop {
         let before = ctx.progress.applied.load(Ordering::Relaxed);
-        let result = if ctx.mysql_tables.is_some() {
+        let result = if ctx.out_tables.is_some() {
             super::pg_mysql::apply_session(&ctx, &cancel)
                 .await
                 .map(|()| SessionEnd::Stopped)

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::binlog_target::{Dialect, Sink};
 use super::cdc::ApplyContext;
-use super::rows::{self, describe_key, mysql_target};
+use super::rows::{self, Target, describe_key, mysql_target};
 use super::snapshot::Summary;
 use super::{Error, Result};
 use crate::changelog::{LogReader, RecordKind};
@@ -104,6 +104,8 @@ pub fn pg_value(text: &str, data_type: &DataType) -> std::result::Result<Value, 
                     .map_err(|_| format!("bytea {text:?} is not valid hex"))?,
             )
         }
+        // Padding, not data: PostgreSQL's own char → text drops it, and MySQL's CHAR too.
+        DataType::Char { .. } => Value::Text(text.trim_end_matches(' ').to_owned()),
         DataType::Date | DataType::Timestamp if temporal_bad(text) => {
             return Err(format!("{text} has no MySQL equivalent"));
         }
@@ -205,12 +207,20 @@ pub async fn snapshot(
             spec.source
         )));
     }
-    let (mut sink, collation) = mysql_target(&spec.target, "schema").await?;
+    let mut target = Target::connect(&spec.target).await?;
+    let sqlite_target = matches!(target, Target::Sqlite(_));
+    let quote = |name: &str| {
+        if sqlite_target {
+            quote_ident(name)
+        } else {
+            mysql::quote_ident(name)
+        }
+    };
 
     if !store.step_done("pg_mysql:pre_data")? {
-        let names: Vec<String> = tables.iter().map(|t| t.name().to_owned()).collect();
+        let names: Vec<&str> = tables.iter().map(|t| t.name()).collect();
         let ours = store.meta("pg_mysql_creating")?.is_some();
-        let existing = sink.existing_tables(&names).await?;
+        let existing = target.existing_tables(&names).await?;
         if !existing.is_empty() && !ours && spec.target_exists == TargetExists::Error {
             return Err(Error::Definite(format!(
                 "the target already has tables named like the source's: {}; use --target-exists drop, or another target",
@@ -219,19 +229,27 @@ pub async fn snapshot(
         }
         let mut sql = String::new();
         for t in &existing {
-            let _ = write!(sql, "DROP TABLE IF EXISTS {};", mysql::quote_ident(t));
+            let _ = write!(sql, "DROP TABLE IF EXISTS {};", quote(t));
         }
         store.set_meta("pg_mysql_creating", "1")?;
         for t in &tables {
-            sql.push_str(&rows::mysql_create_table(t, collation));
+            match &target {
+                Target::Mysql(_, collation) => {
+                    sql.push_str(&rows::mysql_create_table(t, collation));
+                }
+                _ => sql.push_str(&sqlite_create_table(t)),
+            }
         }
-        sink.execute(&sql, "creating the target tables").await?;
+        if sqlite_target {
+            sql = format!("BEGIN;\n{sql}COMMIT;");
+        }
+        target.execute(&sql, "creating the target tables").await?;
         store.mark_step("pg_mysql:pre_data", "pre_data")?;
         tracing::info!(tables = tables.len(), "target tables created");
         for t in &schema.tables {
             for c in t.columns.iter().filter(|c| c.generated.is_some()) {
                 tracing::warn!(
-                    "generated column {}.{} is not created on MySQL (its expression is PostgreSQL SQL); add it by hand",
+                    "generated column {}.{} is not created on the target (its expression is PostgreSQL SQL); add it by hand",
                     t.name.display_name(),
                     c.name
                 );
@@ -239,17 +257,22 @@ pub async fn snapshot(
         }
     }
 
-    let copied = sink.copied(job_id).await?;
+    let copied = target.copied_tables(job_id).await?;
     let todo: Vec<SourceTable> = tables
         .iter()
         .filter(|t| !copied.contains_key(t.name()))
         .cloned()
         .collect();
-    drop(sink);
+    drop(target);
     let copy_started = Instant::now();
     let queue = Arc::new(std::sync::Mutex::new(todo));
     let copied_now = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let workers = spec.jobs.max(1).min(tables.len());
+    // One writer at a time on a SQLite file.
+    let workers = if sqlite_target {
+        1
+    } else {
+        spec.jobs.max(1).min(tables.len())
+    };
     let mut tasks = tokio::task::JoinSet::new();
     for w in 0..workers {
         let (spec, queue, copied_now, job_id, ui, cancel, id) = (
@@ -263,11 +286,11 @@ pub async fn snapshot(
         );
         tasks.spawn(async move {
             let source = source_session(&spec, &format!("copy {w}"), &id).await?;
-            let (mut sink, _) = mysql_target(&spec.target, &format!("copy {w}")).await?;
+            let mut target = Target::connect(&spec.target).await?;
             loop {
                 let next = queue.lock().ok().and_then(|mut q| q.pop());
                 let Some(t) = next else { return Ok(()) };
-                let n = copy_table(&source, &mut sink, &t, &job_id, &ui, &cancel).await?;
+                let n = copy_table(&source, &mut target, &t, &job_id, &ui, &cancel).await?;
                 copied_now.fetch_add(n, Ordering::Relaxed);
             }
         });
@@ -288,19 +311,26 @@ pub async fn snapshot(
     let _ = snapshot.client.batch_execute("COMMIT").await;
     drop(snapshot);
 
-    // Indexes, then foreign keys (their parents' unique keys must exist), each once.
-    let (mut sink, _) = mysql_target(&spec.target, "schema").await?;
+    // Indexes, then foreign keys (their parents' unique keys must exist), each once. SQLite
+    // takes its foreign keys in CREATE TABLE.
+    let mut target = Target::connect(&spec.target).await?;
     let mut steps = Vec::new();
     for t in &tables {
-        steps.extend(rows::mysql_indexes(t));
+        if sqlite_target {
+            steps.extend(sqlite_indexes(t));
+        } else {
+            steps.extend(rows::mysql_indexes(t));
+        }
     }
-    for t in &tables {
-        steps.extend(rows::mysql_foreign_keys(t));
+    if !sqlite_target {
+        for t in &tables {
+            steps.extend(rows::mysql_foreign_keys(t));
+        }
     }
     for t in &schema.tables {
         for c in &t.checks {
             tracing::warn!(
-                "check constraint {} of {} is not created on MySQL (PostgreSQL SQL); add it by hand",
+                "check constraint {} of {} is not created on the target (PostgreSQL SQL); add it by hand",
                 c.name,
                 t.name.display_name()
             );
@@ -311,19 +341,19 @@ pub async fn snapshot(
         if store.step_done(&key)? {
             continue;
         }
-        sink.execute(&sql, &format!("creating {label}")).await?;
+        target.execute(&sql, &format!("creating {label}")).await?;
         store.mark_step(&key, "post_data")?;
     }
     for v in &schema.views {
         tracing::warn!(
-            "view {} is not recreated on MySQL (PostgreSQL SQL); create it by hand",
+            "view {} is not recreated on the target (PostgreSQL SQL); create it by hand",
             v.name.display_name()
         );
     }
     if spec.snapshot_only {
         store.set_phase("done")?;
     }
-    let copied = sink.copied(job_id).await?;
+    let copied = target.copied_tables(job_id).await?;
     let rows_this_run = copied_now.load(Ordering::Relaxed);
     Ok(Summary {
         tables: tables.len(),
@@ -335,10 +365,100 @@ pub async fn snapshot(
     })
 }
 
+/// The SQLite declared type for a model type: exact values stay exact (decimals, times and
+/// everything without a SQLite counterpart as TEXT, bytes as BLOB).
+fn sqlite_type(t: &DataType) -> &'static str {
+    match t {
+        DataType::Bool => "BOOLEAN",
+        DataType::Int16 | DataType::Int32 | DataType::Int64 => "INTEGER",
+        DataType::Float32 | DataType::Float64 => "REAL",
+        DataType::Bytes => "BLOB",
+        // Numeric affinity, but ISO text never parses as a number: the values stay text,
+        // and the declared names tell readers (and kuaka verify) what they hold.
+        DataType::Date => "DATE",
+        DataType::Time => "TIME",
+        DataType::Timestamp => "TIMESTAMP",
+        DataType::TimestampTz => "TIMESTAMPTZ",
+        _ => "TEXT",
+    }
+}
+
+/// `CREATE TABLE` on SQLite for a PostgreSQL table: columns, primary key and foreign keys
+/// (SQLite takes them only here; apply sessions run with foreign_keys off).
+fn sqlite_create_table(t: &SourceTable) -> String {
+    let mut parts: Vec<String> = t
+        .table
+        .copied_columns()
+        .map(|c| {
+            format!(
+                "{} {}{}",
+                quote_ident(&c.name),
+                sqlite_type(&c.data_type),
+                if c.nullable { "" } else { " NOT NULL" }
+            )
+        })
+        .collect();
+    parts.push(format!(
+        "PRIMARY KEY ({})",
+        crate::engine::sqlite::join_idents(&t.key)
+    ));
+    for fk in &t.table.foreign_keys {
+        parts.push(format!(
+            "CONSTRAINT {} FOREIGN KEY ({}) REFERENCES {} ({}) {}",
+            quote_ident(&fk.name),
+            crate::engine::sqlite::join_idents(&fk.columns),
+            quote_ident(&fk.referenced_table.name),
+            crate::engine::sqlite::join_idents(&fk.referenced_columns),
+            rows::fk_actions(&fk.definition)
+        ));
+    }
+    format!(
+        "CREATE TABLE {} ({});\n",
+        quote_ident(t.name()),
+        parts.join(", ")
+    )
+}
+
+/// Unique keys and indexes on SQLite, after the data.
+fn sqlite_indexes(t: &SourceTable) -> Vec<(String, String)> {
+    let table = quote_ident(t.name());
+    let mut steps = Vec::new();
+    for k in &t.table.unique_keys {
+        steps.push((
+            format!("unique key {} on {}", k.name, t.name()),
+            format!(
+                "CREATE UNIQUE INDEX IF NOT EXISTS {} ON {table} ({});",
+                quote_ident(&k.name),
+                crate::engine::sqlite::join_idents(&k.columns)
+            ),
+        ));
+    }
+    for index in &t.table.indexes {
+        if index.columns.iter().any(|c| c == "<expression>") {
+            tracing::warn!(
+                "expression or partial index {} of {} is not created on the target; create it by hand",
+                index.name,
+                t.name()
+            );
+            continue;
+        }
+        steps.push((
+            format!("index {}", index.name),
+            format!(
+                "CREATE {}INDEX IF NOT EXISTS {} ON {table} ({});",
+                if index.unique { "UNIQUE " } else { "" },
+                quote_ident(&index.name),
+                crate::engine::sqlite::join_idents(&index.columns)
+            ),
+        ));
+    }
+    steps
+}
+
 /// Copy one table (emptied first: a copy cut off by a crash starts over).
 async fn copy_table(
     source: &Client,
-    sink: &mut Sink,
+    target: &mut Target,
     t: &SourceTable,
     job_id: &str,
     ui: &Ui,
@@ -351,11 +471,16 @@ async fn copy_table(
         0,
         0,
     );
-    sink.execute(
-        &format!("DELETE FROM {}", mysql::quote_ident(t.name())),
-        &format!("emptying target table {}", t.name()),
-    )
-    .await?;
+    let table = match target {
+        Target::Sqlite(_) => quote_ident(t.name()),
+        _ => mysql::quote_ident(t.name()),
+    };
+    target
+        .execute(
+            &format!("DELETE FROM {table}"),
+            &format!("emptying target table {}", t.name()),
+        )
+        .await?;
     let cursor = quote_ident(&format!("kuaka_copy_{}", t.name()));
     let columns: Vec<String> = t.columns.iter().map(|c| quote_ident(c)).collect();
     let read = |what: &str, e| postgres::Error::query(format!("{what} {name}"), e);
@@ -408,18 +533,11 @@ async fn copy_table(
         let last = batch.len() < ROWS_PER_COMMIT;
         count += batch.len() as i64;
         let marker = if last {
-            Dialect::Mysql.copied_marker(job_id, t.name(), count)
+            target.copied_marker(job_id, t.name(), count)
         } else {
             String::new()
         };
-        let body = rows::mysql_statements(t, &batch, &[])?;
-        sink.commit(
-            &body,
-            &marker,
-            &format!("writing to target table {}", t.name()),
-        )
-        .await
-        .map_err(|e| e.error)?;
+        target.load(t, &batch, &marker).await?;
         crate::failpoint::hit("snapshot.chunk.after_commit");
         progress.add(batch.len() as u64, 0);
         if last {
@@ -453,9 +571,10 @@ enum Net {
 /// change per key.
 type Pending = (Arc<Relation>, Vec<Vec<Cell>>, HashMap<Vec<Cell>, Net>);
 
-/// Changes on their way to one MySQL transaction.
+/// Changes on their way to one target transaction (MySQL, or SQLite with `sqlite`).
 struct Batch<'a> {
     tables: &'a HashMap<QualifiedName, SourceTable>,
+    sqlite: bool,
     pending: BTreeMap<QualifiedName, Pending>,
     sql: String,
     rows: usize,
@@ -463,13 +582,22 @@ struct Batch<'a> {
 }
 
 impl<'a> Batch<'a> {
-    fn new(tables: &'a HashMap<QualifiedName, SourceTable>) -> Batch<'a> {
+    fn new(tables: &'a HashMap<QualifiedName, SourceTable>, sqlite: bool) -> Batch<'a> {
         Batch {
             tables,
+            sqlite,
             pending: BTreeMap::new(),
             sql: String::new(),
             rows: 0,
             counts: BTreeMap::new(),
+        }
+    }
+
+    fn ident(&self, name: &str) -> String {
+        if self.sqlite {
+            quote_ident(name)
+        } else {
+            mysql::quote_ident(name)
         }
     }
 
@@ -497,8 +625,14 @@ impl<'a> Batch<'a> {
             .column(column)
             .map(|c| c.data_type.clone())
             .unwrap_or(DataType::Text);
-        let value =
-            pg_value(text, &data_type).and_then(|v| myapply::typed_literal(&v, &data_type, out));
+        let value = pg_value(text, &data_type).and_then(|v| {
+            if self.sqlite {
+                sqlite_literal(&v, out);
+                Ok(())
+            } else {
+                myapply::typed_literal(&v, &data_type, out)
+            }
+        });
         value.map_err(|e| {
             Error::Definite(format!(
                 "table {}, column {column}: {e}",
@@ -524,7 +658,7 @@ impl<'a> Batch<'a> {
         for (&i, cell) in rel.key.iter().zip(key) {
             let mut lit = String::new();
             self.literal(rel, i, cell, &mut lit)?;
-            parts.push(format!("{} = {lit}", mysql::quote_ident(&rel.columns[i])));
+            parts.push(format!("{} = {lit}", self.ident(&rel.columns[i])));
         }
         Ok(parts.join(" AND "))
     }
@@ -555,13 +689,13 @@ impl<'a> Batch<'a> {
                     }
                     let mut lit = String::new();
                     self.literal(&rel, i, cell, &mut lit)?;
-                    sets.push(format!("{} = {lit}", mysql::quote_ident(&rel.columns[i])));
+                    sets.push(format!("{} = {lit}", self.ident(&rel.columns[i])));
                 }
                 let condition = self.key_condition(&rel, &key)?;
                 let _ = writeln!(
                     self.sql,
                     "UPDATE {} SET {} WHERE {condition};",
-                    mysql::quote_ident(&rel.name.name),
+                    self.ident(&rel.name.name),
                     sets.join(", ")
                 );
             }
@@ -570,11 +704,7 @@ impl<'a> Batch<'a> {
                 for r in &rels {
                     self.count(&r.name).truncates += 1;
                     // TRUNCATE would commit the transaction (and lose the position).
-                    let _ = writeln!(
-                        self.sql,
-                        "DELETE FROM {};",
-                        mysql::quote_ident(&r.name.name)
-                    );
+                    let _ = writeln!(self.sql, "DELETE FROM {};", self.ident(&r.name.name));
                 }
             }
         }
@@ -589,17 +719,22 @@ impl<'a> Batch<'a> {
                 type_sql,
             } => {
                 self.flush_table(table)?;
-                // The PostgreSQL type may have no MySQL spelling: the column arrives as
-                // text, which holds any value's text form.
+                // The PostgreSQL type may have no spelling on the target: the column
+                // arrives as text, which holds any value's text form.
                 tracing::warn!(
-                    "column {column} ({type_sql}) was added to {} on the source: adding it to the MySQL target as longtext",
+                    "column {column} ({type_sql}) was added to {} on the source: adding it to the target as text",
                     table.display_name()
                 );
                 let _ = writeln!(
                     self.sql,
-                    "ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} longtext NULL;",
-                    mysql::quote_ident(&table.name),
-                    mysql::quote_ident(column)
+                    "ALTER TABLE {} ADD COLUMN {}{};",
+                    self.ident(&table.name),
+                    if self.sqlite { "" } else { "IF NOT EXISTS " },
+                    format_args!(
+                        "{} {}",
+                        self.ident(column),
+                        if self.sqlite { "TEXT" } else { "longtext NULL" }
+                    )
                 );
                 Ok(())
             }
@@ -639,12 +774,18 @@ impl<'a> Batch<'a> {
             }
             let table = &rel.name.name;
             if !deletes.is_empty() {
-                self.sql
-                    .push_str(&myapply::delete(table, &key_names, &deletes));
+                self.sql.push_str(&if self.sqlite {
+                    sqlite_delete(table, &key_names, &deletes)
+                } else {
+                    myapply::delete(table, &key_names, &deletes)
+                });
             }
             if !upserts.is_empty() {
-                self.sql
-                    .push_str(&myapply::upsert(table, &rel.columns, &key_names, &upserts));
+                self.sql.push_str(&if self.sqlite {
+                    sqlite_upsert(table, &rel.columns, &key_names, &upserts)
+                } else {
+                    myapply::upsert(table, &rel.columns, &key_names, &upserts)
+                });
             }
         }
         Ok(())
@@ -659,25 +800,155 @@ impl<'a> Batch<'a> {
     }
 }
 
+/// A model value as a SQLite literal (its storage class kept: integers, reals, text, blobs).
+fn sqlite_literal(v: &Value, out: &mut String) {
+    match v {
+        Value::Null => out.push_str("NULL"),
+        Value::Bool(b) => out.push_str(if *b { "1" } else { "0" }),
+        Value::Int(i) => out.push_str(&i.to_string()),
+        Value::UInt(u) => out.push_str(&u.to_string()),
+        Value::Float(f) => out.push_str(&format!("{f:?}")),
+        Value::Decimal(t) | Value::Text(t) | Value::Native(t) => out.push_str(&quote_literal(t)),
+        Value::Bytes(b) => {
+            out.push_str("X'");
+            for byte in b {
+                let _ = write!(out, "{byte:02X}");
+            }
+            out.push('\'');
+        }
+    }
+}
+
+/// Multi-row upsert on SQLite (3.24+).
+fn sqlite_upsert(table: &str, columns: &[String], key: &[String], tuples: &[String]) -> String {
+    let join = crate::engine::sqlite::join_idents;
+    let sets: Vec<String> = columns
+        .iter()
+        .filter(|c| !key.contains(c))
+        .map(|c| format!("{0} = excluded.{0}", quote_ident(c)))
+        .collect();
+    format!(
+        "INSERT INTO {} ({}) VALUES {} ON CONFLICT ({}) DO {};\n",
+        quote_ident(table),
+        join(columns),
+        tuples.join(", "),
+        join(key),
+        if sets.is_empty() {
+            "NOTHING".to_owned()
+        } else {
+            format!("UPDATE SET {}", sets.join(", "))
+        }
+    )
+}
+
+/// `DELETE … WHERE (key) IN (VALUES …)` on SQLite.
+fn sqlite_delete(table: &str, key: &[String], tuples: &[String]) -> String {
+    format!(
+        "DELETE FROM {} WHERE ({}) IN (VALUES {});\n",
+        quote_ident(table),
+        crate::engine::sqlite::join_idents(key),
+        tuples.join(", ")
+    )
+}
+
+/// The apply side's connection.
+enum Out {
+    Mysql(Sink),
+    Sqlite(rusqlite::Connection),
+}
+
+impl Out {
+    async fn connect(endpoint: &crate::config::Endpoint) -> Result<Out> {
+        if endpoint.engine == crate::config::EngineKind::Sqlite {
+            let conn = tokio::task::block_in_place(|| {
+                let conn = crate::engine::sqlite::open(&endpoint.database, true)?;
+                crate::engine::sqlite::target_bookkeeping(&conn)?;
+                Ok::<_, Error>(conn)
+            })?;
+            Ok(Out::Sqlite(conn))
+        } else {
+            Ok(Out::Mysql(mysql_target(endpoint, "apply").await?.0))
+        }
+    }
+
+    async fn applied(&mut self, job_id: &str) -> Result<Option<u64>> {
+        match self {
+            Out::Mysql(sink) => match sink.applied_position(job_id).await? {
+                Some(p) => p.parse::<PgLsn>().map(|l| Some(l.0)).map_err(|_| {
+                    Error::Definite(format!("unreadable applied position {p:?} on the target"))
+                }),
+                None => Ok(None),
+            },
+            Out::Sqlite(conn) => {
+                use rusqlite::OptionalExtension;
+                let at: Option<i64> = tokio::task::block_in_place(|| {
+                    conn.query_row(
+                        &format!(
+                            "SELECT position FROM {} WHERE job_id = ?1",
+                            crate::engine::sqlite::POSITION_TABLE
+                        ),
+                        [job_id],
+                        |r| r.get(0),
+                    )
+                    .optional()
+                })
+                .map_err(|e| Error::Definite(format!("reading the applied position: {e}")))?;
+                Ok(at.map(|p| p as u64))
+            }
+        }
+    }
+
+    fn begin(&self) -> &'static str {
+        match self {
+            Out::Mysql(_) => "START TRANSACTION",
+            Out::Sqlite(_) => "BEGIN IMMEDIATE",
+        }
+    }
+
+    /// The statement moving the job's position, for the end of the transaction.
+    fn position_update(&self, job_id: &str, lsn: u64, commit_time_us: i64) -> String {
+        match self {
+            Out::Mysql(_) => Dialect::Mysql.position_update(
+                job_id,
+                &PgLsn(lsn).to_string(),
+                (commit_time_us / 1_000_000 + 946_684_800).max(0) as u32,
+            ),
+            Out::Sqlite(_) => format!(
+                "INSERT INTO {} (job_id, position) VALUES ({}, {}) ON CONFLICT (job_id) DO UPDATE SET position = excluded.position;\n",
+                crate::engine::sqlite::POSITION_TABLE,
+                quote_literal(job_id),
+                lsn as i64
+            ),
+        }
+    }
+
+    async fn execute(&mut self, sql: &str) -> Result<()> {
+        match self {
+            Out::Mysql(sink) => sink.execute(sql, "applying changes to the target").await,
+            Out::Sqlite(conn) => {
+                tokio::task::block_in_place(|| conn.execute_batch(sql)).map_err(|e| {
+                    Error::Definite(format!("applying changes to the SQLite target: {e}"))
+                })
+            }
+        }
+    }
+}
+
 /// Apply the change log to a MySQL/MariaDB target from its recorded position, until
 /// stopped. Single session, whole source transactions per target transaction.
 pub(super) async fn apply_session(ctx: &ApplyContext, cancel: &CancellationToken) -> Result<()> {
-    let tables = ctx.mysql_tables.clone().ok_or_else(|| {
+    let tables = ctx.out_tables.clone().ok_or_else(|| {
         Error::Definite("the job's schema is missing from the state store".into())
     })?;
-    let (mut sink, _) = mysql_target(&ctx.target, "apply").await?;
-    let mut applied = match sink.applied_position(&ctx.job_id).await? {
-        Some(p) => p.parse::<PgLsn>().map(|l| l.0).map_err(|_| {
-            Error::Definite(format!("unreadable applied position {p:?} on the target"))
-        })?,
-        None => ctx.p0.0,
-    };
+    let mut out = Out::connect(&ctx.target).await?;
+    let sqlite = matches!(out, Out::Sqlite(_));
+    let mut applied = out.applied(&ctx.job_id).await?.unwrap_or(ctx.p0.0);
     ctx.progress.applied.store(applied, Ordering::Relaxed);
     let log_err = |e: crate::changelog::LogError| Error::Definite(e.to_string());
     let mut reader = LogReader::open(&ctx.dir, applied, ctx.log_end.clone()).map_err(log_err)?;
     let mut relations: HashMap<u32, Arc<Relation>> = HashMap::new();
     loop {
-        let mut batch = Batch::new(&tables);
+        let mut batch = Batch::new(&tables, sqlite);
         let mut open = false;
         let mut in_txn = false;
         let mut skip = false;
@@ -744,12 +1015,11 @@ pub(super) async fn apply_session(ctx: &ApplyContext, cancel: &CancellationToken
             }
             if batch.sql.len() > MAX_PENDING_SQL {
                 if !open {
-                    sink.execute("START TRANSACTION", "starting an apply transaction")
-                        .await?;
+                    out.execute(out.begin()).await?;
                     open = true;
                 }
                 let sql = std::mem::take(&mut batch.sql);
-                sink.execute(&sql, "applying changes to the target").await?;
+                out.execute(&sql).await?;
             }
         }
         let Some((lsn, commit_time_us)) = last else {
@@ -757,22 +1027,23 @@ pub(super) async fn apply_session(ctx: &ApplyContext, cancel: &CancellationToken
         };
         batch.flush_all()?;
         let body = std::mem::take(&mut batch.sql);
-        let tail = Dialect::Mysql.position_update(
-            &ctx.job_id,
-            &PgLsn(lsn).to_string(),
-            (commit_time_us / 1_000_000 + 946_684_800).max(0) as u32,
-        );
-        if open {
-            sink.execute(&format!("{body}{tail}"), "applying changes to the target")
-                .await?;
-            crate::failpoint::hit("apply.before_commit");
-            sink.execute("COMMIT", "committing applied changes").await?;
-            crate::failpoint::hit("apply.after_commit");
-        } else {
-            sink.commit(&body, &tail, "applying changes to the target")
-                .await
-                .map_err(|e| e.error)?;
+        let tail = out.position_update(&ctx.job_id, lsn, commit_time_us);
+        if !open {
+            out.execute(out.begin()).await?;
         }
+        let result = out.execute(&format!("{body}{tail}")).await;
+        let result = match result {
+            Ok(()) => {
+                crate::failpoint::hit("apply.before_commit");
+                out.execute("COMMIT").await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            let _ = out.execute("ROLLBACK").await;
+            return Err(e);
+        }
+        crate::failpoint::hit("apply.after_commit");
         applied = lsn;
         let p = &ctx.progress;
         p.applied.store(lsn, Ordering::Relaxed);

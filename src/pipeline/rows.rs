@@ -47,7 +47,7 @@ pub struct RowsSummary {
     pub caught_up: bool,
 }
 
-enum Target {
+pub(crate) enum Target {
     Sqlite(Connection),
     Postgres(Client),
     /// A MySQL/MariaDB target, and the collation of its text columns.
@@ -83,7 +83,7 @@ pub(crate) async fn mysql_target(endpoint: &Endpoint, role: &str) -> Result<(Sin
 }
 
 impl Target {
-    async fn connect(endpoint: &Endpoint) -> Result<Target> {
+    pub(crate) async fn connect(endpoint: &Endpoint) -> Result<Target> {
         match endpoint.engine {
             EngineKind::Sqlite => {
                 let conn = block(|| sqlite::open(&endpoint.database, true))?;
@@ -116,7 +116,7 @@ impl Target {
         }
     }
 
-    async fn existing_tables(&mut self, names: &[&str]) -> Result<Vec<String>> {
+    pub(crate) async fn existing_tables(&mut self, names: &[&str]) -> Result<Vec<String>> {
         match self {
             Target::Sqlite(conn) => block(|| {
                 let mut found = Vec::new();
@@ -152,7 +152,7 @@ impl Target {
         }
     }
 
-    async fn execute(&mut self, sql: &str, what: &str) -> Result<()> {
+    pub(crate) async fn execute(&mut self, sql: &str, what: &str) -> Result<()> {
         match self {
             Target::Sqlite(conn) => block(|| {
                 conn.execute_batch(sql)
@@ -166,7 +166,7 @@ impl Target {
         }
     }
 
-    async fn copied_tables(&mut self, job_id: &str) -> Result<HashMap<String, i64>> {
+    pub(crate) async fn copied_tables(&mut self, job_id: &str) -> Result<HashMap<String, i64>> {
         match self {
             Target::Sqlite(conn) => block(|| {
                 conn.prepare(&format!(
@@ -193,7 +193,7 @@ impl Target {
         }
     }
 
-    async fn position(&mut self, job_id: &str) -> Result<Option<i64>> {
+    pub(crate) async fn position(&mut self, job_id: &str) -> Result<Option<i64>> {
         match self {
             Target::Sqlite(conn) => block(|| {
                 use rusqlite::OptionalExtension;
@@ -227,9 +227,32 @@ impl Target {
         }
     }
 
+    /// The statement recording a table as copied (in the transaction of its last rows).
+    pub(crate) fn copied_marker(&self, job_id: &str, table: &str, count: i64) -> String {
+        match self {
+            Target::Sqlite(_) => format!(
+                "INSERT OR REPLACE INTO {} (job_id, table_name, rows) VALUES ({}, {}, {count});",
+                sqlite::COPIED_TABLE,
+                quote_literal(job_id),
+                quote_literal(table)
+            ),
+            Target::Postgres(_) => format!(
+                "INSERT INTO kuaka.row_copied (job_id, table_name, rows) VALUES ({}, {}, {count}) ON CONFLICT (job_id, table_name) DO UPDATE SET rows = EXCLUDED.rows;\n",
+                quote_literal(job_id),
+                quote_literal(table)
+            ),
+            Target::Mysql(..) => Dialect::Mysql.copied_marker(job_id, table, count),
+        }
+    }
+
     /// Upsert copied rows in one transaction, with `marker` (the table's "copied" row, on its
     /// last page) in the same transaction.
-    async fn load(&mut self, table: &SourceTable, rows: &[Row], marker: &str) -> Result<()> {
+    pub(crate) async fn load(
+        &mut self,
+        table: &SourceTable,
+        rows: &[Row],
+        marker: &str,
+    ) -> Result<()> {
         match self {
             Target::Sqlite(conn) => block(|| {
                 let fail = |e: rusqlite::Error| {
@@ -1513,7 +1536,9 @@ async fn copy_tables(
                     Target::Postgres(_) => format!("TRUNCATE public.{};", quote_ident(t.name())),
                     Target::Mysql(..) => format!("DELETE FROM {};", mysql::quote_ident(t.name())),
                 };
-                target.execute(&empty, "emptying a keyless target table").await?;
+                target
+                    .execute(&empty, "emptying a keyless target table")
+                    .await?;
             }
             loop {
                 if cancel.is_cancelled() {
@@ -1526,11 +1551,8 @@ async fn copy_tables(
                         None => source.prepare_cached(&first)?,
                         Some(_) => source.prepare_cached(&next)?,
                     };
-                    let params: Vec<rusqlite::types::Value> = after
-                        .iter()
-                        .flatten()
-                        .map(sqlite::to_sql)
-                        .collect();
+                    let params: Vec<rusqlite::types::Value> =
+                        after.iter().flatten().map(sqlite::to_sql).collect();
                     let mut rows = stmt.query(rusqlite::params_from_iter(params))?;
                     while let Some(r) = rows.next()? {
                         let row: Row = (0..width)
@@ -1552,22 +1574,7 @@ async fn copy_tables(
                 let last = batch.len() < ROWS_PER_COMMIT;
                 count += batch.len() as i64;
                 let marker = if last {
-                    match target {
-                        Target::Sqlite(_) => format!(
-                            "INSERT OR REPLACE INTO {} (job_id, table_name, rows) VALUES ({}, {}, {count});",
-                            sqlite::COPIED_TABLE,
-                            quote_literal(job_id),
-                            quote_literal(t.name())
-                        ),
-                        Target::Postgres(_) => format!(
-                            "INSERT INTO kuaka.row_copied (job_id, table_name, rows) VALUES ({}, {}, {count}) ON CONFLICT (job_id, table_name) DO UPDATE SET rows = EXCLUDED.rows;\n",
-                            quote_literal(job_id),
-                            quote_literal(t.name())
-                        ),
-                        Target::Mysql(..) => {
-                            Dialect::Mysql.copied_marker(job_id, t.name(), count)
-                        }
-                    }
+                    target.copied_marker(job_id, t.name(), count)
                 } else {
                     String::new()
                 };

@@ -61,15 +61,13 @@ pub async fn run(
     let started = Instant::now();
     let supported = matches!(
         (spec.source.engine, spec.target.engine),
-        (
-            EngineKind::Postgres,
-            EngineKind::Postgres | EngineKind::Mysql
-        ) | (EngineKind::Sqlite, _)
+        (EngineKind::Postgres, _)
+            | (EngineKind::Sqlite, _)
             | (EngineKind::Mysql, EngineKind::Postgres | EngineKind::Mysql)
     );
     if !supported {
         return Err(Error::Definite(format!(
-            "moving {} to {} is not supported yet: this version moves PostgreSQL and MySQL/MariaDB to PostgreSQL or MySQL/MariaDB, and SQLite to SQLite, PostgreSQL or MySQL/MariaDB",
+            "moving {} to {} is not supported yet: this version moves PostgreSQL to PostgreSQL, MySQL/MariaDB or SQLite, MySQL/MariaDB to PostgreSQL or MySQL/MariaDB, and SQLite to SQLite, PostgreSQL or MySQL/MariaDB",
             spec.source.redacted(),
             spec.target.redacted()
         )));
@@ -146,7 +144,7 @@ pub async fn run(
         super::rows::run(spec, &store, &job_id, ui, cancel).await
     } else if spec.source.engine == EngineKind::Mysql {
         super::mysql::run(spec, &store, &job_id, ui, cancel).await
-    } else if spec.snapshot_only && spec.target.engine == EngineKind::Mysql {
+    } else if spec.snapshot_only && spec.target.engine != EngineKind::Postgres {
         super::pg_mysql::snapshot(spec, &store, &job_id, ui, cancel, None).await
     } else if spec.snapshot_only {
         run_phases(spec, &store, &job_id, resumed, ui, cancel, None).await

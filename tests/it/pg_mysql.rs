@@ -293,3 +293,139 @@ fn postgres_values_mysql_cannot_hold_are_named() {
         "{all}"
     );
 }
+
+/// (column, PostgreSQL text, SQLite text) of the matrix on a SQLite target.
+const SQLITE_COLUMNS: &[(&str, &str, &str)] = &[
+    ("b", "b::int::text", "CAST(b AS TEXT)"),
+    ("i2", "i2::text", "CAST(i2 AS TEXT)"),
+    ("i4", "i4::text", "CAST(i4 AS TEXT)"),
+    ("i8", "i8::text", "CAST(i8 AS TEXT)"),
+    ("f4", "f4::text", "CAST(f4 AS TEXT)"),
+    ("f8", "f8::text", "CAST(f8 AS TEXT)"),
+    ("n", "n::text", "n"),
+    ("nu", "nu::text", "nu"),
+    ("c", "c::text", "rtrim(c)"),
+    ("vc", "vc", "vc"),
+    ("t", "t", "t"),
+    (
+        "by",
+        "encode(by, 'hex')",
+        "iif(by IS NULL, NULL, lower(hex(by)))",
+    ),
+    ("d", "d::text", "d"),
+    ("tm", "tm::text", "tm"),
+    ("ts", "ts::text", "ts"),
+    ("tz", "(tz AT TIME ZONE 'UTC')::text", "tz"),
+    ("u", "u::text", "u"),
+    ("j", "j::text", "j"),
+    ("jb", "jb::text", "jb"),
+    ("arr", "arr::text", "arr"),
+    ("iv", "iv::text", "iv"),
+    ("e", "e::text", "e"),
+];
+
+/// PostgreSQL → SQLite: the same matrix and live changes, killed during the snapshot and
+/// during an apply commit, compared column by column (SQLite read with its own SQL).
+#[test]
+fn postgres_type_matrix_to_sqlite_with_live_changes_and_kills() {
+    let source = pg().create_db("pglite_src");
+    psql(&source, SCHEMA);
+    psql(&source, &matrix_rows("before"));
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("copy.db");
+    let target = format!("sqlite://{}", path.display());
+    let state = dir.path().join("state");
+
+    let mut first = stream(&source, &target, &state, &[]);
+    first.env("KUAKA_FAILPOINT", "snapshot.chunk.after_commit:2");
+    run(first).assert_killed_by_sigkill();
+    let mut background = Background::spawn(stream(&source, &target, &state, &[]));
+    wait_until("kuaka to stream", Duration::from_secs(120), || {
+        assert!(
+            background.is_running(),
+            "kuaka exited early:\n{}",
+            background.stderr()
+        );
+        crate::support::job_phase(&state) == "streaming"
+    });
+    psql(&source, &matrix_rows("after"));
+    psql(
+        &source,
+        "UPDATE matrix SET t = t || ' updated', tz = tz + interval '1 microsecond', b = NOT b WHERE id % 2 = 0;
+         UPDATE matrix SET id = id + 1000 WHERE id = 1;
+         DELETE FROM matrix WHERE id = 3;
+         DELETE FROM parent WHERE id = 2;
+         BEGIN;
+         UPDATE seat SET code = 'tmp' WHERE id = 1;
+         UPDATE seat SET code = 'S1' WHERE id = 2;
+         UPDATE seat SET code = 'S2' WHERE id = 1;
+         COMMIT;",
+    );
+    background.kill().assert_killed_by_sigkill();
+    psql(
+        &source,
+        "UPDATE bulk SET payload = 'changed ' || id WHERE id % 100 = 0;
+         TRUNCATE child;
+         INSERT INTO child SELECT g, 3 + g % 18, 'again ' || g FROM generate_series(1, 50) g;",
+    );
+    let mut second = stream(&source, &target, &state, &[]);
+    second.env("KUAKA_FAILPOINT", "apply.before_commit:1");
+    run(second).assert_killed_by_sigkill();
+    psql(&source, &matrix_rows("last"));
+    run(stream(&source, &target, &state, &["--until", "caught-up"])).assert_success();
+
+    let conn = rusqlite::Connection::open(&path).expect("open copy");
+    type Columns = &'static [(&'static str, &'static str, &'static str)];
+    let tables: &[(&str, Columns)] = &[
+        ("matrix", SQLITE_COLUMNS),
+        ("parent", &[("name", "name", "name")]),
+        (
+            "child",
+            &[
+                ("parent_id", "parent_id::text", "CAST(parent_id AS TEXT)"),
+                ("note", "note", "note"),
+            ],
+        ),
+        ("seat", &[("code", "code", "code")]),
+        ("bulk", &[("payload", "payload", "payload")]),
+    ];
+    for (table, columns) in tables {
+        let pg_rows = query_rows(
+            &source,
+            &format!(
+                "SELECT id::text AS k, {} FROM {table} ORDER BY id",
+                columns
+                    .iter()
+                    .map(|(_, p, _)| format!("coalesce({p}, '∅')"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        );
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT CAST(id AS TEXT), {} FROM \"{table}\" ORDER BY id",
+                columns
+                    .iter()
+                    .map(|(_, _, l)| format!("coalesce({l}, '∅')"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+            .expect("select");
+        let width = columns.len() + 1;
+        let lite_rows: Vec<Vec<String>> = stmt
+            .query_map([], |r| (0..width).map(|i| r.get::<_, String>(i)).collect())
+            .expect("rows")
+            .collect::<rusqlite::Result<_>>()
+            .expect("rows");
+        assert_eq!(pg_rows.len(), lite_rows.len(), "{table}: row counts");
+        for (p, l) in pg_rows.iter().zip(&lite_rows) {
+            for (i, name) in std::iter::once("id")
+                .chain(columns.iter().map(|c| c.0))
+                .enumerate()
+            {
+                assert_eq!(p[i], l[i], "{table} id {}: column {name}", p[0]);
+            }
+        }
+    }
+    assert_verified(&state);
+}
