@@ -250,6 +250,11 @@ pub struct RunArgs {
     /// and logged. PostgreSQL → PostgreSQL jobs, --apply-mode transactional.
     #[arg(long, value_name = "COLUMN")]
     pub newer_wins: Option<String>,
+    /// The target type of one column instead of the type map's, as TABLE.COLUMN=TYPE
+    /// (repeatable; MySQL/MariaDB → PostgreSQL jobs; fixed at the job's first run), e.g.
+    /// `--column-type film.rating=text --column-type users.active=smallint`.
+    #[arg(long = "column-type", value_name = "TABLE.COLUMN=TYPE")]
+    pub column_types: Vec<String>,
     /// Workers for `--apply-mode per-key` (fixed when the job starts).
     #[arg(long, value_name = "N", default_value_t = 4)]
     pub apply_workers: usize,
@@ -430,6 +435,23 @@ impl RunArgs {
                 "per-key apply is implemented for PostgreSQL targets only; a PostgreSQL → MySQL/MariaDB or SQLite job applies transactionally",
             ));
         }
+        let mut column_types = Vec::new();
+        for c in &self.column_types {
+            match crate::config::ColumnType::parse(c) {
+                Ok(ct) => column_types.push(ct),
+                Err(e) => errors.push(invalid("--column-type", &e)),
+            }
+        }
+        if !column_types.is_empty()
+            && let Some((s, t)) = &endpoints
+            && (s.engine != crate::config::EngineKind::Mysql
+                || t.engine != crate::config::EngineKind::Postgres)
+        {
+            errors.push(invalid(
+                "--column-type",
+                "is implemented for MySQL/MariaDB → PostgreSQL jobs only",
+            ));
+        }
         if self.max_rows_per_sec == Some(0) {
             errors.push(invalid("--max-rows-per-sec", "must be at least 1"));
         }
@@ -457,6 +479,7 @@ impl RunArgs {
                 apply_mode: self.apply_mode,
                 apply_workers: self.apply_workers,
                 newer_wins: self.newer_wins.clone(),
+                column_types,
                 until: self.until,
             }),
             _ => Err(errors),

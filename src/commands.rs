@@ -535,7 +535,7 @@ async fn clean(args: &CleanArgs) -> u8 {
             }
         }
     }
-    if source.engine == crate::config::EngineKind::Postgres
+    if source.engine != crate::config::EngineKind::Sqlite
         && target.engine == crate::config::EngineKind::Sqlite
         && let Err(e) =
             tokio::task::block_in_place(|| pipeline::rows::clean_target(&target, &job.job_id))
@@ -957,6 +957,7 @@ async fn demo_inner(
         apply_mode: Default::default(),
         apply_workers: 1,
         newer_wins: None,
+        column_types: Vec::new(),
         until: None,
     };
     let writer = ShopWriter::start_pair([source_path.clone(), target_path.clone()], 7);

@@ -82,9 +82,51 @@ pub struct JobSpec {
     /// `--newer-wins COLUMN`: a property of the run (turned on for a dual-write period).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub newer_wins: Option<String>,
+    /// `--column-type TABLE.COLUMN=TYPE`: the target type of a column instead of the type
+    /// map's (MySQL/MariaDB → PostgreSQL), fixed at the job's first run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub column_types: Vec<ColumnType>,
     /// Not stored with the job: a property of one run.
     #[serde(skip)]
     pub until: Option<Until>,
+}
+
+/// One `--column-type` override.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ColumnType {
+    pub table: String,
+    pub column: String,
+    pub target_type: String,
+}
+
+impl ColumnType {
+    /// `table.column=type`.
+    pub fn parse(text: &str) -> Result<ColumnType, String> {
+        let (name, ty) = text
+            .split_once('=')
+            .ok_or_else(|| format!("{text:?} must look like TABLE.COLUMN=TYPE"))?;
+        let (table, column) = name
+            .rsplit_once('.')
+            .ok_or_else(|| format!("{text:?} must name a column as TABLE.COLUMN"))?;
+        let ty = ty.trim();
+        // The type goes into CREATE TABLE as it is: a type name with its modifiers only.
+        if table.is_empty()
+            || column.is_empty()
+            || ty.is_empty()
+            || !ty
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || " _(),[]".contains(c))
+        {
+            return Err(format!(
+                "{text:?} must look like TABLE.COLUMN=TYPE with a type such as smallint, text, varchar(40) or numeric(20,0)"
+            ));
+        }
+        Ok(ColumnType {
+            table: table.to_owned(),
+            column: column.to_owned(),
+            target_type: ty.to_owned(),
+        })
+    }
 }
 
 fn default_apply_workers() -> usize {

@@ -13,6 +13,7 @@
 //!   `_kuaka_position`, written in the same transaction.
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::time::Duration;
 
 use rusqlite::types::{Value as SqlValue, ValueRef};
@@ -752,6 +753,84 @@ pub fn delete_sql(table: &str, key: &[String]) -> String {
             .map(|i| format!("?{i}"))
             .collect::<Vec<_>>()
             .join(", ")
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rendering for rows of other engines
+
+/// The SQLite declared type for a model type: exact values stay exact (decimals, times and
+/// everything without a SQLite counterpart as TEXT, bytes as BLOB).
+pub fn declared_type(t: &DataType) -> &'static str {
+    match t {
+        DataType::Bool => "BOOLEAN",
+        DataType::Int16 | DataType::Int32 | DataType::Int64 => "INTEGER",
+        DataType::Float32 | DataType::Float64 => "REAL",
+        DataType::Bytes => "BLOB",
+        // Numeric affinity, but ISO text never parses as a number: the values stay text,
+        // and the declared names tell readers (and kuaka verify) what they hold.
+        DataType::Date => "DATE",
+        DataType::Time => "TIME",
+        DataType::Timestamp => "TIMESTAMP",
+        DataType::TimestampTz => "TIMESTAMPTZ",
+        _ => "TEXT",
+    }
+}
+
+/// A model value as a SQLite literal (its storage class kept: integers, reals, text, blobs).
+pub fn literal(v: &Value, out: &mut String) {
+    match v {
+        Value::Null => out.push_str("NULL"),
+        Value::Bool(b) => out.push_str(if *b { "1" } else { "0" }),
+        Value::Int(i) => out.push_str(&i.to_string()),
+        // Past i64 SQLite would make it a REAL: keep the digits as text.
+        Value::UInt(u) if i64::try_from(*u).is_err() => {
+            out.push_str(&crate::model::schema::quote_literal(&u.to_string()))
+        }
+        Value::UInt(u) => out.push_str(&u.to_string()),
+        Value::Float(f) => out.push_str(&format!("{f:?}")),
+        Value::Decimal(t) | Value::Text(t) | Value::Native(t) => {
+            out.push_str(&crate::model::schema::quote_literal(t))
+        }
+        Value::Bytes(b) => {
+            out.push_str("X'");
+            for byte in b {
+                let _ = write!(out, "{byte:02X}");
+            }
+            out.push('\'');
+        }
+    }
+}
+
+/// Multi-row upsert on SQLite (3.24+).
+pub fn upsert_many(table: &str, columns: &[String], key: &[String], tuples: &[String]) -> String {
+    let join = join_idents;
+    let sets: Vec<String> = columns
+        .iter()
+        .filter(|c| !key.contains(c))
+        .map(|c| format!("{0} = excluded.{0}", quote_ident(c)))
+        .collect();
+    format!(
+        "INSERT INTO {} ({}) VALUES {} ON CONFLICT ({}) DO {};\n",
+        quote_ident(table),
+        join(columns),
+        tuples.join(", "),
+        join(key),
+        if sets.is_empty() {
+            "NOTHING".to_owned()
+        } else {
+            format!("UPDATE SET {}", sets.join(", "))
+        }
+    )
+}
+
+/// `DELETE … WHERE (key) IN (VALUES …)` on SQLite.
+pub fn delete_many(table: &str, key: &[String], tuples: &[String]) -> String {
+    format!(
+        "DELETE FROM {} WHERE ({}) IN (VALUES {});\n",
+        quote_ident(table),
+        join_idents(key),
+        tuples.join(", ")
     )
 }
 

@@ -28,12 +28,13 @@ const ROWS_PER_STATEMENT: usize = 500;
 pub enum Dialect {
     Postgres,
     Mysql,
+    Sqlite,
 }
 
 impl Dialect {
     pub fn quote_ident(self, name: &str) -> String {
         match self {
-            Dialect::Postgres => pg_ident(name),
+            Dialect::Postgres | Dialect::Sqlite => pg_ident(name),
             Dialect::Mysql => my_ident(name),
         }
     }
@@ -43,12 +44,13 @@ impl Dialect {
         match self {
             Dialect::Postgres => format!("public.{}", pg_ident(name)),
             Dialect::Mysql => my_ident(name),
+            Dialect::Sqlite => pg_ident(name),
         }
     }
 
     fn literal(self, text: &str) -> String {
         match self {
-            Dialect::Postgres => quote_literal(text),
+            Dialect::Postgres | Dialect::Sqlite => quote_literal(text),
             Dialect::Mysql => mysql::quote_literal(text),
         }
     }
@@ -68,6 +70,12 @@ impl Dialect {
                 self.literal(job_id),
                 self.literal(position)
             ),
+            Dialect::Sqlite => format!(
+                "INSERT INTO {} (job_id, position) VALUES ({}, {}) ON CONFLICT (job_id) DO UPDATE SET position = excluded.position;\n",
+                crate::engine::sqlite::POSITION_TABLE,
+                self.literal(job_id),
+                self.literal(position)
+            ),
         }
     }
 
@@ -84,6 +92,12 @@ impl Dialect {
                 self.literal(job_id),
                 self.literal(marker)
             ),
+            Dialect::Sqlite => format!(
+                "INSERT OR REPLACE INTO {} (job_id, table_name, rows) VALUES ({}, {}, {rows});\n",
+                crate::engine::sqlite::COPIED_TABLE,
+                self.literal(job_id),
+                self.literal(marker)
+            ),
         }
     }
 }
@@ -92,6 +106,15 @@ impl Dialect {
 pub enum Sink {
     Postgres(Client),
     Mysql(mysql_async::Conn),
+    Sqlite(rusqlite::Connection),
+}
+
+fn sqlite_error(what: &str, e: rusqlite::Error) -> Error {
+    Error::Definite(format!("{what}: {e}"))
+}
+
+fn block<R>(f: impl FnOnce() -> R) -> R {
+    tokio::task::block_in_place(f)
 }
 
 /// Why a batch did not commit.
@@ -141,9 +164,14 @@ impl Sink {
                     .map_err(|e| mysql::error("setting up the target session", e))?;
                 Ok(Sink::Mysql(conn))
             }
-            EngineKind::Sqlite => Err(Error::Definite(
-                "a SQLite target for a MySQL source is not supported yet".into(),
-            )),
+            EngineKind::Sqlite => {
+                let conn = block(|| {
+                    let conn = crate::engine::sqlite::open(&endpoint.database, true)?;
+                    crate::engine::sqlite::target_bookkeeping(&conn)?;
+                    Ok::<_, Error>(conn)
+                })?;
+                Ok(Sink::Sqlite(conn))
+            }
         }
     }
 
@@ -151,6 +179,7 @@ impl Sink {
         match self {
             Sink::Postgres(_) => Dialect::Postgres,
             Sink::Mysql(_) => Dialect::Mysql,
+            Sink::Sqlite(_) => Dialect::Sqlite,
         }
     }
 
@@ -162,6 +191,7 @@ impl Sink {
                 .query_drop(sql)
                 .await
                 .map_err(|e| mysql::error(what, e).into()),
+            Sink::Sqlite(c) => block(|| c.execute_batch(sql)).map_err(|e| sqlite_error(what, e)),
         }
     }
 
@@ -170,6 +200,7 @@ impl Sink {
         let (begin, rollback) = match self {
             Sink::Postgres(_) => ("BEGIN;\n", "ROLLBACK"),
             Sink::Mysql(_) => ("START TRANSACTION;\n", "ROLLBACK"),
+            Sink::Sqlite(_) => ("BEGIN IMMEDIATE;\n", "ROLLBACK"),
         };
         let sql = format!("{begin}{body}{tail}");
         let result = match self {
@@ -195,6 +226,15 @@ impl Sink {
             .map_err(|e| BatchError {
                 unique_violation: matches!(&e, mysql_async::Error::Server(s) if s.code == 1062),
                 error: mysql::error(what, e).into(),
+            }),
+            Sink::Sqlite(c) => block(|| {
+                c.execute_batch(&sql)?;
+                crate::failpoint::hit("apply.before_commit");
+                c.execute_batch("COMMIT")
+            })
+            .map_err(|e| BatchError {
+                unique_violation: e.to_string().contains("UNIQUE constraint failed"),
+                error: sqlite_error(what, e),
             }),
         };
         if result.is_err() {
@@ -225,6 +265,17 @@ impl Sink {
                     .map_err(|e| mysql::error("reading the target catalog", e))?;
                 Ok(all.into_iter().filter(|t| names.contains(t)).collect())
             }
+            Sink::Sqlite(c) => {
+                let all: Vec<String> = block(|| {
+                    c.prepare("SELECT name FROM sqlite_schema WHERE type = 'table'")
+                        .and_then(|mut s| {
+                            s.query_map([], |r| r.get(0))?
+                                .collect::<rusqlite::Result<Vec<String>>>()
+                        })
+                })
+                .map_err(|e| sqlite_error("reading the target catalog", e))?;
+                Ok(all.into_iter().filter(|t| names.contains(t)).collect())
+            }
         }
     }
 
@@ -249,6 +300,17 @@ impl Sink {
                 .await
                 .map(|rows| rows.into_iter().collect())
                 .map_err(|e| mysql::error("reading copied tables on the target", e).into()),
+            Sink::Sqlite(c) => block(|| {
+                c.prepare(&format!(
+                    "SELECT table_name, rows FROM {} WHERE job_id = ?1",
+                    crate::engine::sqlite::COPIED_TABLE
+                ))
+                .and_then(|mut s| {
+                    s.query_map([job_id], |r| Ok((r.get(0)?, r.get(1)?)))?
+                        .collect::<rusqlite::Result<HashMap<String, i64>>>()
+                })
+            })
+            .map_err(|e| sqlite_error("reading copied tables on the target", e)),
         }
     }
 
@@ -270,6 +332,19 @@ impl Sink {
                 )
                 .await
                 .map_err(|e| mysql::error("reading the applied position", e).into()),
+            Sink::Sqlite(c) => block(|| {
+                use rusqlite::OptionalExtension;
+                c.query_row(
+                    &format!(
+                        "SELECT CAST(position AS TEXT) FROM {} WHERE job_id = ?1",
+                        crate::engine::sqlite::POSITION_TABLE
+                    ),
+                    [job_id],
+                    |r| r.get(0),
+                )
+                .optional()
+            })
+            .map_err(|e| sqlite_error("reading the applied position", e)),
         }
     }
 }
@@ -421,6 +496,50 @@ impl Shape {
                 }
                 Ok(sql)
             }
+            Dialect::Sqlite => {
+                use crate::engine::sqlite;
+                // Index of each value's type: a key tuple holds the key columns only.
+                let tuple = |row: &Row, types: &[&DataType]| {
+                    let mut out = String::from("(");
+                    for (i, v) in row.iter().enumerate() {
+                        if i > 0 {
+                            out.push_str(", ");
+                        }
+                        match (v, types.get(i)) {
+                            (
+                                Value::Text(t) | Value::Native(t),
+                                Some(
+                                    DataType::Timestamp
+                                    | DataType::TimestampTz
+                                    | DataType::Time
+                                    | DataType::Interval,
+                                ),
+                            ) => sqlite::literal(&Value::Text(sqlite_temporal(t)), &mut out),
+                            _ => sqlite::literal(v, &mut out),
+                        }
+                    }
+                    out.push(')');
+                    out
+                };
+                let mut sql = String::new();
+                let key_types: Vec<&DataType> =
+                    self.key_index.iter().map(|&i| &self.types[i]).collect();
+                let all_types: Vec<&DataType> = self.types.iter().collect();
+                for chunk in deletes.chunks(ROWS_PER_STATEMENT) {
+                    let tuples: Vec<String> = chunk.iter().map(|k| tuple(k, &key_types)).collect();
+                    sql.push_str(&sqlite::delete_many(&self.name, &self.key, &tuples));
+                }
+                for chunk in upserts.chunks(ROWS_PER_STATEMENT) {
+                    let tuples: Vec<String> = chunk.iter().map(|r| tuple(r, &all_types)).collect();
+                    sql.push_str(&sqlite::upsert_many(
+                        &self.name,
+                        &self.columns,
+                        &self.key,
+                        &tuples,
+                    ));
+                }
+                Ok(sql)
+            }
         }
     }
 
@@ -442,12 +561,35 @@ impl Shape {
         Ok(out)
     }
 
+    /// Upserts of copied rows (the snapshot's chunk), as [`Self::rows_sql`] writes them.
+    pub fn rows_sql_for_copy(&self, rows: &[Row]) -> Result<String> {
+        self.rows_sql(rows, &[])
+    }
+
     pub fn project(&self, row: &Row) -> Row {
         self.copied.iter().map(|&i| row[i].clone()).collect()
     }
 
     fn key_of(&self, row: &Row) -> Row {
         self.key_index.iter().map(|&i| row[i].clone()).collect()
+    }
+}
+
+/// A MySQL time value as SQLite keeps it: UTC without the `+00` the decoder adds for
+/// PostgreSQL, and microseconds written out (the text protocol prints a column's own
+/// precision, the binlog decoder six digits; one value, one text).
+fn sqlite_temporal(text: &str) -> String {
+    let t = text.strip_suffix("+00").unwrap_or(text);
+    let t = match t.rfind('.') {
+        Some(dot) if t.len() - dot - 1 < 6 => format!("{t}{}", "0".repeat(6 - (t.len() - dot - 1))),
+        _ => t.to_owned(),
+    };
+    // A TIME (an interval on other engines): hours of at least two digits, as the text
+    // protocol prints them (the binlog decoder does not pad).
+    let (sign, body) = t.strip_prefix('-').map_or(("", t.as_str()), |b| ("-", b));
+    match body.split_once(':') {
+        Some((h, rest)) if h.len() == 1 && !body.contains(' ') => format!("{sign}0{h}:{rest}"),
+        _ => t.clone(),
     }
 }
 
@@ -552,6 +694,11 @@ impl<'a> Batch<'a> {
                             Dialect::Mysql => {
                                 let mut out = String::new();
                                 myapply::literal(*kind, v, &mut out).map(|()| out)
+                            }
+                            Dialect::Sqlite => {
+                                let mut out = String::new();
+                                crate::engine::sqlite::literal(v, &mut out);
+                                Ok(out)
                             }
                         };
                         rendered.map_err(|e| {

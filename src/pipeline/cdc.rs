@@ -749,84 +749,29 @@ async fn apply_session(
         .unwrap_or(ctx.p0)
         .0;
     ctx.progress.applied.store(applied, Ordering::Relaxed);
-    let mut reader = LogReader::open(&ctx.dir, applied, ctx.log_end.clone()).map_err(log_err)?;
-    let mut relations: HashMap<u32, Arc<Relation>> = HashMap::new();
+    let mut log = TxnLog::open(&ctx.dir, applied, ctx.log_end.clone())?;
     loop {
         let strict = applied < strict_until;
         let mut batch = Batch::new(strict).with_newer_wins(ctx.newer_wins.as_deref());
         let mut kept: BTreeMap<String, u64> = BTreeMap::new();
         let mut open = false;
-        let mut in_txn = false;
-        let mut skip = false;
-        let mut txns = 0u64;
-        let mut last: Option<(u64, i64)> = None;
+        log.start_batch();
         let mut seen = applied;
         let started = Instant::now();
         loop {
-            let record = if in_txn || txns == 0 {
-                tokio::select! {
-                    _ = cancel.cancelled() => return Ok(SessionEnd::Stopped),
-                    r = reader.next() => match r.map_err(log_err)? {
-                        Some(r) => r,
-                        None => return Ok(SessionEnd::Stopped),
-                    },
-                }
-            } else if strict
-                || batch.rows >= MAX_BATCH_CHANGES
-                || started.elapsed() >= MAX_BATCH_TIME
-            {
-                break;
-            } else {
-                match reader.try_next().map_err(log_err)? {
-                    Some(r) => r,
-                    None => break,
-                }
+            let full =
+                strict || batch.rows >= MAX_BATCH_CHANGES || started.elapsed() >= MAX_BATCH_TIME;
+            let record = match log.next(full, cancel).await? {
+                Next::Record(r) => r,
+                Next::EndOfBatch => break,
+                Next::Stopped => return Ok(SessionEnd::Stopped),
             };
             seen = seen.max(record.pos);
-            match record.kind {
-                RecordKind::Kuaka => {
-                    if !skip {
-                        let instruction = KuakaRecord::parse(&record.payload)?;
-                        batch.instruction(&instruction);
-                    }
-                }
-                RecordKind::PgOutput => {
-                    let message = apply::decode_record(&record.payload)?;
-                    match message {
-                        PgOutput::Begin { final_lsn, .. } => {
-                            in_txn = true;
-                            skip = final_lsn.0 <= applied;
-                        }
-                        PgOutput::Commit {
-                            commit_lsn,
-                            commit_time_us,
-                            ..
-                        } => {
-                            in_txn = false;
-                            if !skip {
-                                txns += 1;
-                                last = Some((commit_lsn.0, commit_time_us));
-                            }
-                            skip = false;
-                        }
-                        PgOutput::Relation { .. } => {
-                            if let Some((id, rel)) = Relation::from_message(&message) {
-                                batch.relation_changed(&rel.name);
-                                relations.insert(id, Arc::new(rel));
-                            }
-                        }
-                        m @ (PgOutput::Insert { .. }
-                        | PgOutput::Update { .. }
-                        | PgOutput::Delete { .. }
-                        | PgOutput::Truncate { .. })
-                            if !skip =>
-                        {
-                            for change in apply::resolve(m, &relations)? {
-                                batch.add(change);
-                            }
-                        }
-                        _ => {}
-                    }
+            for item in log.items(&record, applied)? {
+                match item {
+                    Item::Instruction(i) => batch.instruction(&i),
+                    Item::Relation(name) => batch.relation_changed(&name),
+                    Item::Change(c) => batch.add(c),
                 }
             }
             if batch.sql_len() > MAX_PENDING_SQL {
@@ -841,9 +786,10 @@ async fn apply_session(
                 }
             }
         }
-        let Some((lsn, commit_time)) = last else {
+        let Some((lsn, commit_time)) = log.last else {
             continue;
         };
+        let txns = log.txns;
         batch.flush_all();
         let mut sql = batch.take_sql();
         if !open {
@@ -876,6 +822,124 @@ async fn apply_session(
         p.transactions.fetch_add(txns, Ordering::Relaxed);
         p.changes.fetch_add(batch.rows as u64, Ordering::Relaxed);
         p.add_counts(&batch.counts);
+    }
+}
+
+/// What a change-log record means for an apply batch.
+pub(super) enum Item {
+    Instruction(KuakaRecord),
+    /// A table's description changed: what is pending of it goes out in the old shape.
+    Relation(QualifiedName),
+    Change(RowChange),
+}
+
+/// How [`TxnLog::next`] answered.
+pub(super) enum Next {
+    Record(changelog::Record),
+    /// At a transaction boundary with the batch full, or nothing more ready.
+    EndOfBatch,
+    Stopped,
+}
+
+/// The change log read transaction by transaction for one apply session: source
+/// transactions at or before the target's position are skipped whole; a batch ends only
+/// between transactions.
+pub(super) struct TxnLog {
+    reader: LogReader,
+    relations: HashMap<u32, Arc<Relation>>,
+    in_txn: bool,
+    skip: bool,
+    /// Transactions of the current batch, and the commit position and time of its last.
+    pub txns: u64,
+    pub last: Option<(u64, i64)>,
+}
+
+impl TxnLog {
+    pub(super) fn open(dir: &Path, from: u64, end: watch::Receiver<LogEnd>) -> Result<TxnLog> {
+        Ok(TxnLog {
+            reader: LogReader::open(dir, from, end).map_err(log_err)?,
+            relations: HashMap::new(),
+            in_txn: false,
+            skip: false,
+            txns: 0,
+            last: None,
+        })
+    }
+
+    pub(super) fn start_batch(&mut self) {
+        self.txns = 0;
+        self.last = None;
+    }
+
+    /// The next record. Inside a transaction, or before the batch has one, it waits for it;
+    /// between transactions it ends the batch when `full` or when nothing more is ready.
+    pub(super) async fn next(&mut self, full: bool, cancel: &CancellationToken) -> Result<Next> {
+        if self.in_txn || self.txns == 0 {
+            return tokio::select! {
+                _ = cancel.cancelled() => Ok(Next::Stopped),
+                r = self.reader.next() => Ok(match r.map_err(log_err)? {
+                    Some(r) => Next::Record(r),
+                    None => Next::Stopped,
+                }),
+            };
+        }
+        if full {
+            return Ok(Next::EndOfBatch);
+        }
+        Ok(match self.reader.try_next().map_err(log_err)? {
+            Some(r) => Next::Record(r),
+            None => Next::EndOfBatch,
+        })
+    }
+
+    /// What `record` asks of the batch, given the target's position `applied`.
+    pub(super) fn items(&mut self, record: &changelog::Record, applied: u64) -> Result<Vec<Item>> {
+        match record.kind {
+            RecordKind::Kuaka if !self.skip => Ok(vec![Item::Instruction(KuakaRecord::parse(
+                &record.payload,
+            )?)]),
+            RecordKind::Kuaka => Ok(Vec::new()),
+            RecordKind::PgOutput => match apply::decode_record(&record.payload)? {
+                PgOutput::Begin { final_lsn, .. } => {
+                    self.in_txn = true;
+                    self.skip = final_lsn.0 <= applied;
+                    Ok(Vec::new())
+                }
+                PgOutput::Commit {
+                    commit_lsn,
+                    commit_time_us,
+                    ..
+                } => {
+                    self.in_txn = false;
+                    if !self.skip {
+                        self.txns += 1;
+                        self.last = Some((commit_lsn.0, commit_time_us));
+                    }
+                    self.skip = false;
+                    Ok(Vec::new())
+                }
+                message @ PgOutput::Relation { .. } => Ok(match Relation::from_message(&message) {
+                    Some((id, rel)) => {
+                        let name = rel.name.clone();
+                        self.relations.insert(id, Arc::new(rel));
+                        vec![Item::Relation(name)]
+                    }
+                    None => Vec::new(),
+                }),
+                m @ (PgOutput::Insert { .. }
+                | PgOutput::Update { .. }
+                | PgOutput::Delete { .. }
+                | PgOutput::Truncate { .. })
+                    if !self.skip =>
+                {
+                    Ok(apply::resolve(m, &self.relations)?
+                        .into_iter()
+                        .map(Item::Change)
+                        .collect())
+                }
+                _ => Ok(Vec::new()),
+            },
+        }
     }
 }
 

@@ -390,6 +390,8 @@ async fn forward(
         Some(json) => serde_json::from_str::<MyCatalog>(&json)
             .map_err(|e| Error::Definite(format!("reading the saved catalog: {e}")))?,
         None => {
+            let mut catalog = catalog;
+            override_column_types(&mut catalog, &spec.column_types)?;
             store.set_meta(
                 "mysql_catalog",
                 &serde_json::to_string(&catalog)
@@ -418,10 +420,22 @@ async fn forward(
                         format!("DROP TABLE IF EXISTS public.{} CASCADE;\n", quote_ident(t))
                     }
                     Dialect::Mysql => format!("DROP TABLE IF EXISTS {};\n", my_ident(t)),
+                    Dialect::Sqlite => format!("DROP TABLE IF EXISTS {};\n", quote_ident(t)),
                 });
             }
         }
         match dialect {
+            Dialect::Sqlite => {
+                for t in &catalog.tables {
+                    sql.push_str(&super::pg_mysql::sqlite_create_table(&as_source_table(t)));
+                }
+                target
+                    .execute(
+                        &format!("BEGIN;\n{sql}COMMIT;"),
+                        "creating the target tables",
+                    )
+                    .await?;
+            }
             Dialect::Postgres => {
                 for t in &catalog.tables {
                     sql.push_str(&create_table(t));
@@ -499,6 +513,18 @@ async fn forward(
     match dialect {
         Dialect::Postgres => post_data(spec, &mut target, store, &catalog).await?,
         Dialect::Mysql => mysql_post_data(spec, &mut source, &mut target, store, &catalog).await?,
+        Dialect::Sqlite => {
+            for t in &catalog.tables {
+                for (label, sql) in super::rows::index_steps(&as_source_table(t), true) {
+                    let key = format!("mysql:post:{label}");
+                    if store.step_done(&key)? {
+                        continue;
+                    }
+                    target.execute(&sql, &format!("creating {label}")).await?;
+                    store.mark_step(&key, "post_data")?;
+                }
+            }
+        }
     }
 
     let mut summary = Summary {
@@ -539,6 +565,59 @@ pub async fn resume_forward_from_now(spec: &JobSpec, job_id: &str) -> Result<Str
         .execute(&sql, "moving the forward position on the target")
         .await?;
     Ok(at)
+}
+
+/// `--column-type`: the PostgreSQL type of some columns instead of the type map's. Values
+/// then travel as their text and the target type's input function reads them (a
+/// `tinyint(1)` overridden to smallint arrives as 0/1, not as a boolean).
+fn override_column_types(
+    catalog: &mut MyCatalog,
+    overrides: &[crate::config::ColumnType],
+) -> Result<()> {
+    for o in overrides {
+        let Some(t) = catalog.tables.iter_mut().find(|t| t.name() == o.table) else {
+            return Err(Error::Definite(format!(
+                "--column-type {}.{}={}: the job moves no table {}",
+                o.table, o.column, o.target_type, o.table
+            )));
+        };
+        let Some(i) = t.columns.iter().position(|c| c.name == o.column) else {
+            return Err(Error::Definite(format!(
+                "--column-type {}.{}={}: table {} has no column {}",
+                o.table, o.column, o.target_type, o.table, o.column
+            )));
+        };
+        t.columns[i].pg_type = o.target_type.clone();
+        if let Some(model) = t.table.columns.iter_mut().find(|c| c.name == o.column) {
+            model.data_type = crate::model::DataType::Other {
+                name: o.target_type.clone(),
+            };
+        }
+        tracing::info!(
+            "column {}.{} becomes {} on the target (--column-type)",
+            o.table,
+            o.column,
+            o.target_type
+        );
+    }
+    Ok(())
+}
+
+/// A MySQL table as the renderers for other engines take it.
+fn as_source_table(t: &MyTable) -> crate::engine::sqlite::SourceTable {
+    crate::engine::sqlite::SourceTable {
+        table: t.table.clone(),
+        key: t.key.clone(),
+        columns: t
+            .copied()
+            .iter()
+            .map(|&i| t.columns[i].name.clone())
+            .collect(),
+        create_sql: String::new(),
+        index_sql: Vec::new(),
+        trigger_sql: Vec::new(),
+        without_rowid: false,
+    }
 }
 
 /// `CREATE TABLE` on PostgreSQL: the columns only. The primary key and the rest come after the
@@ -886,7 +965,12 @@ async fn copy_chunks(
     }
     let left = std::sync::Mutex::new(left);
     let queue = std::sync::Mutex::new(chunks.iter().collect::<std::collections::VecDeque<_>>());
-    let workers = spec.jobs.clamp(1, chunks.len());
+    // A SQLite file takes one writer at a time.
+    let workers = if spec.target.engine == crate::config::EngineKind::Sqlite {
+        1
+    } else {
+        spec.jobs.clamp(1, chunks.len())
+    };
     let work = (0..workers).map(|_| async {
         let mut source = mysql::connect(&spec.source, "snapshot").await?;
         let mut target = Sink::connect(&spec.target, "snapshot").await?;
@@ -975,6 +1059,12 @@ async fn copy_chunk(
         Sink::Mysql(conn) => {
             copy_to_mysql(
                 source, conn, t, &shape, &select, chunk, job_id, progress, cancel,
+            )
+            .await?
+        }
+        Sink::Sqlite(_) => {
+            copy_to_sqlite(
+                source, target, t, &shape, &select, chunk, job_id, progress, cancel,
             )
             .await?
         }
@@ -1200,6 +1290,87 @@ async fn copy_to_mysql(
     result
 }
 
+/// The copy into SQLite: rows decoded to model values, upserts of a few thousand rows in the
+/// chunk's one transaction, with the chunk's marker.
+#[allow(clippy::too_many_arguments)]
+async fn copy_to_sqlite(
+    source: &mut mysql_async::Conn,
+    target: &mut Sink,
+    t: &MyTable,
+    shape: &Shape,
+    select: &str,
+    chunk: &Chunk,
+    job_id: &str,
+    progress: &crate::ui::TableProgress,
+    cancel: &CancellationToken,
+) -> Result<u64> {
+    let read_err = |e| mysql::error(format!("reading table {} from the source", t.name()), e);
+    let what = format!("writing to target table {}", t.name());
+    target.execute("BEGIN IMMEDIATE", &what).await?;
+    let result = async {
+        let mut rows: Vec<crate::model::value::Row> = Vec::with_capacity(SQLITE_ROWS);
+        let mut count: i64 = 0;
+        let mut result = source.query_iter(select).await.map_err(read_err)?;
+        let mut stream = result
+            .stream::<mysql_async::Row>()
+            .await
+            .map_err(read_err)?
+            .ok_or_else(|| Error::Definite(format!("reading table {}: no result set", t.name())))?;
+        loop {
+            let next = stream.next().await.transpose().map_err(read_err)?;
+            let done = next.is_none();
+            if let Some(row) = next {
+                let mut values = Vec::with_capacity(shape.copied.len());
+                for (pos, &i) in shape.copied.iter().enumerate() {
+                    let column = &t.columns[i];
+                    let raw = match row.as_ref(pos) {
+                        Some(mysql_async::Value::Bytes(b)) => Some(b.as_slice()),
+                        _ => None,
+                    };
+                    values.push(decode::from_text(column, raw).map_err(|e| {
+                        Error::Definite(format!("table {}, column {}: {e}", t.name(), column.name))
+                    })?);
+                }
+                rows.push(values);
+                count += 1;
+            }
+            if !rows.is_empty() && (rows.len() >= SQLITE_ROWS || done) {
+                if cancel.is_cancelled() {
+                    return Err(Error::Interrupted);
+                }
+                let sql = shape.rows_sql_for_copy(&rows)?;
+                target.execute(&sql, &what).await?;
+                progress.add(rows.len() as u64, 0);
+                rows.clear();
+            }
+            if done {
+                break;
+            }
+        }
+        drop(stream);
+        drop(result);
+        source.query_drop("COMMIT").await.map_err(read_err)?;
+        target
+            .execute(
+                &format!(
+                    "{}COMMIT",
+                    Dialect::Sqlite.copied_marker(job_id, &chunk.marker(), count)
+                ),
+                &what,
+            )
+            .await?;
+        Ok::<u64, Error>(count as u64)
+    }
+    .await;
+    if result.is_err() {
+        let _ = target.execute("ROLLBACK", "rolling back").await;
+    }
+    result
+}
+
+/// Rows per statement batch of the copy into SQLite.
+const SQLITE_ROWS: usize = 5_000;
+
 /// Stream the binlog from where the target is and apply it, reconnecting after transient
 /// failures of either side.
 #[allow(clippy::too_many_arguments)]
@@ -1215,7 +1386,8 @@ async fn stream(
 ) -> Result<MysqlSummary> {
     let dialect = match spec.target.engine {
         crate::config::EngineKind::Mysql => Dialect::Mysql,
-        _ => Dialect::Postgres,
+        crate::config::EngineKind::Sqlite => Dialect::Sqlite,
+        crate::config::EngineKind::Postgres => Dialect::Postgres,
     };
     let mut catalog = catalog.clone();
     let mut state = StreamState {
@@ -1425,6 +1597,7 @@ async fn session(
         applied.clone(),
         match spec.target.engine {
             crate::config::EngineKind::Mysql => decode::ZeroDates::Keep,
+            // Zero dates are NULL on PostgreSQL and SQLite (as the snapshot's decoding does).
             _ => decode::ZeroDates::Null,
         },
     );
@@ -1815,7 +1988,7 @@ async fn follow_add_columns(
             .as_deref()
             .filter(|d| !d.eq_ignore_ascii_case("NULL"));
         match target.dialect() {
-            Dialect::Postgres => {
+            dialect @ (Dialect::Postgres | Dialect::Sqlite) => {
                 // Existing rows get the column's default on MySQL, with no row events: the
                 // target must fill them the same way.
                 let fill = match default {
@@ -1853,11 +2026,22 @@ async fn follow_add_columns(
                         )));
                     }
                 };
+                let declared = if dialect == Dialect::Sqlite {
+                    let model = new
+                        .table
+                        .columns
+                        .iter()
+                        .find(|c| c.name == column.name)
+                        .map(|c| c.data_type.clone())
+                        .unwrap_or(crate::model::DataType::Text);
+                    crate::engine::sqlite::declared_type(&model).to_owned()
+                } else {
+                    column.pg_type.clone()
+                };
                 sql.push_str(&format!(
-                    "ALTER TABLE public.{} ADD COLUMN {} {}{}{};\n",
-                    quote_ident(table),
+                    "ALTER TABLE {} ADD COLUMN {} {declared}{}{};\n",
+                    dialect.table(table),
                     quote_ident(&column.name),
-                    column.pg_type,
                     fill.map(|f| format!(" DEFAULT {f}")).unwrap_or_default(),
                     if column.nullable { "" } else { " NOT NULL" }
                 ));
@@ -1878,7 +2062,7 @@ async fn follow_add_columns(
     }
     match target.dialect() {
         // Transactional DDL: the columns and the position move together.
-        Dialect::Postgres => target
+        Dialect::Postgres | Dialect::Sqlite => target
             .commit(&sql, position_tail, "adding columns on the target")
             .await
             .map_err(|e| e.error)?,
@@ -1898,7 +2082,15 @@ async fn follow_add_columns(
     }
     let mut changed = catalog.clone();
     if let Some(t) = changed.tables.iter_mut().find(|t| t.name() == table) {
-        *t = new.clone();
+        // The new shape, with the old columns as the job has them (their --column-type).
+        let mut fresh = new.clone();
+        for (f, o) in fresh.columns.iter_mut().zip(&t.columns) {
+            f.pg_type = o.pg_type.clone();
+        }
+        for (f, o) in fresh.table.columns.iter_mut().zip(&t.table.columns) {
+            f.data_type = o.data_type.clone();
+        }
+        *t = fresh;
     }
     store.set_meta(
         "mysql_catalog",
@@ -2055,7 +2247,9 @@ fn statement_action(
         return Ok(StatementAction::Run(match shape.dialect {
             Dialect::Postgres => format!("TRUNCATE {};\n", shape.dialect.table(&shape.name)),
             // MySQL's TRUNCATE commits on its own; DELETE stays in the position's transaction.
-            Dialect::Mysql => format!("DELETE FROM {};\n", shape.dialect.table(&shape.name)),
+            Dialect::Mysql | Dialect::Sqlite => {
+                format!("DELETE FROM {};\n", shape.dialect.table(&shape.name))
+            }
         }));
     }
     Err(Error::Definite(format!(

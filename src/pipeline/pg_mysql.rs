@@ -27,16 +27,14 @@ use tokio_postgres::{Client, SimpleQueryMessage};
 use tokio_util::sync::CancellationToken;
 
 use super::binlog_target::{Dialect, Sink};
-use super::cdc::ApplyContext;
+use super::cdc::{ApplyContext, Item, Next, TxnLog};
 use super::rows::{self, Target, describe_key, mysql_target};
 use super::snapshot::Summary;
 use super::{Error, Result};
-use crate::changelog::{LogReader, RecordKind};
 use crate::config::{JobSpec, TargetExists};
 use crate::engine::mysql::{self, apply as myapply};
-use crate::engine::postgres::apply::{self, Cell, Relation, RowChange, TableCounts};
+use crate::engine::postgres::apply::{Cell, Relation, RowChange, TableCounts};
 use crate::engine::postgres::capture::KuakaRecord;
-use crate::engine::postgres::decode::PgOutput;
 use crate::engine::postgres::snapshot::{CopyProgress, ExportedSnapshot, SOURCE_SESSION_SETUP};
 use crate::engine::postgres::{self, Side, catalog};
 use crate::engine::sqlite::SourceTable;
@@ -316,11 +314,7 @@ pub async fn snapshot(
     let mut target = Target::connect(&spec.target).await?;
     let mut steps = Vec::new();
     for t in &tables {
-        if sqlite_target {
-            steps.extend(sqlite_indexes(t));
-        } else {
-            steps.extend(rows::mysql_indexes(t));
-        }
+        steps.extend(rows::index_steps(t, sqlite_target));
     }
     if !sqlite_target {
         for t in &tables {
@@ -365,27 +359,9 @@ pub async fn snapshot(
     })
 }
 
-/// The SQLite declared type for a model type: exact values stay exact (decimals, times and
-/// everything without a SQLite counterpart as TEXT, bytes as BLOB).
-fn sqlite_type(t: &DataType) -> &'static str {
-    match t {
-        DataType::Bool => "BOOLEAN",
-        DataType::Int16 | DataType::Int32 | DataType::Int64 => "INTEGER",
-        DataType::Float32 | DataType::Float64 => "REAL",
-        DataType::Bytes => "BLOB",
-        // Numeric affinity, but ISO text never parses as a number: the values stay text,
-        // and the declared names tell readers (and kuaka verify) what they hold.
-        DataType::Date => "DATE",
-        DataType::Time => "TIME",
-        DataType::Timestamp => "TIMESTAMP",
-        DataType::TimestampTz => "TIMESTAMPTZ",
-        _ => "TEXT",
-    }
-}
-
 /// `CREATE TABLE` on SQLite for a PostgreSQL table: columns, primary key and foreign keys
 /// (SQLite takes them only here; apply sessions run with foreign_keys off).
-fn sqlite_create_table(t: &SourceTable) -> String {
+pub(crate) fn sqlite_create_table(t: &SourceTable) -> String {
     let mut parts: Vec<String> = t
         .table
         .copied_columns()
@@ -393,7 +369,7 @@ fn sqlite_create_table(t: &SourceTable) -> String {
             format!(
                 "{} {}{}",
                 quote_ident(&c.name),
-                sqlite_type(&c.data_type),
+                crate::engine::sqlite::declared_type(&c.data_type),
                 if c.nullable { "" } else { " NOT NULL" }
             )
         })
@@ -417,42 +393,6 @@ fn sqlite_create_table(t: &SourceTable) -> String {
         quote_ident(t.name()),
         parts.join(", ")
     )
-}
-
-/// Unique keys and indexes on SQLite, after the data.
-fn sqlite_indexes(t: &SourceTable) -> Vec<(String, String)> {
-    let table = quote_ident(t.name());
-    let mut steps = Vec::new();
-    for k in &t.table.unique_keys {
-        steps.push((
-            format!("unique key {} on {}", k.name, t.name()),
-            format!(
-                "CREATE UNIQUE INDEX IF NOT EXISTS {} ON {table} ({});",
-                quote_ident(&k.name),
-                crate::engine::sqlite::join_idents(&k.columns)
-            ),
-        ));
-    }
-    for index in &t.table.indexes {
-        if index.columns.iter().any(|c| c == "<expression>") {
-            tracing::warn!(
-                "expression or partial index {} of {} is not created on the target; create it by hand",
-                index.name,
-                t.name()
-            );
-            continue;
-        }
-        steps.push((
-            format!("index {}", index.name),
-            format!(
-                "CREATE {}INDEX IF NOT EXISTS {} ON {table} ({});",
-                if index.unique { "UNIQUE " } else { "" },
-                quote_ident(&index.name),
-                crate::engine::sqlite::join_idents(&index.columns)
-            ),
-        ));
-    }
-    steps
 }
 
 /// Copy one table (emptied first: a copy cut off by a crash starts over).
@@ -627,7 +567,7 @@ impl<'a> Batch<'a> {
             .unwrap_or(DataType::Text);
         let value = pg_value(text, &data_type).and_then(|v| {
             if self.sqlite {
-                sqlite_literal(&v, out);
+                crate::engine::sqlite::literal(&v, out);
                 Ok(())
             } else {
                 myapply::typed_literal(&v, &data_type, out)
@@ -775,14 +715,14 @@ impl<'a> Batch<'a> {
             let table = &rel.name.name;
             if !deletes.is_empty() {
                 self.sql.push_str(&if self.sqlite {
-                    sqlite_delete(table, &key_names, &deletes)
+                    crate::engine::sqlite::delete_many(table, &key_names, &deletes)
                 } else {
                     myapply::delete(table, &key_names, &deletes)
                 });
             }
             if !upserts.is_empty() {
                 self.sql.push_str(&if self.sqlite {
-                    sqlite_upsert(table, &rel.columns, &key_names, &upserts)
+                    crate::engine::sqlite::upsert_many(table, &rel.columns, &key_names, &upserts)
                 } else {
                     myapply::upsert(table, &rel.columns, &key_names, &upserts)
                 });
@@ -798,57 +738,6 @@ impl<'a> Batch<'a> {
         }
         Ok(())
     }
-}
-
-/// A model value as a SQLite literal (its storage class kept: integers, reals, text, blobs).
-fn sqlite_literal(v: &Value, out: &mut String) {
-    match v {
-        Value::Null => out.push_str("NULL"),
-        Value::Bool(b) => out.push_str(if *b { "1" } else { "0" }),
-        Value::Int(i) => out.push_str(&i.to_string()),
-        Value::UInt(u) => out.push_str(&u.to_string()),
-        Value::Float(f) => out.push_str(&format!("{f:?}")),
-        Value::Decimal(t) | Value::Text(t) | Value::Native(t) => out.push_str(&quote_literal(t)),
-        Value::Bytes(b) => {
-            out.push_str("X'");
-            for byte in b {
-                let _ = write!(out, "{byte:02X}");
-            }
-            out.push('\'');
-        }
-    }
-}
-
-/// Multi-row upsert on SQLite (3.24+).
-fn sqlite_upsert(table: &str, columns: &[String], key: &[String], tuples: &[String]) -> String {
-    let join = crate::engine::sqlite::join_idents;
-    let sets: Vec<String> = columns
-        .iter()
-        .filter(|c| !key.contains(c))
-        .map(|c| format!("{0} = excluded.{0}", quote_ident(c)))
-        .collect();
-    format!(
-        "INSERT INTO {} ({}) VALUES {} ON CONFLICT ({}) DO {};\n",
-        quote_ident(table),
-        join(columns),
-        tuples.join(", "),
-        join(key),
-        if sets.is_empty() {
-            "NOTHING".to_owned()
-        } else {
-            format!("UPDATE SET {}", sets.join(", "))
-        }
-    )
-}
-
-/// `DELETE … WHERE (key) IN (VALUES …)` on SQLite.
-fn sqlite_delete(table: &str, key: &[String], tuples: &[String]) -> String {
-    format!(
-        "DELETE FROM {} WHERE ({}) IN (VALUES {});\n",
-        quote_ident(table),
-        crate::engine::sqlite::join_idents(key),
-        tuples.join(", ")
-    )
 }
 
 /// The apply side's connection.
@@ -944,74 +833,25 @@ pub(super) async fn apply_session(ctx: &ApplyContext, cancel: &CancellationToken
     let sqlite = matches!(out, Out::Sqlite(_));
     let mut applied = out.applied(&ctx.job_id).await?.unwrap_or(ctx.p0.0);
     ctx.progress.applied.store(applied, Ordering::Relaxed);
-    let log_err = |e: crate::changelog::LogError| Error::Definite(e.to_string());
-    let mut reader = LogReader::open(&ctx.dir, applied, ctx.log_end.clone()).map_err(log_err)?;
-    let mut relations: HashMap<u32, Arc<Relation>> = HashMap::new();
+    let mut log = TxnLog::open(&ctx.dir, applied, ctx.log_end.clone())?;
     loop {
         let mut batch = Batch::new(&tables, sqlite);
         let mut open = false;
-        let mut in_txn = false;
-        let mut skip = false;
-        let mut txns = 0u64;
-        let mut last: Option<(u64, i64)> = None;
+        log.start_batch();
         let started = Instant::now();
         loop {
-            let record = if in_txn || txns == 0 {
-                tokio::select! {
-                    _ = cancel.cancelled() => return Ok(()),
-                    r = reader.next() => match r.map_err(log_err)? {
-                        Some(r) => r,
-                        None => return Ok(()),
-                    },
-                }
-            } else if batch.rows >= MAX_BATCH_CHANGES || started.elapsed() >= MAX_BATCH_TIME {
-                break;
-            } else {
-                match reader.try_next().map_err(log_err)? {
-                    Some(r) => r,
-                    None => break,
-                }
+            let full = batch.rows >= MAX_BATCH_CHANGES || started.elapsed() >= MAX_BATCH_TIME;
+            let record = match log.next(full, cancel).await? {
+                Next::Record(r) => r,
+                Next::EndOfBatch => break,
+                Next::Stopped => return Ok(()),
             };
-            match record.kind {
-                RecordKind::Kuaka if !skip => {
-                    batch.instruction(&KuakaRecord::parse(&record.payload)?)?;
+            for item in log.items(&record, applied)? {
+                match item {
+                    Item::Instruction(i) => batch.instruction(&i)?,
+                    Item::Relation(name) => batch.flush_table(&name)?,
+                    Item::Change(c) => batch.add(c)?,
                 }
-                RecordKind::Kuaka => {}
-                RecordKind::PgOutput => match apply::decode_record(&record.payload)? {
-                    PgOutput::Begin { final_lsn, .. } => {
-                        in_txn = true;
-                        skip = final_lsn.0 <= applied;
-                    }
-                    PgOutput::Commit {
-                        commit_lsn,
-                        commit_time_us,
-                        ..
-                    } => {
-                        in_txn = false;
-                        if !skip {
-                            txns += 1;
-                            last = Some((commit_lsn.0, commit_time_us));
-                        }
-                        skip = false;
-                    }
-                    message @ PgOutput::Relation { .. } => {
-                        if let Some((id, rel)) = Relation::from_message(&message) {
-                            batch.flush_table(&rel.name)?;
-                            relations.insert(id, Arc::new(rel));
-                        }
-                    }
-                    m @ (PgOutput::Insert { .. }
-                    | PgOutput::Update { .. }
-                    | PgOutput::Delete { .. }
-                    | PgOutput::Truncate { .. })
-                        if !skip =>
-                    {
-                        for change in apply::resolve(m, &relations)? {
-                            batch.add(change)?;
-                        }
-                    }
-                    _ => {}
-                },
             }
             if batch.sql.len() > MAX_PENDING_SQL {
                 if !open {
@@ -1022,9 +862,10 @@ pub(super) async fn apply_session(ctx: &ApplyContext, cancel: &CancellationToken
                 out.execute(&sql).await?;
             }
         }
-        let Some((lsn, commit_time_us)) = last else {
+        let Some((lsn, commit_time_us)) = log.last else {
             continue;
         };
+        let txns = log.txns;
         batch.flush_all()?;
         let body = std::mem::take(&mut batch.sql);
         let tail = out.position_update(&ctx.job_id, lsn, commit_time_us);

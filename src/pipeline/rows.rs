@@ -707,36 +707,67 @@ fn mysql_idents(names: &[String]) -> String {
         .join(", ")
 }
 
-/// Unique keys and indexes on MySQL/MariaDB, after the data.
-pub(crate) fn mysql_indexes(t: &SourceTable) -> Vec<(String, String)> {
-    let table = mysql::quote_ident(t.name());
+/// Unique keys and indexes of a table from another engine, after the data: on MySQL/MariaDB,
+/// or on SQLite (`sqlite`) for a PostgreSQL source. Each step is labelled by its own name (the
+/// label is what makes it run once across a crash).
+pub(crate) fn index_steps(t: &SourceTable, sqlite: bool) -> Vec<(String, String)> {
+    let quote = |n: &str| {
+        if sqlite {
+            quote_ident(n)
+        } else {
+            mysql::quote_ident(n)
+        }
+    };
+    let list = |names: &[String]| {
+        names
+            .iter()
+            .map(|n| quote(n))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let table = quote(t.name());
+    let exists = if sqlite { "IF NOT EXISTS " } else { "" };
+    // SQLite's index names are per database, MySQL's per table: prefix them with the table
+    // on SQLite unless they carry it already.
+    let index_name = |n: &str| {
+        if sqlite && !n.starts_with(t.name()) {
+            format!("{}_{n}", t.name())
+        } else {
+            n.to_owned()
+        }
+    };
     let mut steps = Vec::new();
     for (i, k) in t.table.unique_keys.iter().enumerate() {
+        let name = if k.name.is_empty() {
+            format!("{}_key{}", t.name(), i + 1)
+        } else {
+            index_name(&k.name)
+        };
         steps.push((
-            format!("unique key on {}", t.name()),
+            format!("unique key {name} on {}", t.name()),
             format!(
-                "ALTER TABLE {table} ADD CONSTRAINT {} UNIQUE ({});",
-                mysql::quote_ident(&format!("{}_key{}", t.name(), i + 1)),
-                mysql_idents(&k.columns)
+                "CREATE UNIQUE INDEX {exists}{} ON {table} ({});",
+                quote(&name),
+                list(&k.columns)
             ),
         ));
     }
     for index in &t.table.indexes {
         if index.columns.iter().any(|c| c == "<expression>") {
             tracing::warn!(
-                "expression index {} of {} is not created on MySQL; create it by hand",
+                "expression or partial index {} of {} is not created on the target; create it by hand",
                 index.name,
                 t.name()
             );
             continue;
         }
         steps.push((
-            format!("index {}", index.name),
+            format!("index {} on {}", index.name, t.name()),
             format!(
-                "CREATE {}INDEX {} ON {table} ({});",
+                "CREATE {}INDEX {exists}{} ON {table} ({});",
                 if index.unique { "UNIQUE " } else { "" },
-                mysql::quote_ident(&index.name),
-                mysql_idents(&index.columns)
+                quote(&index_name(&index.name)),
+                list(&index.columns)
             ),
         ));
     }
@@ -1256,7 +1287,7 @@ async fn forward(
                     }
                 }
                 Target::Postgres(_) => steps.extend(pg_post_data(t)),
-                Target::Mysql(..) => steps.extend(mysql_indexes(t)),
+                Target::Mysql(..) => steps.extend(index_steps(t, false)),
             }
         }
         // On MySQL the foreign keys come last: their parent's unique keys must exist.

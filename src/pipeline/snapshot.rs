@@ -59,19 +59,6 @@ pub async fn run(
     cancel: &CancellationToken,
 ) -> Result<Summary> {
     let started = Instant::now();
-    let supported = matches!(
-        (spec.source.engine, spec.target.engine),
-        (EngineKind::Postgres, _)
-            | (EngineKind::Sqlite, _)
-            | (EngineKind::Mysql, EngineKind::Postgres | EngineKind::Mysql)
-    );
-    if !supported {
-        return Err(Error::Definite(format!(
-            "moving {} to {} is not supported yet: this version moves PostgreSQL to PostgreSQL, MySQL/MariaDB or SQLite, MySQL/MariaDB to PostgreSQL or MySQL/MariaDB, and SQLite to SQLite, PostgreSQL or MySQL/MariaDB",
-            spec.source.redacted(),
-            spec.target.redacted()
-        )));
-    }
     let store = Arc::new(StateStore::open_locked(state_dir)?);
     let spec_json = serde_json::to_string(spec)
         .map_err(|e| Error::Definite(format!("serialising the job: {e}")))?;

@@ -610,26 +610,9 @@ fn fast_value(column: &MyColumn, raw: Option<Vec<u8>>) -> std::result::Result<Va
 }
 
 fn sqlite_literal(v: &Value) -> String {
-    match v {
-        Value::Null => "NULL".into(),
-        Value::Int(i) => i.to_string(),
-        Value::UInt(u) => u.to_string(),
-        Value::Float(f) => format!("{f:?}"),
-        Value::Bool(b) => i64::from(*b).to_string(),
-        Value::Bytes(b) => {
-            let mut s = String::from("X'");
-            for byte in b {
-                s.push_str(&format!("{byte:02X}"));
-            }
-            s.push('\'');
-            s
-        }
-        Value::Text(t) | Value::Native(t) | Value::Decimal(t) => sqlite_quote(t),
-    }
-}
-
-fn sqlite_quote(t: &str) -> String {
-    format!("'{}'", t.replace('\'', "''"))
+    let mut s = String::new();
+    sqlite::literal(v, &mut s);
+    s
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {

@@ -458,6 +458,40 @@ fn sakila_with_live_writes_and_kills(to_mariadb: bool) {
     assert_ne!(film_text, "0", "trigger-maintained rows did not arrive");
 }
 
+/// Every MariaDB type (and a latin1 table), for the type-matrix tests.
+const MATRIX_SCHEMA: &str = "CREATE TABLE t (
+           id int PRIMARY KEY,
+           b tinyint(1), ti tinyint, tu tinyint unsigned, si smallint, su smallint unsigned,
+           mi mediumint, mu mediumint unsigned, i int, iu int unsigned, bi bigint, bu bigint unsigned,
+           d decimal(65,30), d2 decimal(10,2), f float, db double, bt bit(10),
+           dt date, dtm datetime(6), ts timestamp(3) NULL, tm time(6), y year,
+           c char(5), vc varchar(20), tx text, lt longtext, bn binary(4), vb varbinary(10), bl blob,
+           e enum('small','medium','large'), st set('a','b','c'), j json, g geometry,
+           zd date, vcol int AS (i * 2) VIRTUAL
+         ) CHARACTER SET utf8mb4;
+         CREATE TABLE latin (id int PRIMARY KEY, v varchar(20)) CHARACTER SET latin1;";
+
+/// Three rows of the matrix from `id`: every type's extremes, zeros and empties, NULLs.
+fn matrix_values(id: i32) -> String {
+    format!(
+            "({id}, 1, -128, 255, -32768, 65535, -8388608, 16777215, -2147483648, 4294967295,
+              -9223372036854775808, 18446744073709551615,
+              12345678901234567890123456789012345.123456789012345678901234567890, 1.10, 1.1, 2.000000000000001, b'1000000001',
+              '2024-02-29', '2024-02-29 23:59:59.123456', '2038-01-19 03:14:07.999', '-838:59:59.000001', 2155,
+              'ab', 'héllo 🎵', 'tab\\there\\nnewline', repeat('x', 70000), x'01', x'00ff', x'DEADBEEF',
+              'medium', 'a,c', '{{\"k\": [1, 2.5, \"é\"], \"n\": null}}', ST_GeomFromText('POINT(1 2)'),
+              '0000-00-00', DEFAULT),
+             ({id2}, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, b'0',
+              '1000-01-01', '1000-01-01 00:00:00', NULL, '00:00:00', 0,
+              '', '', '', '', x'', x'', x'',
+              '', '', '[]', NULL, NULL, DEFAULT),
+             ({id3}, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+              NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, DEFAULT)",
+            id2 = id + 1,
+            id3 = id + 2
+        )
+}
+
 #[test]
 fn mariadb_type_matrix_before_and_after_the_snapshot() {
     type_matrix(false);
@@ -487,39 +521,8 @@ fn type_matrix(to_mariadb: bool) {
         },
     );
     let target = dest.url();
-    server.exec_script(
-        db,
-        "CREATE TABLE t (
-           id int PRIMARY KEY,
-           b tinyint(1), ti tinyint, tu tinyint unsigned, si smallint, su smallint unsigned,
-           mi mediumint, mu mediumint unsigned, i int, iu int unsigned, bi bigint, bu bigint unsigned,
-           d decimal(65,30), d2 decimal(10,2), f float, db double, bt bit(10),
-           dt date, dtm datetime(6), ts timestamp(3) NULL, tm time(6), y year,
-           c char(5), vc varchar(20), tx text, lt longtext, bn binary(4), vb varbinary(10), bl blob,
-           e enum('small','medium','large'), st set('a','b','c'), j json, g geometry,
-           zd date, vcol int AS (i * 2) VIRTUAL
-         ) CHARACTER SET utf8mb4;
-         CREATE TABLE latin (id int PRIMARY KEY, v varchar(20)) CHARACTER SET latin1;",
-    );
-    let values = |id: i32| {
-        format!(
-            "({id}, 1, -128, 255, -32768, 65535, -8388608, 16777215, -2147483648, 4294967295,
-              -9223372036854775808, 18446744073709551615,
-              12345678901234567890123456789012345.123456789012345678901234567890, 1.10, 1.1, 2.000000000000001, b'1000000001',
-              '2024-02-29', '2024-02-29 23:59:59.123456', '2038-01-19 03:14:07.999', '-838:59:59.000001', 2155,
-              'ab', 'héllo 🎵', 'tab\\there\\nnewline', repeat('x', 70000), x'01', x'00ff', x'DEADBEEF',
-              'medium', 'a,c', '{{\"k\": [1, 2.5, \"é\"], \"n\": null}}', ST_GeomFromText('POINT(1 2)'),
-              '0000-00-00', DEFAULT),
-             ({id2}, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, b'0',
-              '1000-01-01', '1000-01-01 00:00:00', NULL, '00:00:00', 0,
-              '', '', '', '', x'', x'', x'',
-              '', '', '[]', NULL, NULL, DEFAULT),
-             ({id3}, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-              NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, DEFAULT)",
-            id2 = id + 1,
-            id3 = id + 2
-        )
-    };
+    server.exec_script(db, MATRIX_SCHEMA);
+    let values = matrix_values;
     server.exec(&format!(
         "SET sql_mode = ''; SET time_zone = '+00:00'; INSERT INTO {db}.t VALUES {}; INSERT INTO {db}.latin VALUES (1, 'café'), (2, 'naïve');",
         values(1)
@@ -887,4 +890,162 @@ fn ddl_add_column(to_mariadb: bool) {
         &["--until", "caught-up"],
     ));
     rerun.assert_exit_code(2);
+}
+
+/// MariaDB → SQLite: the type matrix before and after the snapshot (kuaka killed while it
+/// streams), then updates and deletes. The snapshot's text-protocol copy and the binlog
+/// decoder must give the same stored values (compared with SQLite's quote(), which shows the
+/// storage class), the values are as the source has them, and kuaka verify agrees.
+#[test]
+fn mariadb_type_matrix_to_sqlite() {
+    let server = mariadb();
+    let db = "my_types_src3";
+    let source = server.create_db(db);
+    server.exec_script(db, MATRIX_SCHEMA);
+    server.exec(&format!(
+        "SET sql_mode = ''; SET time_zone = '+00:00'; INSERT INTO {db}.t VALUES {}; INSERT INTO {db}.latin VALUES (1, 'café'), (2, 'naïve');",
+        matrix_values(1)
+    ));
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("copy.db");
+    let target = format!("sqlite://{}", path.display());
+    let state = dir.path().join("state");
+    let mut background = Background::spawn(stream_command(&source, &target, &state, &[]));
+    wait_streaming(&mut background, &state);
+    server.exec(&format!(
+        "SET sql_mode = ''; SET time_zone = '+00:00'; INSERT INTO {db}.t VALUES {};
+         INSERT INTO {db}.latin VALUES (3, 'café'), (4, 'naïve');
+         UPDATE {db}.t SET vc = 'changed' WHERE id = 2; UPDATE {db}.t SET vc = 'changed' WHERE id = 102;
+         DELETE FROM {db}.t WHERE id IN (3, 103);",
+        matrix_values(101)
+    ));
+    background.kill();
+    run(stream_command(
+        &source,
+        &target,
+        &state,
+        &["--until", "caught-up"],
+    ))
+    .assert_success();
+
+    let conn = rusqlite::Connection::open(&path).expect("open copy");
+    let columns = "b, ti, tu, si, su, mi, mu, i, iu, bi, bu, d, d2, f, db, bt, dt, dtm, ts, tm, y, c, vc, tx, length(lt), bn, vb, bl, e, st, j, g, zd";
+    let read = |condition: &str| -> Vec<Vec<String>> {
+        let quoted = columns
+            .split(", ")
+            .map(|c| format!("quote({c})"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT {quoted} FROM t WHERE {condition} ORDER BY id"
+            ))
+            .expect("select");
+        let width = columns.split(", ").count();
+        stmt.query_map([], |r| (0..width).map(|i| r.get::<_, String>(i)).collect())
+            .expect("rows")
+            .collect::<rusqlite::Result<_>>()
+            .expect("rows")
+    };
+    let snapshot = read("id < 100");
+    let streamed = read("id > 100");
+    assert_eq!(snapshot.len(), 2);
+    assert_eq!(
+        snapshot, streamed,
+        "the copy and the binlog stored different values"
+    );
+    let row = &snapshot[0];
+    for (i, expected) in [
+        (0, "1"),
+        (1, "-128"),
+        (10, "'18446744073709551615'"),
+        (
+            11,
+            "'12345678901234567890123456789012345.123456789012345678901234567890'",
+        ),
+        (12, "'1.10'"),
+        (17, "'2024-02-29 23:59:59.123456'"),
+        (21, "'ab'"),
+        (22, "'héllo 🎵'"),
+        (24, "70000"),
+        (27, "X'DEADBEEF'"),
+        (28, "'medium'"),
+        (29, "'a,c'"),
+        (32, "NULL"),
+    ] {
+        assert_eq!(row[i], expected, "column {i} of {row:?}");
+    }
+    let latin: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM latin WHERE v IN ('café', 'naïve')",
+            [],
+            |r| r.get(0),
+        )
+        .expect("latin");
+    assert_eq!(latin, 4);
+    crate::verify::assert_verified(&state);
+}
+
+/// `--column-type`: a column gets the type the user names instead of the type map's, in the
+/// snapshot and in the stream; a name that does not exist is refused before anything is done.
+#[test]
+fn mariadb_column_type_overrides_to_postgres() {
+    let server = mariadb();
+    let db = "my_override_src";
+    let source = server.create_db(db);
+    server.exec_script(
+        db,
+        "CREATE TABLE item (id int PRIMARY KEY, active tinyint(1) NOT NULL, size enum('s','m','l'), made datetime(6));
+         INSERT INTO item VALUES (1, 1, 's', '2024-01-02 03:04:05.5'), (2, 0, 'l', NULL);",
+    );
+    let target = pg().create_db("my_override_dst");
+    let state = tempfile::tempdir().expect("state");
+    let refused = run(stream_command(
+        &source,
+        &target,
+        state.path(),
+        &["--column-type", "item.nope=text", "--until", "caught-up"],
+    ));
+    refused.assert_exit_code(2);
+    assert!(
+        refused
+            .all_output()
+            .contains("table item has no column nope"),
+        "{}",
+        refused.all_output()
+    );
+    let flags = [
+        "--column-type",
+        "item.active=smallint",
+        "--column-type",
+        "item.size=varchar(10)",
+    ];
+    let mut background = Background::spawn(stream_command(&source, &target, state.path(), &flags));
+    wait_streaming(&mut background, state.path());
+    server.exec_script(
+        db,
+        "INSERT INTO item VALUES (3, 1, 'm', NOW()); UPDATE item SET active = 0, size = 'l' WHERE id = 1;",
+    );
+    background.kill();
+    let mut last = flags.to_vec();
+    last.extend(["--until", "caught-up"]);
+    run(stream_command(&source, &target, state.path(), &last)).assert_success();
+    let types = query_rows(
+        &target,
+        "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = 'item' AND column_name IN ('active', 'size') ORDER BY 1",
+    );
+    assert_eq!(
+        types,
+        vec![
+            vec!["active".to_owned(), "smallint".to_owned()],
+            vec!["size".to_owned(), "character varying".to_owned()],
+        ]
+    );
+    let rows = query_rows(&target, "SELECT id, active, size FROM item ORDER BY id");
+    let expected: Vec<Vec<String>> = [["1", "0", "l"], ["2", "0", "l"], ["3", "1", "m"]]
+        .iter()
+        .map(|r| r.iter().map(|v| (*v).to_owned()).collect())
+        .collect();
+    assert_eq!(rows, expected);
+    crate::verify::assert_verified(state.path());
 }
