@@ -68,32 +68,22 @@ pub async fn run(
     cancel: &CancellationToken,
 ) -> Result<Summary> {
     // A cutover or fallback turns the job around; each turn is a leg with its own streams.
-    loop {
-        cutover::finish_interrupted(spec, store, state_dir, job_id).await?;
-        let direction = cutover::direction(store)?;
-        let summary = match direction.as_str() {
-            "none" => {
-                return Ok(Summary {
-                    cut_over: true,
-                    ..Summary::default()
-                });
-            }
-            "reverse" => run_reverse(spec, store, state_dir, job_id, ui, cancel).await?,
-            _ => {
-                let leg = Leg {
-                    job: spec,
-                    state_dir,
-                    main: store,
-                    base_job: job_id,
-                    reverse: false,
-                };
-                run_leg(spec, store, state_dir, job_id, resumed, ui, cancel, &leg).await?
-            }
-        };
-        if !summary.handoff {
-            return Ok(summary);
-        }
-    }
+    let leg = Leg {
+        job: spec,
+        state_dir,
+        main: store,
+        base_job: job_id,
+        reverse: false,
+    };
+    cutover::run_legs(
+        spec,
+        store,
+        state_dir,
+        job_id,
+        async || run_leg(spec, store, state_dir, job_id, resumed, ui, cancel, &leg).await,
+        async || run_reverse(spec, store, state_dir, job_id, ui, cancel).await,
+    )
+    .await
 }
 
 /// The job after a cutover: the target's changes streamed back to the source until a

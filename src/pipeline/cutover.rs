@@ -741,6 +741,34 @@ async fn finish_fallback(
     Ok(())
 }
 
+/// A job leg after leg: each cutover or fallback turns it around (a switch interrupted after
+/// its switch point is finished first); `none` (cut over without a way back) ends it.
+pub async fn run_legs(
+    spec: &JobSpec,
+    store: &StateStore,
+    state_dir: &Path,
+    job_id: &str,
+    mut forward: impl AsyncFnMut() -> Result<super::snapshot::Summary>,
+    mut reverse: impl AsyncFnMut() -> Result<super::snapshot::Summary>,
+) -> Result<super::snapshot::Summary> {
+    loop {
+        finish_interrupted(spec, store, state_dir, job_id).await?;
+        let summary = match direction(store)?.as_str() {
+            "none" => {
+                return Ok(super::snapshot::Summary {
+                    cut_over: true,
+                    ..Default::default()
+                });
+            }
+            "reverse" => reverse().await?,
+            _ => forward().await?,
+        };
+        if !summary.handoff {
+            return Ok(summary);
+        }
+    }
+}
+
 /// A process killed after the switch point (the direction is recorded) but before the last
 /// steps: finish them now, before streaming.
 pub async fn finish_interrupted(

@@ -309,27 +309,16 @@ pub async fn run(
     ui: &Ui,
     cancel: &CancellationToken,
 ) -> Result<Summary> {
-    // Each cutover or fallback turns the job around (a switch interrupted after its switch
-    // point is finished first).
-    loop {
-        cutover::finish_interrupted(spec, store, &store.dir(), job_id).await?;
-        let summary = match cutover::direction(store)?.as_str() {
-            // Cut over without reverse replication: nothing left to stream.
-            "none" => {
-                return Ok(Summary {
-                    cut_over: true,
-                    ..Summary::default()
-                });
-            }
-            "reverse" => {
-                super::cdc::run_reverse(spec, store, &store.dir(), job_id, ui, cancel).await?
-            }
-            _ => forward(spec, store, job_id, ui, cancel).await?,
-        };
-        if !summary.handoff {
-            return Ok(summary);
-        }
-    }
+    let dir = store.dir();
+    cutover::run_legs(
+        spec,
+        store,
+        &dir,
+        job_id,
+        async || forward(spec, store, job_id, ui, cancel).await,
+        async || super::cdc::run_reverse(spec, store, &dir, job_id, ui, cancel).await,
+    )
+    .await
 }
 
 /// The forward direction: snapshot (unless done) and binlog streaming.

@@ -470,15 +470,9 @@ async fn copy_table(
                 batch.push(row);
             }
         }
-        let last = batch.len() < ROWS_PER_COMMIT;
-        count += batch.len() as i64;
-        let marker = if last {
-            target.copied_marker(job_id, t.name(), count)
-        } else {
-            String::new()
-        };
-        target.load(t, &batch, &marker).await?;
-        crate::failpoint::hit("snapshot.chunk.after_commit");
+        let last = target
+            .load_page(t, &batch, ROWS_PER_COMMIT, job_id, &mut count)
+            .await?;
         progress.add(batch.len() as u64, 0);
         if last {
             break;

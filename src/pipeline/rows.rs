@@ -227,8 +227,30 @@ impl Target {
         }
     }
 
+    /// Load one page of a table's copy; the page shorter than `page` is the last, and carries
+    /// the table's "copied" row. Returns whether it was the last.
+    pub(crate) async fn load_page(
+        &mut self,
+        table: &SourceTable,
+        rows: &[Row],
+        page: usize,
+        job_id: &str,
+        count: &mut i64,
+    ) -> Result<bool> {
+        let last = rows.len() < page;
+        *count += rows.len() as i64;
+        let marker = if last {
+            self.copied_marker(job_id, table.name(), *count)
+        } else {
+            String::new()
+        };
+        self.load(table, rows, &marker).await?;
+        crate::failpoint::hit("snapshot.chunk.after_commit");
+        Ok(last)
+    }
+
     /// The statement recording a table as copied (in the transaction of its last rows).
-    pub(crate) fn copied_marker(&self, job_id: &str, table: &str, count: i64) -> String {
+    fn copied_marker(&self, job_id: &str, table: &str, count: i64) -> String {
         match self {
             Target::Sqlite(_) => format!(
                 "INSERT OR REPLACE INTO {} (job_id, table_name, rows) VALUES ({}, {}, {count});",
@@ -851,22 +873,15 @@ pub async fn run(
     ui: &Ui,
     cancel: &CancellationToken,
 ) -> Result<Summary> {
-    loop {
-        cutover::finish_interrupted(spec, store, &store.dir(), job_id).await?;
-        let summary = match cutover::direction(store)?.as_str() {
-            "none" => {
-                return Ok(Summary {
-                    cut_over: true,
-                    ..Summary::default()
-                });
-            }
-            "reverse" => reverse(spec, store, job_id, cancel).await?,
-            _ => forward(spec, store, job_id, ui, cancel).await?,
-        };
-        if !summary.handoff {
-            return Ok(summary);
-        }
-    }
+    cutover::run_legs(
+        spec,
+        store,
+        &store.dir(),
+        job_id,
+        async || forward(spec, store, job_id, ui, cancel).await,
+        async || reverse(spec, store, job_id, cancel).await,
+    )
+    .await
 }
 
 /// Apply one batch of changes `from` → `to` under the position `leg_job`. Returns the number
@@ -1602,15 +1617,9 @@ async fn copy_tables(
                         r.pop();
                     }
                 }
-                let last = batch.len() < ROWS_PER_COMMIT;
-                count += batch.len() as i64;
-                let marker = if last {
-                    target.copied_marker(job_id, t.name(), count)
-                } else {
-                    String::new()
-                };
-                target.load(t, &batch, &marker).await?;
-                crate::failpoint::hit("snapshot.chunk.after_commit");
+                let last = target
+                    .load_page(t, &batch, ROWS_PER_COMMIT, job_id, &mut count)
+                    .await?;
                 progress.add(batch.len() as u64, 0);
                 *rows_copied += batch.len() as u64;
                 if last {
