@@ -548,6 +548,30 @@ async fn clean(args: &CleanArgs) -> u8 {
         let result = async {
             use mysql_async::prelude::Queryable;
             let mut conn = crate::engine::mysql::connect(&target, "clean").await?;
+            // Reverse legs of cutovers wrote their positions into the source's kuaka database.
+            if source.engine == crate::config::EngineKind::Mysql {
+                let mut on_source = crate::engine::mysql::connect(&source, "clean").await?;
+                for n in 1..=pipeline::cutover::cutovers(&store) {
+                    let id = pipeline::cutover::reverse_job_id(&job.job_id, n);
+                    on_source
+                        .exec_drop(
+                            "DELETE FROM kuaka.apply_position WHERE job_id = ?",
+                            (id.as_str(),),
+                        )
+                        .await
+                        .or_else(|e| match &e {
+                            // No bookkeeping there: nothing to remove.
+                            mysql_async::Error::Server(s) if s.code == 1146 || s.code == 1049 => {
+                                Ok(())
+                            }
+                            _ => Err(crate::engine::mysql::error(
+                                format!("removing the reverse position {id} from the source"),
+                                e,
+                            )),
+                        })?;
+                }
+                on_source.disconnect().await.ok();
+            }
             for table in ["kuaka.apply_position", "kuaka.row_copied"] {
                 conn.exec_drop(
                     format!("DELETE FROM {table} WHERE job_id = ?"),
@@ -1196,18 +1220,8 @@ async fn switch_over(
     match (spec.source.engine, spec.target.engine) {
         (EngineKind::Postgres, EngineKind::Postgres) => {}
         (EngineKind::Mysql, EngineKind::Postgres) | (EngineKind::Sqlite, EngineKind::Sqlite) => {}
-        (EngineKind::Mysql, EngineKind::Mysql) if action == "cutover" => {
-            if !no_reverse {
-                eprintln!(
-                    "kuaka: reverse replication after a cutover is implemented for jobs with a PostgreSQL target only; this job moves {} to {}: run `kuaka cutover --no-reverse` to cut over without a way back",
-                    spec.source.redacted(),
-                    spec.target.redacted()
-                );
-                return EXIT_ERROR;
-            }
-            if spec.target.engine == EngineKind::Mysql
-                && spec.source.host_port() == spec.target.host_port()
-            {
+        (EngineKind::Mysql, EngineKind::Mysql) => {
+            if spec.source.host_port() == spec.target.host_port() {
                 eprintln!(
                     "kuaka: the source and the target are databases of one server ({}): its fence, read_only, would hold the application off both",
                     spec.source.host_port()
@@ -1217,7 +1231,7 @@ async fn switch_over(
         }
         _ => {
             eprintln!(
-                "kuaka: {action} is implemented for PostgreSQL → PostgreSQL, MySQL/MariaDB → PostgreSQL and SQLite → SQLite jobs, and cutover without reverse replication for MySQL/MariaDB → MySQL/MariaDB jobs; this job moves {} to {}",
+                "kuaka: {action} is implemented for PostgreSQL → PostgreSQL, MySQL/MariaDB → PostgreSQL or MySQL/MariaDB, and SQLite → SQLite jobs; this job moves {} to {}",
                 spec.source.redacted(),
                 spec.target.redacted()
             );

@@ -637,11 +637,17 @@ pub fn reverse_spec(spec: &JobSpec, main: &StateStore) -> JobSpec {
         .flatten()
         .and_then(|j| serde_json::from_str::<Vec<String>>(&j).ok())
     {
+        // PostgreSQL holds them in `public`; a MySQL target in its own database.
+        let schema = if r.source.engine == EngineKind::Postgres {
+            "public"
+        } else {
+            "*"
+        };
         r.selection = crate::config::Selection {
             include: tables
                 .into_iter()
                 .map(|t| crate::config::Pattern {
-                    schema: "public".into(),
+                    schema: schema.into(),
                     table: t,
                 })
                 .collect(),
@@ -700,7 +706,7 @@ async fn finish_fallback(
             "drop reverse capture",
             format!("{removed} capture triggers and the change table removed from the target"),
         );
-    } else if n > 0 {
+    } else if n > 0 && spec.target.engine == EngineKind::Postgres {
         let job_id = reverse_job_id(base_job, n);
         let target = postgres::connect(&spec.target, Side::Target, "fallback").await?;
         let dropped = capture::drop_slot_and_publication(

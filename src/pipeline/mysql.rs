@@ -315,19 +315,68 @@ pub async fn run(
         store,
         &dir,
         job_id,
-        async || forward(spec, store, job_id, ui, cancel).await,
-        async || super::cdc::run_reverse(spec, store, &dir, job_id, ui, cancel).await,
+        async || forward(spec, store, job_id, ui, cancel, None).await,
+        async || {
+            if spec.target.engine == crate::config::EngineKind::Postgres {
+                super::cdc::run_reverse(spec, store, &dir, job_id, ui, cancel).await
+            } else {
+                reverse(spec, store, job_id, ui, cancel).await
+            }
+        },
     )
     .await
 }
 
-/// The forward direction: snapshot (unless done) and binlog streaming.
+/// The reverse leg of a MySQL → MySQL job after a cutover: the target's binlog applied to
+/// the source, from the target's position at the switch (no copy: the two were equal).
+async fn reverse(
+    spec: &JobSpec,
+    store: &Arc<StateStore>,
+    job_id: &str,
+    ui: &Ui,
+    cancel: &CancellationToken,
+) -> Result<Summary> {
+    let n = cutover::cutovers(store).max(1);
+    let main_dir = store.dir();
+    let leg_store = Arc::new(StateStore::open_locked(&cutover::reverse_dir(
+        &main_dir, n,
+    ))?);
+    let leg = LegOf {
+        main: store.clone(),
+        main_dir,
+        main_spec: spec.clone(),
+        base_job: job_id.to_owned(),
+    };
+    tracing::info!("the job is cut over: streaming the target's changes back to the source");
+    forward(
+        &cutover::reverse_spec(spec, store),
+        &leg_store,
+        &cutover::reverse_job_id(job_id, n),
+        ui,
+        cancel,
+        Some(leg),
+    )
+    .await
+}
+
+/// A reverse leg's ties to the job it belongs to.
+#[derive(Clone)]
+struct LegOf {
+    main: Arc<StateStore>,
+    main_dir: std::path::PathBuf,
+    main_spec: JobSpec,
+    base_job: String,
+}
+
+/// The forward direction: snapshot (unless done) and binlog streaming. With `leg`, the
+/// reverse leg of a cutover (no snapshot; fallback requests instead of cutover ones).
 async fn forward(
     spec: &JobSpec,
     store: &Arc<StateStore>,
     job_id: &str,
     ui: &Ui,
     cancel: &CancellationToken,
+    leg: Option<LegOf>,
 ) -> Result<Summary> {
     let database = spec.source.database.clone();
     // Connect and read the catalog, retrying transient failures (a restarting server, a
@@ -475,7 +524,11 @@ async fn forward(
 
     let copied = target.copied(job_id).await?;
     let chunk_rows = spec.chunk_rows.unwrap_or(CHUNK_ROWS).max(1);
-    let plan = plan_chunks(&mut source, store, &catalog, chunk_rows).await?;
+    let plan = if leg.is_some() {
+        Vec::new()
+    } else {
+        plan_chunks(&mut source, store, &catalog, chunk_rows).await?
+    };
     let todo: Vec<Chunk> = plan
         .into_iter()
         .filter(|c| !copied.contains_key(&c.marker()))
@@ -530,9 +583,14 @@ async fn forward(
         return Ok(summary);
     }
     drop(source);
-    let streamed = stream(spec, store, job_id, flavour, &catalog, &p0, &p1, cancel).await?;
-    // Cut over with reverse replication: the same process streams the other way now.
-    summary.handoff = streamed.cut_over && cutover::direction(store)? == "reverse";
+    let reverse_leg = leg.is_some();
+    let streamed = stream(
+        spec, store, job_id, flavour, &catalog, &p0, &p1, cancel, leg,
+    )
+    .await?;
+    // Cut over with reverse replication (or fallen back from it): the same process streams
+    // the other way now.
+    summary.handoff = streamed.cut_over && (reverse_leg || cutover::direction(store)? == "reverse");
     summary.cut_over = streamed.cut_over && !summary.handoff;
     summary.mysql_stream = Some(streamed);
     Ok(summary)
@@ -1372,6 +1430,7 @@ async fn stream(
     p0: &BinlogCursor,
     p1: &BinlogCursor,
     cancel: &CancellationToken,
+    leg: Option<LegOf>,
 ) -> Result<MysqlSummary> {
     let dialect = match spec.target.engine {
         crate::config::EngineKind::Mysql => Dialect::Mysql,
@@ -1390,6 +1449,7 @@ async fn stream(
         last_status: Instant::now() - Duration::from_secs(10),
         last_request_check: Instant::now(),
         switch: None,
+        leg,
     };
     let mut reconnect = Reconnect::default();
     loop {
@@ -1443,6 +1503,8 @@ struct StreamState {
     last_status: Instant,
     last_request_check: Instant,
     switch: Option<Switch>,
+    /// A reverse leg: its requests are fallbacks, in the job's own state directory.
+    leg: Option<LegOf>,
 }
 
 /// A cutover under way, advanced by the streaming loop: first waiting for apply to reach the
@@ -1453,6 +1515,8 @@ struct Switch {
     goal: BinlogCursor,
     deadline: Instant,
     fenced: bool,
+    /// A fallback (the leg streams target → source): only the leg's source is fenced by it.
+    reverse: bool,
 }
 
 impl Switch {
@@ -1460,7 +1524,11 @@ impl Switch {
     async fn abandon(mut self, spec: &JobSpec, e: Error) {
         use crate::engine::postgres::Side;
         let e = if self.fenced {
-            let fenced = [(&spec.source, Side::Source), (&spec.target, Side::Target)];
+            let fenced = if self.reverse {
+                vec![(&spec.source, Side::Target)]
+            } else {
+                vec![(&spec.source, Side::Source), (&spec.target, Side::Target)]
+            };
             cutover::lift_fences(e, &fenced, &self.request.app_roles).await
         } else {
             e
@@ -1509,6 +1577,15 @@ async fn finish_switch(
             "reverse replication",
             "not started (--no-reverse): the job ends here".into(),
         );
+    } else if spec.target.engine == crate::config::EngineKind::Mysql {
+        let (n, at) = create_mysql_reverse_leg(spec, store, job_id, catalog).await?;
+        store.set_meta("cutovers", &n.to_string())?;
+        store.set_meta("direction", "reverse")?;
+        sw.reporter.progress.reverse_slot = Some(format!("the target's binlog from {at}"));
+        sw.reporter.step(
+            "reverse replication",
+            format!("the target's binlog from {at} streams to the source: changes the application makes there from now on reach it"),
+        );
     } else {
         // The moved tables as the PostgreSQL target holds them: the reverse leg captures
         // them there and applies to the source.
@@ -1549,6 +1626,103 @@ async fn finish_switch(
     cutover::finish_cutover(spec, &sw.request, &mut sw.reporter).await?;
     cutover::remove_request(&sw.reporter.dir(), &sw.request.id);
     Ok(())
+}
+
+/// A reverse leg for a MySQL target: its own state store primed to stream the target's binlog
+/// from its position now (the target is still fenced, so nothing of the application's is
+/// before it), without a snapshot.
+async fn create_mysql_reverse_leg(
+    spec: &JobSpec,
+    store: &StateStore,
+    job_id: &str,
+    catalog: &MyCatalog,
+) -> Result<(u32, String)> {
+    let names: Vec<String> = catalog.tables.iter().map(|t| t.name().to_owned()).collect();
+    store.set_meta(
+        "reverse_tables",
+        &serde_json::to_string(&names).unwrap_or_default(),
+    )?;
+    let mut target = mysql::connect(&spec.target, "cutover").await?;
+    let at = binlog::current_position(&mut target).await.map_err(|e| {
+        Error::Definite(format!(
+            "the target's binlog cannot be read for reverse replication ({e}); enable log_bin with binlog_format=ROW there, or cut over with --no-reverse"
+        ))
+    })?;
+    let n = cutover::cutovers(store) + 1;
+    let dir = cutover::reverse_dir(&store.dir(), n);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)
+            .map_err(|e| Error::Definite(format!("removing {}: {e}", dir.display())))?;
+    }
+    let leg = StateStore::open_locked(&dir)?;
+    let reverse = cutover::reverse_spec(spec, store);
+    leg.create_job(
+        &cutover::reverse_job_id(job_id, n),
+        &reverse.source.redacted(),
+        &reverse.target.redacted(),
+        &serde_json::to_string(&reverse).unwrap_or_default(),
+    )?;
+    let at = cursor_text(&at);
+    leg.set_meta("mysql_p0", &at)?;
+    leg.set_meta("mysql_p1", &at)?;
+    leg.mark_step("mysql:pre_data", "pre_data")?;
+    leg.mark_step("mysql:post_data", "post_data")?;
+    leg.set_phase("streaming")?;
+    Ok((n, at))
+}
+
+/// A fallback's steps in a MySQL reverse leg, stream stopped at the drained position: verify,
+/// AUTO_INCREMENT counters on the source, then the switch back (forward position past
+/// kuaka's writes, source unfenced). An error before the switch gives the switch back to be
+/// abandoned; after it, none (the next start finishes it).
+async fn finish_fallback(
+    spec: &JobSpec,
+    catalog: &MyCatalog,
+    mut sw: Switch,
+    drained: &BinlogCursor,
+    leg: &LegOf,
+) -> std::result::Result<(), (Error, Option<Switch>)> {
+    let before = async {
+        sw.reporter.progress.drained_at = Some(cursor_text(drained));
+        sw.reporter.step(
+            "drain",
+            format!(
+                "every transaction the target committed before {} is applied to the source",
+                cursor_text(drained)
+            ),
+        );
+        cutover::verify_step(
+            &mut sw.reporter,
+            &spec.source,
+            &spec.target,
+            spec,
+            sw.request.full_verify,
+        )
+        .await?;
+        let moved = cutover::sync_auto_increment(&spec.source, &spec.target, catalog).await?;
+        sw.reporter.step(
+            "sequences",
+            format!("{moved} AUTO_INCREMENT counters moved on the source to at least the target's"),
+        );
+        Ok::<_, Error>(())
+    }
+    .await;
+    if let Err(e) = before {
+        return Err((e, Some(sw)));
+    }
+    let request = sw.request.clone();
+    cutover::switch_back(
+        &leg.main_spec,
+        &leg.main,
+        &leg.main_dir,
+        &leg.base_job,
+        &request,
+        cutover::Prepared {
+            reporter: sw.reporter,
+        },
+    )
+    .await
+    .map_err(|e| (e, None))
 }
 
 /// One connection's worth of streaming: from the target's applied position until caught up
@@ -1756,8 +1930,12 @@ async fn session(
             && state.last_request_check.elapsed() >= Duration::from_millis(100)
         {
             state.last_request_check = Instant::now();
-            if let Some(request) = cutover::pending_request(&store.dir(), false) {
-                let mut reporter = cutover::Reporter::new(&store.dir(), &request);
+            let requests = state
+                .leg
+                .as_ref()
+                .map_or_else(|| store.dir(), |l| l.main_dir.clone());
+            if let Some(request) = cutover::pending_request(&requests, state.leg.is_some()) {
+                let mut reporter = cutover::Reporter::new(&requests, &request);
                 reporter.progress.steps.clear();
                 reporter.begin();
                 let max_lag = Duration::from_secs_f64(request.max_lag_seconds.max(0.0));
@@ -1768,10 +1946,11 @@ async fn session(
                         goal,
                         deadline: Instant::now() + max_lag,
                         fenced: false,
+                        reverse: state.leg.is_some(),
                     },
                     Err(e) => {
                         reporter.fail(&e.into());
-                        cutover::remove_request(&store.dir(), &request.id);
+                        cutover::remove_request(&requests, &request.id);
                         continue;
                     }
                 };
@@ -1794,15 +1973,22 @@ async fn session(
                 sw.fenced = true;
                 sw.reporter.progress.fenced_at_ms = Some(cutover::unix_ms());
                 let roles = sw.request.app_roles.clone();
+                let reverse = sw.reverse;
                 let fenced = async {
-                    let t =
+                    // A fallback fences the application's database only: the leg's target
+                    // (the job's source) has been fenced since the cutover.
+                    let t = if reverse {
+                        String::new()
+                    } else {
                         cutover::fence(&spec.target, crate::engine::postgres::Side::Target, &roles)
-                            .await?;
+                            .await?
+                    };
                     let s =
                         cutover::fence(&spec.source, crate::engine::postgres::Side::Source, &roles)
                             .await?;
                     let goal = binlog::current_position(&mut control).await?;
-                    Ok::<_, Error>((format!("{t}; {s}"), goal))
+                    let detail = if t.is_empty() { s } else { format!("{t}; {s}") };
+                    Ok::<_, Error>((detail, goal))
                 }
                 .await;
                 match fenced {
@@ -1820,6 +2006,18 @@ async fn session(
                 }
             } else if reached {
                 let mut sw = state.switch.take().expect("a switch under way");
+                if let Some(leg) = state.leg.clone() {
+                    match finish_fallback(spec, catalog, sw, &applied, &leg).await {
+                        Ok(()) => {
+                            let _ = stream.close().await;
+                            return Ok(SessionEnd::CutOver);
+                        }
+                        Err((e, Some(sw))) => sw.abandon(spec, e).await,
+                        // Past the switch: finished when the job starts again.
+                        Err((e, None)) => return Err(e),
+                    }
+                    continue;
+                }
                 match finish_switch(spec, store, job_id, catalog, &mut sw, &applied).await {
                     Ok(()) => {
                         state.summary.applied = cursor_text(&applied);

@@ -567,14 +567,21 @@ fn job_direction(job: &Job) -> String {
 /// application's target writes reaching the source, then fallback and forward again.
 #[test]
 fn mariadb_to_postgres_cutover_and_fallback() {
-    mariadb_cutover_case(false);
+    mariadb_cutover_case(false, true);
 }
 
-/// MariaDB → MariaDB on another server: the same, with the target server fenced by
-/// `read_only` until the switch and its AUTO_INCREMENT counters moved.
+/// MariaDB → MariaDB on another server, `--no-reverse`: the target server fenced by
+/// `read_only` until the switch and its AUTO_INCREMENT counters moved; the job ends.
 #[test]
 fn mariadb_to_mariadb_cutover_without_reverse() {
-    mariadb_cutover_case(true);
+    mariadb_cutover_case(true, false);
+}
+
+/// MariaDB → MariaDB with reverse replication (the target's binlog applied to the source),
+/// fallback, and forward again.
+#[test]
+fn mariadb_to_mariadb_cutover_and_fallback() {
+    mariadb_cutover_case(true, true);
 }
 
 const MARIADB_SCHEMA: &str = "
@@ -586,7 +593,7 @@ CREATE TABLE ledger (id bigint AUTO_INCREMENT PRIMARY KEY, account int NOT NULL,
 INSERT INTO ledger (account, amount, tag) SELECT 1 + seq % 500, seq, CONCAT('seed ', seq) FROM seq_1_to_2000;
 ";
 
-fn mariadb_cutover_case(mariadb_target: bool) {
+fn mariadb_cutover_case(mariadb_target: bool, reverse: bool) {
     use crate::support::mariadb::MariaDbServer;
     // Servers of this test's own: read_only holds off every application on a server.
     let server = MariaDbServer::start_private();
@@ -638,22 +645,8 @@ fn mariadb_cutover_case(mariadb_target: bool) {
             .args(extra);
         run(c)
     };
-    if mariadb_target {
-        // No way back to a MariaDB source from a MariaDB target yet: asked for explicitly.
-        let refused = cutover(&[]);
-        refused.assert_exit_code(2);
-        assert!(
-            refused.all_output().contains("--no-reverse"),
-            "{}",
-            refused.all_output()
-        );
-    }
     writer.prefer.store(PREFER_TARGET, Ordering::Relaxed);
-    let out = cutover(if mariadb_target {
-        &["--no-reverse"]
-    } else {
-        &[]
-    });
+    let out = cutover(if reverse { &[] } else { &["--no-reverse"] });
     out.assert_success();
     let text = out.all_output();
     for step in [
@@ -668,8 +661,12 @@ fn mariadb_cutover_case(mariadb_target: bool) {
         assert!(text.contains(step), "no step {step:?} in:\n{text}");
     }
     assert!(text.contains("read_only = ON"), "{text}");
-    if !mariadb_target {
-        mariadb_reverse_and_fallback(&server, db, &target, &state_dir, writer, streaming);
+    if reverse {
+        let target_side = match &target_server {
+            Some(t) => TargetSide::Mariadb(t, "co_my_dst"),
+            None => TargetSide::Postgres(&target),
+        };
+        mariadb_reverse_and_fallback(&server, db, target_side, &state_dir, writer, streaming);
         return;
     }
     // The job ends by itself.
@@ -750,13 +747,42 @@ fn mariadb_refuses_writes(port: u16, db: &str) -> bool {
 /// write is in both databases exactly once.
 #[test]
 fn mariadb_cutover_killed_at_steps_then_rerun() {
+    mariadb_killed_at_steps(false);
+}
+
+/// The same for MariaDB → MariaDB, whose reverse leg is the target's binlog and whose
+/// fallback runs in the binlog loop.
+#[test]
+fn mariadb_to_mariadb_cutover_killed_at_steps_then_rerun() {
+    mariadb_killed_at_steps(true);
+}
+
+fn mariadb_killed_at_steps(mariadb_target: bool) {
     use crate::support::mariadb::MariaDbServer;
     let server = MariaDbServer::start_private();
     let db = "co_kill_src";
     let source = server.create_db(db);
     server.exec_script(db, MARIADB_SCHEMA);
     server.exec("CREATE USER app@'%' IDENTIFIED BY 'app'; GRANT ALL ON co_kill_src.* TO app@'%';");
-    let target = crate::support::pg().create_db("co_kill_dst");
+    let target_server = mariadb_target.then(MariaDbServer::start_private);
+    let target = match &target_server {
+        Some(t) => {
+            let url = t.create_db("co_kill_dst");
+            t.exec(
+                "CREATE USER app@'%' IDENTIFIED BY 'app'; GRANT ALL ON co_kill_dst.* TO app@'%';",
+            );
+            url
+        }
+        None => crate::support::pg().create_db("co_kill_dst"),
+    };
+    let (target_side, target_writes) = match &target_server {
+        Some(t) => (
+            TargetSide::Mariadb(t, "co_kill_dst"),
+            mariadb_attempt(t.port, "co_kill_dst"),
+        ),
+        None => (TargetSide::Postgres(&target), pg_attempt(&target)),
+    };
+    let refuses_writes = |_: &String| target_side.refuses_writes();
     let job = Job::between(db, source, "co_kill_dst", target.clone());
     let with_failpoint = |fp: &str| {
         let mut c = job.stream_command(&[]);
@@ -783,7 +809,7 @@ fn mariadb_cutover_killed_at_steps_then_rerun() {
         b
     };
     let first = start("the first run", &|| job.phase() == "streaming");
-    let writer = Writer::start_with([mariadb_attempt(server.port, db), pg_attempt(&target)]);
+    let writer = Writer::start_with([mariadb_attempt(server.port, db), target_writes]);
     wait_until("writes on the source", Duration::from_secs(30), || {
         writer.count_on(0) >= 20
     });
@@ -826,10 +852,11 @@ fn mariadb_cutover_killed_at_steps_then_rerun() {
         let expected = if step == 6 { "forward" } else { "reverse" };
         assert_eq!(job_direction(&job), expected, "after fallback step {step}");
     }
-    // Killed again while a restart finishes the fallback: after dropping the reverse slot,
-    // then after moving the forward position past kuaka's writes to the source. The source
-    // stays fenced until the last step.
-    for step in 1..=2 {
+    // Killed again while a restart finishes the fallback: after dropping the reverse slot
+    // (a PostgreSQL target has one), then after moving the forward position past kuaka's
+    // writes to the source. The source stays fenced until the last step.
+    let finishing = if mariadb_target { 1 } else { 2 };
+    for step in 1..=finishing {
         let mut c = job.stream_command(&[]);
         c.env("KUAKA_FAILPOINT", format!("fallback.after_step:{step}"));
         Background::spawn(c)
@@ -859,21 +886,9 @@ fn mariadb_cutover_killed_at_steps_then_rerun() {
     wait_until(
         "every write to reach the target",
         Duration::from_secs(60),
-        || {
-            query_one(&target, "SELECT count(*) FROM ledger WHERE tag LIKE 'w%'")
-                .parse::<usize>()
-                .unwrap_or(0)
-                >= acked.len()
-        },
+        || target_side.tags().len() >= acked.len(),
     );
-    let target_tags: Vec<String> = query_one(
-        &target,
-        "SELECT string_agg(tag, ',') FROM ledger WHERE tag LIKE 'w%'",
-    )
-    .split(',')
-    .map(str::to_owned)
-    .collect();
-    assert_each_once(&target_tags, &acked, "target");
+    assert_each_once(&target_side.tags(), &acked, "target");
     assert_each_once(&mariadb_tags(&server, db), &acked, "source");
     sigterm(last);
 }
@@ -902,13 +917,51 @@ fn assert_each_once(tags: &[String], acked: &[(String, u8)], what: &str) {
     );
 }
 
-/// After a MariaDB → PostgreSQL cutover with reverse replication: the target's writes reach
-/// the source; fallback; the source's writes reach the target again, and nothing kuaka wrote
-/// to the source comes back (each tag once on both sides).
+/// The target of a MariaDB job, as the fallback checks read it.
+enum TargetSide<'a> {
+    Postgres(&'a str),
+    Mariadb(&'a crate::support::mariadb::MariaDbServer, &'a str),
+}
+
+impl TargetSide<'_> {
+    fn tags(&self) -> Vec<String> {
+        match self {
+            TargetSide::Postgres(url) => query_one(
+                url,
+                "SELECT coalesce(string_agg(tag, ','), '') FROM ledger WHERE tag LIKE 'w%'",
+            )
+            .split(',')
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned)
+            .collect(),
+            TargetSide::Mariadb(server, db) => mariadb_tags(server, db),
+        }
+    }
+
+    fn balance(&self) -> String {
+        match self {
+            TargetSide::Postgres(url) => query_one(url, "SELECT sum(balance)::text FROM account"),
+            TargetSide::Mariadb(server, db) => {
+                server.rows(db, "SELECT CAST(SUM(balance) AS CHAR) FROM account")[0][0].clone()
+            }
+        }
+    }
+
+    fn refuses_writes(&self) -> bool {
+        match self {
+            TargetSide::Postgres(url) => refuses_writes(url),
+            TargetSide::Mariadb(server, db) => mariadb_refuses_writes(server.port, db),
+        }
+    }
+}
+
+/// After a MariaDB → PostgreSQL or MariaDB cutover with reverse replication: the target's
+/// writes reach the source; fallback; the source's writes reach the target again, and nothing
+/// kuaka wrote to the source comes back (each tag once on both sides).
 fn mariadb_reverse_and_fallback(
     server: &crate::support::mariadb::MariaDbServer,
     db: &str,
-    target: &str,
+    target: TargetSide<'_>,
     state_dir: &str,
     writer: Writer,
     streaming: Background,
@@ -952,7 +1005,7 @@ fn mariadb_reverse_and_fallback(
         || writer.count_on(0) >= before + 30,
     );
     assert!(
-        refuses_writes(target),
+        target.refuses_writes(),
         "the target accepts writes after the fallback"
     );
     let acked = writer.finish();
@@ -960,25 +1013,13 @@ fn mariadb_reverse_and_fallback(
     wait_until(
         "every write to reach the target (forward again)",
         Duration::from_secs(60),
-        || {
-            query_one(target, "SELECT count(*) FROM ledger WHERE tag LIKE 'w%'")
-                .parse::<usize>()
-                .unwrap_or(0)
-                >= acked.len()
-        },
+        || target.tags().len() >= acked.len(),
     );
-    let target_tags: Vec<String> = query_one(
-        target,
-        "SELECT string_agg(tag, ',') FROM ledger WHERE tag LIKE 'w%'",
-    )
-    .split(',')
-    .map(str::to_owned)
-    .collect();
-    assert_each_once(&target_tags, &acked, "target");
+    assert_each_once(&target.tags(), &acked, "target");
     assert_each_once(&mariadb_tags(server, db), &acked, "source");
     let sums = || {
         (
-            query_one(target, "SELECT sum(balance)::text FROM account"),
+            target.balance(),
             server.rows(db, "SELECT CAST(SUM(balance) AS CHAR) FROM account")[0][0].clone(),
         )
     };
@@ -992,14 +1033,16 @@ fn mariadb_reverse_and_fallback(
     let mut clean = kuaka();
     clean.args(["clean", "--state", state_dir]);
     run(clean).assert_success();
-    assert_eq!(
-        query_one(
-            target,
-            "SELECT count(*) FROM pg_replication_slots WHERE database = current_database() AND slot_name LIKE 'kuaka%'"
-        ),
-        "0",
-        "a reverse slot is left on the target"
-    );
+    if let TargetSide::Postgres(url) = target {
+        assert_eq!(
+            query_one(
+                url,
+                "SELECT count(*) FROM pg_replication_slots WHERE database = current_database() AND slot_name LIKE 'kuaka%'"
+            ),
+            "0",
+            "a reverse slot is left on the target"
+        );
+    }
 }
 
 /// `--newer-wins gmt_modified` during a dual-write period: a change from the source never
