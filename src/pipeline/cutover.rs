@@ -543,11 +543,37 @@ pub async fn switch_forward(
         finish_cutover(spec, request, rep).await
     }
     .await;
-    if let Err(e) = &result {
-        rep.fail(e);
+    match &result {
+        Err(e) => {
+            let switched = direction(main)? != "forward";
+            after_failure(rep, state_dir, request, e, switched);
+        }
+        Ok(()) => remove_request(state_dir, &request.id),
     }
-    remove_request(state_dir, &request.id);
     result
+}
+
+/// After a switch's steps failed. Before the switch point the request is answered as failed
+/// (the job goes on as before; fences left up are lifted by a rerun of the command). Past it,
+/// the progress stays "running" and the request file stays, so the next start of the job
+/// finishes the switch with the same request (its `--app-role` fences included) instead of
+/// streaming the new way with the application held off both databases.
+pub fn after_failure(
+    rep: &mut Reporter,
+    state_dir: &Path,
+    request: &Request,
+    e: &Error,
+    switched: bool,
+) {
+    if switched {
+        tracing::error!(
+            "the {} failed past its switch point ({e}); it is finished when the job starts again",
+            request.action
+        );
+    } else {
+        rep.fail(e);
+        remove_request(state_dir, &request.id);
+    }
 }
 
 pub async fn finish_cutover(spec: &JobSpec, request: &Request, rep: &mut Reporter) -> Result<()> {
@@ -680,10 +706,13 @@ pub async fn switch_back(
         finish_fallback(spec, main, base_job, request, rep).await
     }
     .await;
-    if let Err(e) = &result {
-        rep.fail(e);
+    match &result {
+        Err(e) => {
+            let switched = direction(main)? == "forward";
+            after_failure(rep, state_dir, request, e, switched);
+        }
+        Ok(()) => remove_request(state_dir, &request.id),
     }
-    remove_request(state_dir, &request.id);
     result
 }
 
@@ -824,10 +853,11 @@ pub async fn finish_interrupted(
     } else {
         finish_fallback(spec, main, base_job, &request, &mut rep).await
     };
-    if let Err(e) = &result {
-        rep.fail(e);
+    match &result {
+        // Still past the switch: the next start tries again.
+        Err(e) => after_failure(&mut rep, state_dir, &request, e, true),
+        Ok(()) => remove_request(state_dir, &request.id),
     }
-    remove_request(state_dir, &request.id);
     result
 }
 

@@ -2013,8 +2013,9 @@ async fn session(
                             return Ok(SessionEnd::CutOver);
                         }
                         Err((e, Some(sw))) => sw.abandon(spec, e).await,
-                        // Past the switch: finished when the job starts again.
-                        Err((e, None)) => return Err(e),
+                        // Past the switch: finished when the job starts again (definite:
+                        // the stream must not reconnect and go on this way).
+                        Err((e, None)) => return Err(Error::Definite(e.to_string())),
                     }
                     continue;
                 }
@@ -2027,8 +2028,15 @@ async fn session(
                     }
                     Err(e) if cutover::direction(store)? != "forward" => {
                         // Past the switch: finished when the job starts again.
-                        sw.reporter.fail(&e);
-                        return Err(e);
+                        cutover::after_failure(
+                            &mut sw.reporter,
+                            &store.dir(),
+                            &sw.request,
+                            &e,
+                            true,
+                        );
+                        // Definite: the stream must not reconnect and go on this way.
+                        return Err(Error::Definite(e.to_string()));
                     }
                     Err(e) => sw.abandon(spec, e).await,
                 }
