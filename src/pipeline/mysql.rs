@@ -1539,22 +1539,25 @@ impl Switch {
     }
 }
 
-/// The cutover's steps with the stream stopped at the drained position: verify, counters,
-/// the switch (reverse replication from a PostgreSQL target, or direction `none` with
-/// `--no-reverse`), the target unfenced.
-async fn finish_switch(
+/// The steps of a cutover or fallback once the leg's stream is drained: the drain reported,
+/// verify, and the AUTO_INCREMENT counters of the leg's target raised to its source's. The
+/// words follow the direction (a fallback's leg streams the job's target to its source).
+async fn drained_steps(
     spec: &JobSpec,
-    store: &StateStore,
-    job_id: &str,
     catalog: &MyCatalog,
     sw: &mut Switch,
     drained: &BinlogCursor,
 ) -> Result<()> {
+    let (from, to) = if sw.reverse {
+        ("target", "source")
+    } else {
+        ("source", "target")
+    };
     sw.reporter.progress.drained_at = Some(cursor_text(drained));
     sw.reporter.step(
         "drain",
         format!(
-            "every transaction the source committed before {} is applied",
+            "every transaction the {from} committed before {} is applied to the {to}",
             cursor_text(drained)
         ),
     );
@@ -1569,8 +1572,23 @@ async fn finish_switch(
     let moved = cutover::sync_auto_increment(&spec.source, &spec.target, catalog).await?;
     sw.reporter.step(
         "sequences",
-        format!("{moved} AUTO_INCREMENT counters moved on the target to at least the source's"),
+        format!("{moved} AUTO_INCREMENT counters moved on the {to} to at least the {from}'s"),
     );
+    Ok(())
+}
+
+/// The cutover's steps with the stream stopped at the drained position: verify, counters,
+/// the switch (reverse replication from a PostgreSQL target, or direction `none` with
+/// `--no-reverse`), the target unfenced.
+async fn finish_switch(
+    spec: &JobSpec,
+    store: &StateStore,
+    job_id: &str,
+    catalog: &MyCatalog,
+    sw: &mut Switch,
+    drained: &BinlogCursor,
+) -> Result<()> {
+    drained_steps(spec, catalog, sw, drained).await?;
     if sw.request.no_reverse {
         store.set_meta("direction", "none")?;
         sw.reporter.step(
@@ -1682,32 +1700,7 @@ async fn finish_fallback(
     drained: &BinlogCursor,
     leg: &LegOf,
 ) -> std::result::Result<(), (Error, Option<Switch>)> {
-    let before = async {
-        sw.reporter.progress.drained_at = Some(cursor_text(drained));
-        sw.reporter.step(
-            "drain",
-            format!(
-                "every transaction the target committed before {} is applied to the source",
-                cursor_text(drained)
-            ),
-        );
-        cutover::verify_step(
-            &mut sw.reporter,
-            &spec.source,
-            &spec.target,
-            spec,
-            sw.request.full_verify,
-        )
-        .await?;
-        let moved = cutover::sync_auto_increment(&spec.source, &spec.target, catalog).await?;
-        sw.reporter.step(
-            "sequences",
-            format!("{moved} AUTO_INCREMENT counters moved on the source to at least the target's"),
-        );
-        Ok::<_, Error>(())
-    }
-    .await;
-    if let Err(e) = before {
+    if let Err(e) = drained_steps(spec, catalog, &mut sw, drained).await {
         return Err((e, Some(sw)));
     }
     let request = sw.request.clone();

@@ -46,6 +46,8 @@ use crate::ui::Ui;
 
 /// Rows per cursor page and per committed batch of a table copy.
 const ROWS_PER_COMMIT: usize = 10_000;
+/// Pending keys of one table before its statements are written out.
+const FLUSH_ROWS: usize = 5_000;
 /// Changes per apply batch (at a transaction boundary), and SQL held before it is sent.
 const MAX_BATCH_CHANGES: usize = 20_000;
 const MAX_PENDING_SQL: usize = 4 << 20;
@@ -678,8 +680,8 @@ impl<'a> Batch<'a> {
     fn net(&mut self, rel: Arc<Relation>, key: Vec<Cell>, op: Net) -> Result<()> {
         let name = rel.name.clone();
         // Tables with other unique keys get their changes in source order, one by one.
-        let in_order = !self.table(&name)?.table.unique_keys.is_empty()
-            || self.table(&name)?.table.indexes.iter().any(|i| i.unique);
+        let model = &self.table(&name)?.table;
+        let in_order = !model.unique_keys.is_empty() || model.indexes.iter().any(|i| i.unique);
         let pending = self
             .pending
             .entry(name.clone())
@@ -687,7 +689,7 @@ impl<'a> Batch<'a> {
         if pending.2.insert(key.clone(), op).is_none() {
             pending.1.push(key);
         }
-        if in_order || pending.1.len() >= 5_000 {
+        if in_order || pending.1.len() >= FLUSH_ROWS {
             self.flush_table(&name)?;
         }
         Ok(())
