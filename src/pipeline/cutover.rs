@@ -540,7 +540,7 @@ pub async fn switch_forward(
                 format!("replication slot {slot} on the target: changes the application makes there from now on reach the source"),
             );
         }
-        finish_cutover(spec, request, rep).await
+        finish_cutover(spec, main, request, rep).await
     }
     .await;
     match &result {
@@ -576,7 +576,15 @@ pub fn after_failure(
     }
 }
 
-pub async fn finish_cutover(spec: &JobSpec, request: &Request, rep: &mut Reporter) -> Result<()> {
+pub async fn finish_cutover(
+    spec: &JobSpec,
+    main: &StateStore,
+    request: &Request,
+    rep: &mut Reporter,
+) -> Result<()> {
+    if let Some(said) = super::objects::at_cutover(spec, main, !request.no_reverse).await? {
+        rep.step("triggers", said);
+    }
     unfence(&spec.target, Side::Target, &request.app_roles).await?;
     rep.progress.writable_at_ms = Some(unix_ms());
     rep.step(
@@ -753,6 +761,10 @@ async fn finish_fallback(
             },
         );
     }
+    // Before the forward position: the source's CREATE TRIGGERs are then behind it.
+    if let Some(said) = super::objects::at_fallback(spec, main).await? {
+        rep.step("triggers", said);
+    }
     if matches!(spec.source.engine, EngineKind::Mysql | EngineKind::Sqlite) {
         let at = if spec.source.engine == EngineKind::Mysql {
             super::mysql::resume_forward_from_now(spec, base_job).await?
@@ -849,7 +861,7 @@ pub async fn finish_interrupted(
     );
     let mut rep = Reporter::new(state_dir, &request);
     let result = if progress.action == "cutover" {
-        finish_cutover(spec, &request, &mut rep).await
+        finish_cutover(spec, main, &request, &mut rep).await
     } else {
         finish_fallback(spec, main, base_job, &request, &mut rep).await
     };

@@ -4,6 +4,7 @@ pub mod binlog_target;
 pub mod cdc;
 pub mod cutover;
 pub mod mysql;
+pub mod objects;
 pub mod pg_mysql;
 pub mod rows;
 pub mod snapshot;

@@ -1053,7 +1053,7 @@ async fn switch(
                 "capture triggers on the target: changes the application makes there from now on reach the source".into(),
             );
         }
-        cutover::finish_cutover(spec, &request, &mut rep).await
+        cutover::finish_cutover(spec, store, &request, &mut rep).await
     }
     .await;
     match after {

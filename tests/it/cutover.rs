@@ -591,7 +591,64 @@ INSERT INTO account (owner, balance) SELECT CONCAT('owner ', seq), seq * 1.5 FRO
 CREATE TABLE ledger (id bigint AUTO_INCREMENT PRIMARY KEY, account int NOT NULL,
   amount int NOT NULL, tag varchar(40) NOT NULL UNIQUE) ENGINE=InnoDB;
 INSERT INTO ledger (account, amount, tag) SELECT 1 + seq % 500, seq, CONCAT('seed ', seq) FROM seq_1_to_2000;
+CREATE TABLE ledger_audit (id char(36) PRIMARY KEY, tag varchar(40) NOT NULL) ENGINE=InnoDB;
+CREATE TRIGGER ledger_audit_ins AFTER INSERT ON ledger FOR EACH ROW
+  INSERT INTO ledger_audit (id, tag) VALUES (UUID(), NEW.tag);
+CREATE VIEW ledger_totals AS SELECT account, SUM(amount) AS total FROM ledger GROUP BY account;
 ";
+
+/// The writer's tags in MariaDB's `ledger_audit` (written by the `ledger_audit_ins` trigger).
+fn mariadb_audit_tags(server: &crate::support::mariadb::MariaDbServer, db: &str) -> Vec<String> {
+    server
+        .rows(db, "SELECT tag FROM ledger_audit WHERE tag LIKE 'w%'")
+        .into_iter()
+        .map(|r| r[0].clone())
+        .collect()
+}
+
+/// The audit trigger fired once per acknowledged insert, on whichever side took it, and never
+/// on changes kuaka applied: on a MariaDB target (which gets the trigger at cutover) every
+/// tag is audited once in both databases; with a PostgreSQL target (MySQL triggers are not
+/// translated) only the source's own writes are, and the target's writes streamed back to the
+/// source did not fire the source's trigger.
+fn assert_audited_once(
+    server: &crate::support::mariadb::MariaDbServer,
+    db: &str,
+    target: &TargetSide<'_>,
+    acked: &[(String, u8)],
+) {
+    match target {
+        TargetSide::Mariadb(t, tdb) => {
+            assert_each_once(&mariadb_audit_tags(t, tdb), acked, "target's audit");
+            assert_each_once(&mariadb_audit_tags(server, db), acked, "source's audit");
+        }
+        TargetSide::Postgres(url) => {
+            let on_source: Vec<(String, u8)> =
+                acked.iter().filter(|(_, d)| *d == 0).cloned().collect();
+            let audited = mariadb_audit_tags(server, db);
+            assert_each_once(&audited, &on_source, "source's audit");
+            let fired: Vec<&String> = acked
+                .iter()
+                .filter(|(t, d)| *d == 1 && audited.contains(t))
+                .map(|(t, _)| t)
+                .take(5)
+                .collect();
+            assert!(
+                fired.is_empty(),
+                "the source's trigger fired on changes streamed back from the target: {fired:?}"
+            );
+            let on_target: Vec<String> = query_one(
+                url,
+                "SELECT coalesce(string_agg(tag, ','), '') FROM ledger_audit WHERE tag LIKE 'w%'",
+            )
+            .split(',')
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned)
+            .collect();
+            assert_each_once(&on_target, &on_source, "target's audit");
+        }
+    }
+}
 
 fn mariadb_cutover_case(mariadb_target: bool, reverse: bool) {
     use crate::support::mariadb::MariaDbServer;
@@ -656,6 +713,7 @@ fn mariadb_cutover_case(mariadb_target: bool, reverse: bool) {
         "verify",
         "sequences",
         "reverse replication",
+        "triggers",
         "unfence target",
     ] {
         assert!(text.contains(step), "no step {step:?} in:\n{text}");
@@ -716,6 +774,22 @@ fn mariadb_cutover_case(mariadb_target: bool, reverse: bool) {
         missing.is_empty(),
         "acknowledged writes missing in the target: {missing:?}"
     );
+    if let Some(t) = &target_server {
+        // The trigger was created on the target at the cutover (not before: it would have
+        // fired on applied rows) and audited each write once; the source kept its own.
+        assert_each_once(
+            &mariadb_audit_tags(t, "co_my_dst"),
+            &acked,
+            "target's audit",
+        );
+        assert_eq!(
+            server.rows(
+                db,
+                "SELECT COUNT(*) FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA = DATABASE()"
+            )[0][0],
+            "1"
+        );
+    }
     // A rerun has nothing to do.
     let again = run(run_command());
     again.assert_success();
@@ -817,7 +891,8 @@ fn mariadb_killed_at_steps(mariadb_target: bool) {
     writer.prefer.store(PREFER_TARGET, Ordering::Relaxed);
 
     // Before the switch (1 check lag … 5 sequences): still forward; fenced from step 2 on.
-    // After step 6 (reverse slot made, direction recorded): the restart unfences the target.
+    // After step 6 (reverse slot made, direction recorded): the restart finishes the cutover
+    // and unfences the target.
     for step in 1..=6 {
         let killed = with_failpoint(&format!("cutover.after_step:{step}"));
         switch(&job, "cutover", &[]).assert_exit_code(2);
@@ -834,6 +909,17 @@ fn mariadb_killed_at_steps(mariadb_target: bool) {
             assert!(refuses_writes(&target), "target writable after step {step}");
         }
     }
+    // Killed again while a restart finishes it, after the trigger moved (created on a MariaDB
+    // target, taken off the source): still fenced, done by the next start.
+    let mut c = job.stream_command(&[]);
+    c.env("KUAKA_FAILPOINT", "cutover.after_step:1");
+    Background::spawn(c)
+        .wait(Duration::from_secs(60))
+        .assert_killed_by_sigkill();
+    assert!(
+        refuses_writes(&target),
+        "target unfenced before the last step"
+    );
     let reverse = start("the target to accept writes", &|| !refuses_writes(&target));
     assert!(mariadb_refuses_writes(server.port, db));
     wait_until("writes on the target", Duration::from_secs(30), || {
@@ -853,9 +939,10 @@ fn mariadb_killed_at_steps(mariadb_target: bool) {
         assert_eq!(job_direction(&job), expected, "after fallback step {step}");
     }
     // Killed again while a restart finishes the fallback: after dropping the reverse slot
-    // (a PostgreSQL target has one), then after moving the forward position past kuaka's
-    // writes to the source. The source stays fenced until the last step.
-    let finishing = if mariadb_target { 1 } else { 2 };
+    // (a PostgreSQL target has one), after putting the trigger back on the source, then
+    // after moving the forward position past kuaka's writes to the source. The source stays
+    // fenced until the last step.
+    let finishing = if mariadb_target { 2 } else { 3 };
     for step in 1..=finishing {
         let mut c = job.stream_command(&[]);
         c.env("KUAKA_FAILPOINT", format!("fallback.after_step:{step}"));
@@ -890,6 +977,7 @@ fn mariadb_killed_at_steps(mariadb_target: bool) {
     );
     assert_each_once(&target_side.tags(), &acked, "target");
     assert_each_once(&mariadb_tags(&server, db), &acked, "source");
+    assert_audited_once(&server, db, &target_side, &acked);
     sigterm(last);
 }
 
@@ -1017,6 +1105,30 @@ fn mariadb_reverse_and_fallback(
     );
     assert_each_once(&target.tags(), &acked, "target");
     assert_each_once(&mariadb_tags(server, db), &acked, "source");
+    assert_audited_once(server, db, &target, &acked);
+    if let TargetSide::Mariadb(t, tdb) = &target {
+        // The view came with the data; after the fallback the trigger is the source's again.
+        assert_eq!(
+            t.rows(tdb, "SELECT COUNT(*) > 0 FROM ledger_totals")[0][0],
+            "1"
+        );
+        assert_eq!(
+            t.rows(
+                tdb,
+                "SELECT COUNT(*) FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA = DATABASE()"
+            )[0][0],
+            "0",
+            "the trigger stayed on the target after the fallback"
+        );
+    }
+    assert_eq!(
+        server.rows(
+            db,
+            "SELECT COUNT(*) FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA = DATABASE()"
+        )[0][0],
+        "1",
+        "the source's trigger is not back after the fallback"
+    );
     let sums = || {
         (
             target.balance(),
@@ -1163,7 +1275,10 @@ fn sqlite_cutover_and_fallback_killed_at_steps() {
              WITH RECURSIVE g(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM g WHERE n < 500)
              INSERT INTO account SELECT n, 'owner ' || n, n * 1.5 FROM g;
              WITH RECURSIVE g(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM g WHERE n < 2000)
-             INSERT INTO ledger (account, amount, tag) SELECT 1 + n % 500, n, 'seed ' || n FROM g;",
+             INSERT INTO ledger (account, amount, tag) SELECT 1 + n % 500, n, 'seed ' || n FROM g;
+             CREATE TABLE ledger_audit (id TEXT PRIMARY KEY, tag TEXT NOT NULL);
+             CREATE TRIGGER ledger_audit_ins AFTER INSERT ON ledger BEGIN
+               INSERT INTO ledger_audit VALUES (lower(hex(randomblob(16))), NEW.tag); END;",
         )
         .expect("schema");
     let source = format!("sqlite://{}", source_path.display());
@@ -1223,6 +1338,13 @@ fn sqlite_cutover_and_fallback_killed_at_steps() {
             );
         }
     }
+    // Killed while a restart finishes the cutover, after the trigger moved.
+    let mut c = job.stream_command(&[]);
+    c.env("KUAKA_FAILPOINT", "cutover.after_step:1");
+    Background::spawn(c)
+        .wait(Duration::from_secs(60))
+        .assert_killed_by_sigkill();
+    assert!(sqlite_refuses_writes(&target_path));
     let mut reverse = Background::spawn(job.stream_command(&[]));
     wait_until(
         "the target to accept writes",
@@ -1254,7 +1376,8 @@ fn sqlite_cutover_and_fallback_killed_at_steps() {
         let expected = if step == 6 { "forward" } else { "reverse" };
         assert_eq!(job_direction(&job), expected, "after fallback step {step}");
     }
-    for step in 1..=2 {
+    // Finishing: capture dropped, trigger back on the source, forward position.
+    for step in 1..=3 {
         let mut c = job.stream_command(&[]);
         c.env("KUAKA_FAILPOINT", format!("fallback.after_step:{step}"));
         Background::spawn(c)
@@ -1287,6 +1410,34 @@ fn sqlite_cutover_and_fallback_killed_at_steps() {
     });
     assert_each_once(&sqlite_tags(&target_path), &acked, "target");
     assert_each_once(&sqlite_tags(&source_path), &acked, "source");
+    // The audit trigger fired once per write, on the side that took it (never on applied
+    // changes), and lives on the source again.
+    let audit = |path: &std::path::Path| -> Vec<String> {
+        let conn = rusqlite::Connection::open(path).expect("open");
+        let mut stmt = conn
+            .prepare("SELECT tag FROM ledger_audit WHERE tag LIKE 'w%'")
+            .expect("audit");
+        stmt.query_map([], |r| r.get(0))
+            .expect("audit")
+            .collect::<Result<_, _>>()
+            .expect("audit")
+    };
+    wait_until("audit rows on the target", Duration::from_secs(30), || {
+        audit(&target_path).len() >= acked.len()
+    });
+    assert_each_once(&audit(&target_path), &acked, "target's audit");
+    assert_each_once(&audit(&source_path), &acked, "source's audit");
+    let triggers = |path: &std::path::Path| -> i64 {
+        rusqlite::Connection::open(path)
+            .expect("open")
+            .query_row(
+                "SELECT count(*) FROM sqlite_schema WHERE type = 'trigger' AND name = 'ledger_audit_ins'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("triggers")
+    };
+    assert_eq!((triggers(&source_path), triggers(&target_path)), (1, 0));
     sigterm(last);
     let mut verify = kuaka();
     verify.args(["verify", "--source", &source, "--target", &target]);
