@@ -49,6 +49,33 @@ use crate::state::StateStore;
 pub const REQUEST_FILE: &str = "cutover.request";
 /// Written by the running job, followed by the commands and `kuaka status`.
 pub const PROGRESS_FILE: &str = "cutover.json";
+/// Per fenced database (its URL without password): whether it was read-only for the
+/// application before kuaka's first fence of it. A switch that fails leaves such a database
+/// read-only; the others are made writable again.
+pub const FENCES_FILE: &str = "fences.json";
+
+type Fences = std::collections::BTreeMap<String, bool>;
+
+fn read_fences(state_dir: &Path) -> Fences {
+    std::fs::read(state_dir.join(FENCES_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+fn write_fences(state_dir: &Path, fences: &Fences) -> Result<()> {
+    let path = state_dir.join(FENCES_FILE);
+    if fences.is_empty() {
+        return match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(Error::Definite(format!("removing {}: {e}", path.display())))
+            }
+            _ => Ok(()),
+        };
+    }
+    write_json(&path, fences)
+        .map_err(|e| Error::Definite(format!("writing {}: {e}", path.display())))
+}
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Request {
@@ -331,7 +358,7 @@ pub async fn prepare(live: &Live<'_>, request: &Request) -> Result<Prepared> {
             if !live.reverse {
                 fenced.push((live.moves(), live.moves_side()));
             }
-            let e = lift_fences(e, &fenced, &request.app_roles).await;
+            let e = lift_fences(e, &fenced, &request.app_roles, live.state_dir).await;
             rep.fail(&e);
             remove_request(live.state_dir, &request.id);
             Err(e)
@@ -372,13 +399,27 @@ async fn prepare_steps(live: &Live<'_>, request: &Request, rep: &mut Reporter) -
     // the switch), then the one it writes to now.
     let mut fenced = Vec::new();
     if !live.reverse {
-        fenced.push(fence(live.moves(), live.moves_side(), &request.app_roles).await?);
+        fenced.push(
+            fence(
+                live.moves(),
+                live.moves_side(),
+                &request.app_roles,
+                live.state_dir,
+            )
+            .await?,
+        );
     }
     // The application loses its writable database from here.
     if rep.progress.fenced_at_ms.is_none() {
         rep.progress.fenced_at_ms = Some(unix_ms());
     }
-    let from_fence = fence(live.writes(), live.writes_side(), &request.app_roles).await?;
+    let from_fence = fence(
+        live.writes(),
+        live.writes_side(),
+        &request.app_roles,
+        live.state_dir,
+    )
+    .await?;
     fenced.push(from_fence);
     rep.step("fence", fenced.join("; "));
     // 3. Drain.
@@ -585,7 +626,7 @@ pub async fn finish_cutover(
     if let Some(said) = super::objects::at_cutover(spec, main, !request.no_reverse).await? {
         rep.step("triggers", said);
     }
-    unfence(&spec.target, Side::Target, &request.app_roles).await?;
+    unfence(&spec.target, Side::Target, &request.app_roles, &main.dir()).await?;
     rep.progress.writable_at_ms = Some(unix_ms());
     rep.step(
         "unfence target",
@@ -778,7 +819,7 @@ async fn finish_fallback(
             ),
         );
     }
-    unfence(&spec.source, Side::Source, &request.app_roles).await?;
+    unfence(&spec.source, Side::Source, &request.app_roles, &main.dir()).await?;
     rep.progress.writable_at_ms = Some(unix_ms());
     rep.step(
         "unfence source",
@@ -875,9 +916,14 @@ pub async fn finish_interrupted(
 
 /// After a failed switch: lift the fences again (the application gets its databases back).
 /// Returns the error, extended when lifting failed too.
-pub async fn lift_fences(e: Error, fenced: &[(&Endpoint, Side)], roles: &[String]) -> Error {
+pub async fn lift_fences(
+    e: Error,
+    fenced: &[(&Endpoint, Side)],
+    roles: &[String],
+    state_dir: &Path,
+) -> Error {
     for (endpoint, side) in fenced {
-        if let Err(u) = unfence(endpoint, *side, roles).await {
+        if let Err(u) = unfence_to(endpoint, *side, roles, state_dir, true).await {
             return Error::Definite(format!(
                 "{e}; lifting the fences again also failed: {u} (the application may not write anywhere: rerun the command or lift them by hand)"
             ));
@@ -887,19 +933,105 @@ pub async fn lift_fences(e: Error, fenced: &[(&Endpoint, Side)], roles: &[String
 }
 
 /// Make the database read-only for the application, the way its engine allows (see the
-/// module's notes). Returns what was done, for the log.
-pub async fn fence(endpoint: &Endpoint, side: Side, roles: &[String]) -> Result<String> {
-    match endpoint.engine {
+/// module's notes). Returns what was done, for the log. The first fence of a database
+/// records in the state directory whether it was read-only already.
+pub async fn fence(
+    endpoint: &Endpoint,
+    side: Side,
+    roles: &[String],
+    state_dir: &Path,
+) -> Result<String> {
+    let key = endpoint.redacted();
+    let mut fences = read_fences(state_dir);
+    let before = match fences.get(&key) {
+        Some(b) => *b,
+        None => {
+            let b = already_read_only(endpoint, side, roles).await?;
+            fences.insert(key, b);
+            write_fences(state_dir, &fences)?;
+            b
+        }
+    };
+    let said = match endpoint.engine {
         EngineKind::Postgres => pg_fence(endpoint, side, roles).await,
         EngineKind::Mysql => my_fence(endpoint, side, roles).await,
         EngineKind::Sqlite => {
             tokio::task::block_in_place(|| super::sqlite_switch::fence(&endpoint.database))
         }
+    }?;
+    Ok(if before {
+        format!("{said} (it was read-only before: a failed switch leaves it so)")
+    } else {
+        said
+    })
+}
+
+/// Whether the application could not write to the database before kuaka fenced it: MySQL's
+/// `read_only`, PostgreSQL's `default_transaction_read_only` set for the database (or for
+/// each `--app-role` in it).
+async fn already_read_only(endpoint: &Endpoint, side: Side, roles: &[String]) -> Result<bool> {
+    match endpoint.engine {
+        EngineKind::Mysql => {
+            use mysql_async::prelude::Queryable;
+            let mut conn = crate::engine::mysql::connect(endpoint, "fence").await?;
+            let on: Option<u8> = conn
+                .query_first("SELECT @@GLOBAL.read_only")
+                .await
+                .map_err(|e| {
+                    crate::engine::mysql::error(
+                        format!("reading read_only on the {}", side.name()),
+                        e,
+                    )
+                })?;
+            conn.disconnect().await.ok();
+            Ok(on == Some(1))
+        }
+        EngineKind::Postgres => {
+            let client = postgres::connect(endpoint, side, "fence").await?;
+            let roles: Vec<String> = roles.to_vec();
+            let row = client
+                .query_one(
+                    "WITH wanted AS (                        SELECT CASE WHEN cardinality($1::text[]) = 0 THEN ARRAY[0::oid]                               ELSE ARRAY(SELECT oid FROM pg_roles WHERE rolname = ANY ($1::text[])) END AS oids)                      SELECT count(*) FILTER (WHERE EXISTS (                               SELECT 1 FROM pg_db_role_setting s, unnest(s.setconfig) c                               WHERE s.setdatabase = (SELECT oid FROM pg_database WHERE datname = current_database())                                 AND s.setrole = r                                 AND lower(c) IN ('default_transaction_read_only=on', 'default_transaction_read_only=true',                                                  'default_transaction_read_only=1', 'default_transaction_read_only=yes')))                             = count(*) AND count(*) > 0                      FROM wanted, unnest(wanted.oids) r",
+                    &[&roles],
+                )
+                .await
+                .ctx(|| format!("reading default_transaction_read_only on the {}", side.name()))?;
+            Ok(row.get(0))
+        }
+        EngineKind::Sqlite => Ok(false),
     }
 }
 
-/// Lift [`fence`].
-pub async fn unfence(endpoint: &Endpoint, side: Side, roles: &[String]) -> Result<()> {
+/// Lift [`fence`] for the switch: the database becomes writable for the application.
+pub async fn unfence(
+    endpoint: &Endpoint,
+    side: Side,
+    roles: &[String],
+    state_dir: &Path,
+) -> Result<()> {
+    unfence_to(endpoint, side, roles, state_dir, false).await
+}
+
+/// Lift [`fence`]; with `restore`, a database that was read-only before stays so.
+async fn unfence_to(
+    endpoint: &Endpoint,
+    side: Side,
+    roles: &[String],
+    state_dir: &Path,
+    restore: bool,
+) -> Result<()> {
+    let key = endpoint.redacted();
+    let mut fences = read_fences(state_dir);
+    if !(restore && fences.get(&key).copied().unwrap_or(false)) {
+        unfence_now(endpoint, side, roles).await?;
+    }
+    if fences.remove(&key).is_some() {
+        write_fences(state_dir, &fences)?;
+    }
+    Ok(())
+}
+
+async fn unfence_now(endpoint: &Endpoint, side: Side, roles: &[String]) -> Result<()> {
     match endpoint.engine {
         EngineKind::Postgres => pg_unfence(endpoint, side, roles).await,
         EngineKind::Mysql => my_unfence(endpoint, side).await,

@@ -1537,7 +1537,7 @@ impl Switch {
             } else {
                 vec![(&spec.source, Side::Source), (&spec.target, Side::Target)]
             };
-            cutover::lift_fences(e, &fenced, &self.request.app_roles).await
+            cutover::lift_fences(e, &fenced, &self.request.app_roles, &self.reporter.dir()).await
         } else {
             e
         };
@@ -1975,18 +1975,28 @@ async fn session(
                 sw.reporter.progress.fenced_at_ms = Some(cutover::unix_ms());
                 let roles = sw.request.app_roles.clone();
                 let reverse = sw.reverse;
+                let dir = sw.reporter.dir();
                 let fenced = async {
                     // A fallback fences the application's database only: the leg's target
                     // (the job's source) has been fenced since the cutover.
                     let t = if reverse {
                         String::new()
                     } else {
-                        cutover::fence(&spec.target, crate::engine::postgres::Side::Target, &roles)
-                            .await?
+                        cutover::fence(
+                            &spec.target,
+                            crate::engine::postgres::Side::Target,
+                            &roles,
+                            &dir,
+                        )
+                        .await?
                     };
-                    let s =
-                        cutover::fence(&spec.source, crate::engine::postgres::Side::Source, &roles)
-                            .await?;
+                    let s = cutover::fence(
+                        &spec.source,
+                        crate::engine::postgres::Side::Source,
+                        &roles,
+                        &dir,
+                    )
+                    .await?;
                     let goal = binlog::current_position(&mut control).await?;
                     let detail = if t.is_empty() { s } else { format!("{t}; {s}") };
                     Ok::<_, Error>((detail, goal))

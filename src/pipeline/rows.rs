@@ -974,11 +974,11 @@ async fn switch(
         }
         let mut said = Vec::new();
         if !reverse {
-            said.push(cutover::fence(moves.0, moves.1, &[]).await?);
+            said.push(cutover::fence(moves.0, moves.1, &[], &dir).await?);
             fenced.push(moves);
         }
         rep.progress.fenced_at_ms = Some(cutover::unix_ms());
-        said.push(cutover::fence(writes.0, writes.1, &[]).await?);
+        said.push(cutover::fence(writes.0, writes.1, &[], &dir).await?);
         fenced.push(writes);
         rep.step("fence", said.join("; "));
         match catch_up(from, to, tables, leg_job, applied, drain_timeout).await? {
@@ -1009,9 +1009,9 @@ async fn switch(
     if let Err(e) = before {
         // Nothing switched: the application gets its database back.
         let e = if reverse {
-            cutover::lift_fences(e, &[writes], &request.app_roles).await
+            cutover::lift_fences(e, &[writes], &request.app_roles, &dir).await
         } else {
-            cutover::lift_fences(e, &fenced, &request.app_roles).await
+            cutover::lift_fences(e, &fenced, &request.app_roles, &dir).await
         };
         rep.fail(&e);
         cutover::remove_request(&dir, &request.id);
@@ -1058,7 +1058,7 @@ async fn switch(
     .await;
     match after {
         Err(e) if cutover::direction(store)? == "forward" => {
-            let e = cutover::lift_fences(e, &fenced, &request.app_roles).await;
+            let e = cutover::lift_fences(e, &fenced, &request.app_roles, &dir).await;
             rep.fail(&e);
             cutover::remove_request(&dir, &request.id);
             Err(e)

@@ -415,6 +415,46 @@ fn cutover_and_fallback_under_writes() {
     );
 }
 
+/// A cutover refused after the fence (verification finds a difference planted on the
+/// target) gives the application its source back, and leaves a target that was read-only
+/// before (protected by its owner) read-only: the fence restores what it found.
+#[test]
+fn failed_cutover_restores_what_the_fence_found() {
+    let job = Job::new("cutover_protect", |url| {
+        psql(url, SCHEMA);
+    });
+    let mut streaming = job.stream_in_background(&[]);
+    psql(
+        &job.target,
+        "ALTER DATABASE cutover_protect_dst SET default_transaction_read_only = on;",
+    );
+    psql(
+        &job.target,
+        "SET default_transaction_read_only = off; DELETE FROM ledger WHERE id = (SELECT min(id) FROM ledger);",
+    );
+    assert!(refuses_writes(&job.target), "the target is protected");
+    let out = switch(&job, "cutover", &[]);
+    assert_ne!(out.status.code(), Some(0), "{}", out.all_output());
+    let text = out.all_output();
+    assert!(text.contains("verification found differences"), "{text}");
+    assert!(text.contains("it was read-only before"), "{text}");
+    assert!(
+        !refuses_writes(&job.source),
+        "the source stays fenced after a failed cutover"
+    );
+    assert!(
+        refuses_writes(&job.target),
+        "the failed cutover made the protected target writable"
+    );
+    assert!(
+        !job.state.path().join("fences.json").exists(),
+        "fences.json left after the fences were lifted"
+    );
+    assert_eq!(job.status_json()["direction"], "forward");
+    assert!(streaming.is_running(), "{}", streaming.stderr());
+    sigterm(streaming);
+}
+
 #[test]
 fn cutover_killed_at_steps_then_rerun() {
     let job = Job::new("cutover_kill", |url| {
