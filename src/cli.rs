@@ -416,12 +416,17 @@ impl RunArgs {
                 ));
             }
             if let Some((s, t)) = &endpoints
-                && (s.engine != crate::config::EngineKind::Postgres
-                    || t.engine != crate::config::EngineKind::Postgres)
+                && !matches!(
+                    (s.engine, t.engine),
+                    (
+                        crate::config::EngineKind::Postgres,
+                        crate::config::EngineKind::Postgres
+                    ) | (crate::config::EngineKind::Mysql, _)
+                )
             {
                 errors.push(invalid(
                     "--newer-wins",
-                    "is implemented for PostgreSQL → PostgreSQL jobs only",
+                    "is implemented for PostgreSQL → PostgreSQL jobs and jobs from MySQL/MariaDB only",
                 ));
             }
         }

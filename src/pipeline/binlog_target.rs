@@ -23,6 +23,14 @@ use crate::model::value::{Row, Value};
 /// Rows per multi-row statement.
 const ROWS_PER_STATEMENT: usize = 500;
 
+/// Session table (PostgreSQL, SQLite) of the rows the `--newer-wins` guard kept back.
+const KEPT_TABLE: &str = "kuaka_kept";
+
+/// MySQL user variable counting the rows of `table` the `--newer-wins` guard kept back.
+fn kept_variable(table: &str) -> String {
+    format!("@{}", my_ident(&format!("kuaka_kept.{table}")))
+}
+
 /// The SQL spelling of the target.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dialect {
@@ -245,6 +253,65 @@ impl Sink {
         result
     }
 
+    /// After a committed batch with `--newer-wins` guards on `tables`: how many rows of each
+    /// the guard kept back (tables with none left out).
+    pub async fn kept_back(&mut self, tables: &[String]) -> Result<Vec<(String, u64)>> {
+        let what = "reading the --newer-wins counts";
+        let counts: Vec<(String, i64)> = match self {
+            Sink::Mysql(c) => {
+                let sql = format!(
+                    "SELECT {}",
+                    tables
+                        .iter()
+                        .map(|t| format!("COALESCE({}, 0)", kept_variable(t)))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                let row: Option<mysql_async::Row> = c
+                    .query_first(sql)
+                    .await
+                    .map_err(|e| mysql::error(what, e))?;
+                let row = row.map(|r| r.unwrap()).unwrap_or_default();
+                tables
+                    .iter()
+                    .zip(row)
+                    .map(|(t, v)| {
+                        let n = mysql_async::from_value_opt::<i64>(v).unwrap_or(0);
+                        (t.clone(), n)
+                    })
+                    .collect()
+            }
+            Sink::Postgres(c) => c
+                .query(
+                    &format!("SELECT t, sum(n)::bigint FROM pg_temp.{KEPT_TABLE} GROUP BY t"),
+                    &[],
+                )
+                .await
+                .map_err(|e| pg_error(what, e))?
+                .iter()
+                .map(|r| {
+                    (
+                        r.get::<_, String>(0),
+                        r.get::<_, Option<i64>>(1).unwrap_or(0),
+                    )
+                })
+                .collect(),
+            Sink::Sqlite(c) => block(|| {
+                let mut stmt = c.prepare(&format!(
+                    "SELECT t, sum(n) FROM temp.{KEPT_TABLE} GROUP BY t"
+                ))?;
+                stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map_err(|e| sqlite_error(what, e))?,
+        };
+        Ok(counts
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(t, n)| (t, n as u64))
+            .collect())
+    }
+
     /// Which of `names` exist on the target already.
     pub async fn existing_tables(&mut self, names: &[String]) -> Result<Vec<String>> {
         match self {
@@ -365,6 +432,8 @@ pub struct Shape {
     key_index: Vec<usize>,
     /// Foreign keys of other moved tables that reference this one and act on its changes.
     children: Vec<ChildRule>,
+    /// `--newer-wins COLUMN` when the table has that column (and it is not a key column).
+    pub newer_wins: Option<String>,
 }
 
 /// An InnoDB foreign-key action to reproduce on the target: the binlog holds the parent's
@@ -458,20 +527,74 @@ impl Shape {
             key: t.key.clone(),
             key_index,
             children,
+            newer_wins: None,
+        }
+    }
+
+    /// Guard this table's upserts with `--newer-wins COLUMN` (if it has the column).
+    pub fn with_newer_wins(mut self, column: Option<&str>) -> Shape {
+        self.newer_wins = column
+            .filter(|c| self.columns.iter().any(|n| n == c) && !self.key.iter().any(|k| k == c))
+            .map(str::to_owned);
+        self
+    }
+
+    /// An upsert statement of `rows` rows with the `--newer-wins` guard: a row whose target
+    /// row has a greater guard column is left alone (NULL on either side: applied), and how
+    /// many were left is added to the session's count (read by [`Sink::kept_back`]).
+    fn guarded(&self, column: &str, statement: String, rows: usize) -> String {
+        let body = statement.trim_end().trim_end_matches(';');
+        let table = self.dialect.table(&self.name);
+        let c = self.dialect.quote_ident(column);
+        let name = self.dialect.literal(&self.name);
+        match self.dialect {
+            Dialect::Postgres if body.contains(" DO UPDATE SET ") => format!(
+                "WITH written AS ({body} WHERE {table}.{c} IS NULL OR EXCLUDED.{c} IS NULL OR {table}.{c} <= EXCLUDED.{c} RETURNING 1) \
+                 INSERT INTO pg_temp.{KEPT_TABLE} SELECT {name}, {rows} - count(*) FROM written;\n"
+            ),
+            Dialect::Sqlite if body.contains(" DO UPDATE SET ") => format!(
+                "{body} WHERE {table}.{c} IS NULL OR excluded.{c} IS NULL OR {table}.{c} <= excluded.{c};\n\
+                 INSERT INTO temp.{KEPT_TABLE} VALUES ({name}, {rows} - changes());\n"
+            ),
+            _ => statement,
         }
     }
 
     /// The target's statements for these row images: deletes by key, then upserts.
     fn rows_sql(&self, upserts: &[Row], deletes: &[Row]) -> Result<String> {
         match self.dialect {
-            Dialect::Postgres => pg_rows_sql(
-                &self.name,
-                &self.columns,
-                &self.types,
-                &self.key,
-                upserts,
-                deletes,
-            ),
+            Dialect::Postgres => match &self.newer_wins {
+                None => pg_rows_sql(
+                    &self.name,
+                    &self.columns,
+                    &self.types,
+                    &self.key,
+                    upserts,
+                    deletes,
+                ),
+                Some(column) => {
+                    let mut sql = pg_rows_sql(
+                        &self.name,
+                        &self.columns,
+                        &self.types,
+                        &self.key,
+                        &[],
+                        deletes,
+                    )?;
+                    for chunk in upserts.chunks(ROWS_PER_STATEMENT) {
+                        let statement = pg_rows_sql(
+                            &self.name,
+                            &self.columns,
+                            &self.types,
+                            &self.key,
+                            chunk,
+                            &[],
+                        )?;
+                        sql.push_str(&self.guarded(column, statement, chunk.len()));
+                    }
+                    Ok(sql)
+                }
+            },
             Dialect::Mysql => {
                 let key_kinds: Vec<Kind> = self.key_index.iter().map(|&i| self.kinds[i]).collect();
                 let mut sql = String::new();
@@ -487,12 +610,17 @@ impl Shape {
                         .iter()
                         .map(|r| self.my_tuple(r, &self.kinds, &self.columns, &self.key_of(r)))
                         .collect::<Result<Vec<_>>>()?;
-                    sql.push_str(&myapply::upsert(
-                        &self.name,
-                        &self.columns,
-                        &self.key,
-                        &tuples,
-                    ));
+                    sql.push_str(&match &self.newer_wins {
+                        Some(column) => myapply::upsert_newer_wins(
+                            &self.name,
+                            &self.columns,
+                            &self.key,
+                            &tuples,
+                            column,
+                            &kept_variable(&self.name),
+                        ),
+                        None => myapply::upsert(&self.name, &self.columns, &self.key, &tuples),
+                    });
                 }
                 Ok(sql)
             }
@@ -531,12 +659,12 @@ impl Shape {
                 }
                 for chunk in upserts.chunks(ROWS_PER_STATEMENT) {
                     let tuples: Vec<String> = chunk.iter().map(|r| tuple(r, &all_types)).collect();
-                    sql.push_str(&sqlite::upsert_many(
-                        &self.name,
-                        &self.columns,
-                        &self.key,
-                        &tuples,
-                    ));
+                    let statement =
+                        sqlite::upsert_many(&self.name, &self.columns, &self.key, &tuples);
+                    sql.push_str(&match &self.newer_wins {
+                        Some(column) => self.guarded(column, statement, chunk.len()),
+                        None => statement,
+                    });
                 }
                 Ok(sql)
             }
@@ -609,6 +737,8 @@ pub struct Batch<'a> {
     /// Apply every change as its own statement, in source order (after a unique-key clash of
     /// the net-effect form).
     strict: bool,
+    /// Tables whose upserts carry the `--newer-wins` guard in the SQL not yet taken.
+    guarded: std::collections::BTreeSet<String>,
 }
 
 impl<'a> Batch<'a> {
@@ -620,6 +750,7 @@ impl<'a> Batch<'a> {
             changes: 0,
             transactions: 0,
             strict,
+            guarded: Default::default(),
         }
     }
 
@@ -652,6 +783,9 @@ impl<'a> Batch<'a> {
                         None => deletes.push(key),
                     }
                 }
+            }
+            if shape.newer_wins.is_some() && !upserts.is_empty() {
+                self.guarded.insert(table.clone());
             }
             self.sql.push_str(&shape.rows_sql(&upserts, &deletes)?);
         }
@@ -807,9 +941,28 @@ impl<'a> Batch<'a> {
         Ok(())
     }
 
-    pub fn take_sql(&mut self) -> Result<String> {
+    /// The batch's statements, and the tables among them guarded by `--newer-wins` (their
+    /// kept-back counts are reset first and read with [`Sink::kept_back`] after the commit).
+    pub fn take_sql(&mut self) -> Result<(String, Vec<String>)> {
         self.flush()?;
-        Ok(std::mem::take(&mut self.sql))
+        let guarded: Vec<String> = std::mem::take(&mut self.guarded).into_iter().collect();
+        let sql = std::mem::take(&mut self.sql);
+        let Some(dialect) = guarded.first().map(|t| self.shapes[t].dialect) else {
+            return Ok((sql, guarded));
+        };
+        let reset = match dialect {
+            Dialect::Postgres => format!(
+                "CREATE TEMP TABLE IF NOT EXISTS {KEPT_TABLE} (t text, n bigint);\nDELETE FROM pg_temp.{KEPT_TABLE};\n"
+            ),
+            Dialect::Sqlite => format!(
+                "CREATE TEMP TABLE IF NOT EXISTS {KEPT_TABLE} (t TEXT, n INTEGER);\nDELETE FROM temp.{KEPT_TABLE};\n"
+            ),
+            Dialect::Mysql => guarded
+                .iter()
+                .map(|t| format!("SET {} = 0;\n", kept_variable(t)))
+                .collect(),
+        };
+        Ok((format!("{reset}{sql}"), guarded))
     }
 }
 
@@ -833,6 +986,7 @@ impl Shape {
             key: vec!["id".into()],
             key_index: vec![0],
             children,
+            newer_wins: None,
         }
     }
 }
@@ -900,7 +1054,7 @@ mod tests {
         b.add(&ev("parent", Some(row(7, "x")), Some(row(8, "x"))))
             .unwrap();
         b.add(&ev("parent", Some(row(9, "y")), None)).unwrap();
-        let sql = b.take_sql().unwrap();
+        let sql = b.take_sql().unwrap().0;
         let find = |needle: &str| {
             sql.find(needle)
                 .unwrap_or_else(|| panic!("{needle} not in {sql}"))
@@ -956,7 +1110,7 @@ mod tests {
             after: None,
         })
         .unwrap();
-        let sql = b.take_sql().unwrap();
+        let sql = b.take_sql().unwrap().0;
         assert!(sql.contains("INSERT INTO `parent` (`id`, `v`) VALUES (1, 'it\\'s') ON DUPLICATE KEY UPDATE `v` = VALUES(`v`);"), "{sql}");
         assert!(
             sql.contains("DELETE FROM `parent` WHERE (`id`) IN ((2));"),
@@ -970,5 +1124,69 @@ mod tests {
         );
         assert!(sql.contains("DELETE FROM `other` WHERE `p` = 2;"), "{sql}");
         assert!(!sql.contains("session_replication_role"), "{sql}");
+    }
+
+    #[test]
+    fn newer_wins_guards_upserts_in_every_dialect_and_counts_what_it_kept() {
+        for dialect in [Dialect::Mysql, Dialect::Postgres, Dialect::Sqlite] {
+            let shapes: HashMap<String, Shape> = [
+                (
+                    "t".to_owned(),
+                    Shape::for_test("t", dialect, vec![]).with_newer_wins(Some("v")),
+                ),
+                // No such column: applied as usual.
+                (
+                    "u".to_owned(),
+                    Shape::for_test("u", dialect, vec![]).with_newer_wins(Some("gmt")),
+                ),
+            ]
+            .into_iter()
+            .collect();
+            let mut b = Batch::new(&shapes, false);
+            for table in ["t", "u"] {
+                b.add(&RowEvent {
+                    table: table.into(),
+                    before: None,
+                    after: Some(vec![Value::Int(1), Value::Text("x".into())]),
+                })
+                .unwrap();
+            }
+            b.add(&RowEvent {
+                table: "t".into(),
+                before: Some(vec![Value::Int(2), Value::Null]),
+                after: None,
+            })
+            .unwrap();
+            let (sql, guarded) = b.take_sql().unwrap();
+            assert_eq!(guarded, vec!["t".to_owned()], "{dialect:?}");
+            let expect: &[&str] = match dialect {
+                Dialect::Mysql => &[
+                    "SET @`kuaka_kept.t` = 0;",
+                    "ON DUPLICATE KEY UPDATE `v` = IF((`v` IS NULL OR VALUES(`v`) IS NULL OR `v` <= VALUES(`v`)), VALUES(`v`), IF((@`kuaka_kept.t` := @`kuaka_kept.t` + 1) > 0, `v`, `v`));",
+                    "INSERT INTO `u` (`id`, `v`) VALUES (1, 'x') ON DUPLICATE KEY UPDATE `v` = VALUES(`v`);",
+                    "DELETE FROM `t` WHERE (`id`) IN ((2));",
+                ],
+                Dialect::Postgres => &[
+                    "DELETE FROM pg_temp.kuaka_kept;",
+                    "WITH written AS (INSERT INTO public.\"t\"",
+                    "WHERE public.\"t\".\"v\" IS NULL OR EXCLUDED.\"v\" IS NULL OR public.\"t\".\"v\" <= EXCLUDED.\"v\" RETURNING 1) INSERT INTO pg_temp.kuaka_kept SELECT 't', 1 - count(*) FROM written;",
+                ],
+                Dialect::Sqlite => &[
+                    "DELETE FROM temp.kuaka_kept;",
+                    "WHERE \"t\".\"v\" IS NULL OR excluded.\"v\" IS NULL OR \"t\".\"v\" <= excluded.\"v\";",
+                    "INSERT INTO temp.kuaka_kept VALUES ('t', 1 - changes());",
+                ],
+            };
+            for e in expect {
+                assert!(sql.contains(e), "{dialect:?}: no {e:?} in\n{sql}");
+            }
+            // A key column is no guard.
+            assert!(
+                Shape::for_test("k", dialect, vec![])
+                    .with_newer_wins(Some("id"))
+                    .newer_wins
+                    .is_none()
+            );
+        }
     }
 }

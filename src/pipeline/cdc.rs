@@ -666,7 +666,7 @@ pub(super) struct ApplyContext {
     /// Replication origin (prefix; `_w<N>` per session) the writes are marked with.
     origin: Option<String>,
     /// `--newer-wins COLUMN`.
-    newer_wins: Option<String>,
+    pub(super) newer_wins: Option<String>,
 }
 
 enum SessionEnd {

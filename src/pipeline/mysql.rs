@@ -60,6 +60,8 @@ pub struct MysqlSummary {
     pub caught_up: bool,
     /// The stream ended with a cutover to the target (no reverse replication).
     pub cut_over: bool,
+    /// Rows the `--newer-wins` guard kept back, by table.
+    pub kept_back: std::collections::BTreeMap<String, u64>,
 }
 
 fn cursor_position(c: &BinlogCursor) -> Position {
@@ -1464,7 +1466,11 @@ async fn stream(
         let shapes: HashMap<String, Shape> = catalog
             .tables
             .iter()
-            .map(|t| (t.name().to_owned(), Shape::new(t, &catalog, dialect)))
+            .map(|t| {
+                let shape =
+                    Shape::new(t, &catalog, dialect).with_newer_wins(spec.newer_wins.as_deref());
+                (t.name().to_owned(), shape)
+            })
             .collect();
         let before = state.summary.transactions;
         match session(
@@ -1812,6 +1818,7 @@ async fn session(
                         {
                             // Apply what came before, then the statement, each with its position.
                             apply(
+                                store,
                                 &mut target,
                                 &mut batch,
                                 &mut transactions,
@@ -1888,6 +1895,7 @@ async fn session(
                 || last_flush.elapsed() >= Duration::from_millis(500))
         {
             apply(
+                store,
                 &mut target,
                 &mut batch,
                 &mut transactions,
@@ -2092,7 +2100,9 @@ fn event_time(event: &mysql_async::binlog::events::Event) -> u32 {
 
 /// Commit the batch with the last transaction's position, in one target transaction. A
 /// unique-key clash of the net-effect form is retried with every change in source order.
+#[allow(clippy::too_many_arguments)]
 async fn apply(
+    store: &StateStore,
     target: &mut Sink,
     batch: &mut Batch<'_>,
     transactions: &mut Vec<binlog::Committed>,
@@ -2108,7 +2118,7 @@ async fn apply(
     let tail = target
         .dialect()
         .position_update(job_id, &cursor_text(&position), last.timestamp);
-    let mut body = batch.take_sql()?;
+    let (mut body, guarded) = batch.take_sql()?;
     let mut strict = false;
     loop {
         match target
@@ -2124,9 +2134,25 @@ async fn apply(
                         ordered.add(c)?;
                     }
                 }
-                body = ordered.take_sql()?;
+                body = ordered.take_sql()?.0;
             }
             Err(e) => return Err(e.error),
+        }
+    }
+    if !guarded.is_empty() {
+        let kept = target.kept_back(&guarded).await?;
+        if !kept.is_empty() {
+            for (table, n) in &kept {
+                tracing::warn!(
+                    table = table.as_str(),
+                    "--newer-wins kept {n} rows of {table} back: the target's row was newer"
+                );
+                *summary.kept_back.entry(table.clone()).or_default() += n;
+            }
+            store.set_meta(
+                "newer_wins_kept_back",
+                &serde_json::to_string(&summary.kept_back).unwrap_or_default(),
+            )?;
         }
     }
     summary.transactions += transactions.len() as u64;

@@ -825,6 +825,13 @@ pub(super) async fn apply_session(ctx: &ApplyContext, cancel: &CancellationToken
     let tables = ctx.out_tables.clone().ok_or_else(|| {
         Error::Definite("the job's schema is missing from the state store".into())
     })?;
+    if let Some(column) = &ctx.newer_wins {
+        // Only the reverse leg of a MySQL → PostgreSQL cutover gets here with it (the
+        // command refuses it for PostgreSQL → MySQL jobs).
+        tracing::warn!(
+            "--newer-wins {column} is not applied by the PostgreSQL → MySQL/MariaDB/SQLite apply: changes streamed back to the source replace its rows whatever their {column}"
+        );
+    }
     let mut out = Out::connect(&ctx.target).await?;
     let sqlite = matches!(out, Out::Sqlite(_));
     let mut applied = out.applied(&ctx.job_id).await?.unwrap_or(ctx.p0.0);

@@ -1122,3 +1122,108 @@ fn mariadb_column_type_overrides_to_postgres() {
     assert_eq!(rows, expected);
     crate::verify::assert_verified(state.path());
 }
+
+/// `--newer-wins gmt_modified` on MariaDB → MariaDB: an older change from the source never
+/// replaces a target row with a greater gmt_modified (the application writes both during a
+/// dual-write period); newer ones and NULL versions are applied, inserts too; the kept-back
+/// change is counted in `kuaka status`.
+#[test]
+fn mariadb_newer_wins_to_mariadb() {
+    newer_wins_case(true);
+}
+
+/// The same into PostgreSQL.
+#[test]
+fn mariadb_newer_wins_to_postgres() {
+    newer_wins_case(false);
+}
+
+fn newer_wins_case(to_mariadb: bool) {
+    let server = mariadb();
+    let (db, dst) = if to_mariadb {
+        ("my_newer_src2", "my_newer_dst2")
+    } else {
+        ("my_newer_src", "my_newer_dst")
+    };
+    let source = server.create_db(db);
+    server.exec_script(
+        db,
+        "CREATE TABLE item (id int PRIMARY KEY, v varchar(40) NOT NULL, n int, gmt_modified datetime(6));
+         INSERT INTO item SELECT seq, 'seed', seq, '2026-01-01' FROM seq_1_to_10;
+         CREATE TABLE plain (id int PRIMARY KEY, v varchar(40));
+         INSERT INTO plain VALUES (1, 'seed');",
+    );
+    let dest = Dest::new(to_mariadb, dst);
+    let target = dest.url();
+    let state = tempfile::tempdir().expect("state dir");
+    let mut background = Background::spawn(stream_command(
+        &source,
+        &target,
+        state.path(),
+        &["--newer-wins", "gmt_modified"],
+    ));
+    wait_streaming(&mut background, state.path());
+    // The application writes to the target too.
+    let on_target =
+        "UPDATE item SET v = 'target', n = -1, gmt_modified = '2026-06-01' WHERE id IN (1, 3);
+                     UPDATE plain SET v = 'target' WHERE id = 1;";
+    match &dest {
+        Dest::Mariadb(d) => {
+            server.exec_script(d, on_target);
+        }
+        Dest::Postgres(url) => {
+            crate::support::postgres::psql(url, on_target);
+        }
+    }
+    server.exec_script(
+        db,
+        "UPDATE item SET v = 'older source', n = 100, gmt_modified = '2026-03-01' WHERE id = 1;
+         UPDATE item SET v = 'newer source', gmt_modified = '2026-09-01' WHERE id = 2;
+         UPDATE item SET v = 'newest source', gmt_modified = '2026-12-01' WHERE id = 3;
+         UPDATE item SET v = 'no version', gmt_modified = NULL WHERE id = 4;
+         INSERT INTO item VALUES (11, 'inserted', 11, '2026-02-01');
+         UPDATE plain SET v = 'source' WHERE id = 1;",
+    );
+    let value = |sql: &str| dest.value(sql);
+    wait_until(
+        "the source's changes to arrive",
+        Duration::from_secs(60),
+        || value("SELECT count(*) FROM item WHERE id = 11") == "1",
+    );
+    let v = |id: i32| value(&format!("SELECT v FROM item WHERE id = {id}"));
+    assert_eq!(v(1), "target", "an older change replaced a newer row");
+    assert_eq!(
+        value("SELECT n FROM item WHERE id = 1"),
+        "-1",
+        "an older change replaced a column of a newer row"
+    );
+    assert_eq!(v(2), "newer source");
+    assert_eq!(v(3), "newest source");
+    assert_eq!(v(4), "no version");
+    assert_eq!(
+        value("SELECT v FROM plain WHERE id = 1"),
+        "source",
+        "a table without the column is applied as usual"
+    );
+    // A later, newer change to the kept row is applied.
+    server.exec_script(
+        db,
+        "UPDATE item SET v = 'newer again', gmt_modified = '2026-07-01' WHERE id = 1;",
+    );
+    wait_until(
+        "the newer change to arrive",
+        Duration::from_secs(60),
+        || v(1) == "newer again",
+    );
+    let status = || {
+        let mut c = kuaka();
+        c.args(["status", "--json", "--state"]).arg(state.path());
+        serde_json::from_str::<serde_json::Value>(&run(c).stdout).expect("status json")
+    };
+    wait_until(
+        "status to count the kept-back change",
+        Duration::from_secs(30),
+        || status()["newer_wins_kept_back"]["item"] == 1,
+    );
+    background.kill();
+}

@@ -137,6 +137,38 @@ pub fn upsert(table: &str, columns: &[String], key: &[String], tuples: &[String]
     )
 }
 
+/// [`upsert`] with the `--newer-wins` guard on `guard`: a duplicate whose row has a greater
+/// `guard` value keeps every column (NULL on either side: replaced), and `counter` (a user
+/// variable) counts such rows. The guard column is assigned last: MySQL evaluates the
+/// assignments in order, and the others compare against its old value.
+pub fn upsert_newer_wins(
+    table: &str,
+    columns: &[String],
+    key: &[String],
+    tuples: &[String],
+    guard: &str,
+    counter: &str,
+) -> String {
+    let cols: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
+    let g = quote_ident(guard);
+    let newer = format!("({g} IS NULL OR VALUES({g}) IS NULL OR {g} <= VALUES({g}))");
+    let mut updates: Vec<String> = columns
+        .iter()
+        .filter(|c| !key.contains(c) && c.as_str() != guard)
+        .map(|c| format!("{0} = IF({newer}, VALUES({0}), {0})", quote_ident(c)))
+        .collect();
+    updates.push(format!(
+        "{g} = IF({newer}, VALUES({g}), IF(({counter} := {counter} + 1) > 0, {g}, {g}))"
+    ));
+    format!(
+        "INSERT INTO {} ({}) VALUES {} ON DUPLICATE KEY UPDATE {};\n",
+        quote_ident(table),
+        cols.join(", "),
+        tuples.join(", "),
+        updates.join(", ")
+    )
+}
+
 /// `DELETE FROM `t` WHERE (k1, k2) IN ((...), (...))`.
 pub fn delete(table: &str, key: &[String], tuples: &[String]) -> String {
     format!(
