@@ -415,18 +415,12 @@ impl RunArgs {
                     "works with --apply-mode transactional only",
                 ));
             }
-            if let Some((s, t)) = &endpoints
-                && !matches!(
-                    (s.engine, t.engine),
-                    (
-                        crate::config::EngineKind::Postgres,
-                        crate::config::EngineKind::Postgres
-                    ) | (crate::config::EngineKind::Mysql, _)
-                )
+            if let Some((s, _)) = &endpoints
+                && s.engine == crate::config::EngineKind::Sqlite
             {
                 errors.push(invalid(
                     "--newer-wins",
-                    "is implemented for PostgreSQL → PostgreSQL jobs and jobs from MySQL/MariaDB only",
+                    "is not implemented for jobs from SQLite",
                 ));
             }
         }

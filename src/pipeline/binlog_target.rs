@@ -27,8 +27,33 @@ const ROWS_PER_STATEMENT: usize = 500;
 const KEPT_TABLE: &str = "kuaka_kept";
 
 /// MySQL user variable counting the rows of `table` the `--newer-wins` guard kept back.
-fn kept_variable(table: &str) -> String {
+pub(super) fn kept_variable(table: &str) -> String {
     format!("@{}", my_ident(&format!("kuaka_kept.{table}")))
+}
+
+/// Statements zeroing the `--newer-wins` counts of `tables`, for the start of a transaction.
+pub(super) fn kept_reset(dialect: Dialect, tables: &[String]) -> String {
+    match dialect {
+        Dialect::Postgres => format!(
+            "CREATE TEMP TABLE IF NOT EXISTS {KEPT_TABLE} (t text, n bigint);\nDELETE FROM pg_temp.{KEPT_TABLE};\n"
+        ),
+        Dialect::Sqlite => format!(
+            "CREATE TEMP TABLE IF NOT EXISTS {KEPT_TABLE} (t TEXT, n INTEGER);\nDELETE FROM temp.{KEPT_TABLE};\n"
+        ),
+        Dialect::Mysql => tables
+            .iter()
+            .map(|t| format!("SET {} = 0;\n", kept_variable(t)))
+            .collect(),
+    }
+}
+
+/// The `--newer-wins` counts of a SQLite session (see [`kept_reset`]).
+pub(super) fn sqlite_kept_back(c: &rusqlite::Connection) -> rusqlite::Result<Vec<(String, i64)>> {
+    let mut stmt = c.prepare(&format!(
+        "SELECT t, sum(n) FROM temp.{KEPT_TABLE} GROUP BY t"
+    ))?;
+    stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
+        .collect()
 }
 
 /// The SQL spelling of the target.
@@ -296,14 +321,7 @@ impl Sink {
                     )
                 })
                 .collect(),
-            Sink::Sqlite(c) => block(|| {
-                let mut stmt = c.prepare(&format!(
-                    "SELECT t, sum(n) FROM temp.{KEPT_TABLE} GROUP BY t"
-                ))?;
-                stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
-                    .collect::<rusqlite::Result<Vec<_>>>()
-            })
-            .map_err(|e| sqlite_error(what, e))?,
+            Sink::Sqlite(c) => block(|| sqlite_kept_back(c)).map_err(|e| sqlite_error(what, e))?,
         };
         Ok(counts
             .into_iter()
@@ -543,11 +561,25 @@ impl Shape {
     /// row has a greater guard column is left alone (NULL on either side: applied), and how
     /// many were left is added to the session's count (read by [`Sink::kept_back`]).
     fn guarded(&self, column: &str, statement: String, rows: usize) -> String {
+        guard_upsert(self.dialect, &self.name, column, statement, rows)
+    }
+}
+
+/// The `--newer-wins` form of a PostgreSQL or SQLite upsert statement of `rows` rows into
+/// table `name` (MySQL's is built whole: [`myapply::upsert_newer_wins`]).
+pub(super) fn guard_upsert(
+    dialect: Dialect,
+    name: &str,
+    column: &str,
+    statement: String,
+    rows: usize,
+) -> String {
+    {
         let body = statement.trim_end().trim_end_matches(';');
-        let table = self.dialect.table(&self.name);
-        let c = self.dialect.quote_ident(column);
-        let name = self.dialect.literal(&self.name);
-        match self.dialect {
+        let table = dialect.table(name);
+        let c = dialect.quote_ident(column);
+        let name = dialect.literal(name);
+        match dialect {
             Dialect::Postgres if body.contains(" DO UPDATE SET ") => format!(
                 "WITH written AS ({body} WHERE {table}.{c} IS NULL OR EXCLUDED.{c} IS NULL OR {table}.{c} <= EXCLUDED.{c} RETURNING 1) \
                  INSERT INTO pg_temp.{KEPT_TABLE} SELECT {name}, {rows} - count(*) FROM written;\n"
@@ -559,7 +591,9 @@ impl Shape {
             _ => statement,
         }
     }
+}
 
+impl Shape {
     /// The target's statements for these row images: deletes by key, then upserts.
     fn rows_sql(&self, upserts: &[Row], deletes: &[Row]) -> Result<String> {
         match self.dialect {
@@ -950,19 +984,7 @@ impl<'a> Batch<'a> {
         let Some(dialect) = guarded.first().map(|t| self.shapes[t].dialect) else {
             return Ok((sql, guarded));
         };
-        let reset = match dialect {
-            Dialect::Postgres => format!(
-                "CREATE TEMP TABLE IF NOT EXISTS {KEPT_TABLE} (t text, n bigint);\nDELETE FROM pg_temp.{KEPT_TABLE};\n"
-            ),
-            Dialect::Sqlite => format!(
-                "CREATE TEMP TABLE IF NOT EXISTS {KEPT_TABLE} (t TEXT, n INTEGER);\nDELETE FROM temp.{KEPT_TABLE};\n"
-            ),
-            Dialect::Mysql => guarded
-                .iter()
-                .map(|t| format!("SET {} = 0;\n", kept_variable(t)))
-                .collect(),
-        };
-        Ok((format!("{reset}{sql}"), guarded))
+        Ok((format!("{}{sql}", kept_reset(dialect, &guarded)), guarded))
     }
 }
 
@@ -1162,7 +1184,7 @@ mod tests {
             let expect: &[&str] = match dialect {
                 Dialect::Mysql => &[
                     "SET @`kuaka_kept.t` = 0;",
-                    "ON DUPLICATE KEY UPDATE `v` = IF((`v` IS NULL OR VALUES(`v`) IS NULL OR `v` <= VALUES(`v`)), VALUES(`v`), IF((@`kuaka_kept.t` := @`kuaka_kept.t` + 1) > 0, `v`, `v`));",
+                    "ON DUPLICATE KEY UPDATE `v` = IF((`v` IS NULL OR VALUES(`v`) IS NULL OR `v` <= VALUES(`v`)), VALUES(`v`), IF((@`kuaka_kept.t` := COALESCE(@`kuaka_kept.t`, 0) + 1) > 0, `v`, `v`));",
                     "INSERT INTO `u` (`id`, `v`) VALUES (1, 'x') ON DUPLICATE KEY UPDATE `v` = VALUES(`v`);",
                     "DELETE FROM `t` WHERE (`id`) IN ((2));",
                 ],

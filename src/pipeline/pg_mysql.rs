@@ -515,6 +515,11 @@ struct Batch<'a> {
     sql: String,
     rows: usize,
     counts: BTreeMap<String, TableCounts>,
+    /// `--newer-wins COLUMN`.
+    newer_wins: Option<&'a str>,
+    /// Tables whose statements in this batch carry the guard (their counts are read after
+    /// the commit).
+    guarded: std::collections::BTreeSet<String>,
 }
 
 impl<'a> Batch<'a> {
@@ -526,6 +531,28 @@ impl<'a> Batch<'a> {
             sql: String::new(),
             rows: 0,
             counts: BTreeMap::new(),
+            newer_wins: None,
+            guarded: Default::default(),
+        }
+    }
+
+    fn with_newer_wins(mut self, column: Option<&'a str>) -> Batch<'a> {
+        self.newer_wins = column;
+        self
+    }
+
+    /// The `--newer-wins` column of `rel`, when it has it outside its key.
+    fn guard_of(&self, rel: &Relation) -> Option<(usize, &'a str)> {
+        let column = self.newer_wins?;
+        let i = rel.columns.iter().position(|c| c == column)?;
+        (!rel.key.contains(&i)).then_some((i, column))
+    }
+
+    fn dialect(&self) -> Dialect {
+        if self.sqlite {
+            Dialect::Sqlite
+        } else {
+            Dialect::Mysql
         }
     }
 
@@ -618,22 +645,64 @@ impl<'a> Batch<'a> {
             RowChange::Update { rel, key, row } => {
                 self.count(&rel.name).updates += 1;
                 self.flush_table(&rel.name)?;
+                // Guarded when the version column is in the change (not an unchanged TOAST).
+                let guard = self
+                    .guard_of(&rel)
+                    .filter(|(i, _)| row[*i] != Cell::Unchanged);
+                let mut newer = None;
+                if let Some((i, column)) = guard {
+                    let mut new = String::new();
+                    self.literal(&rel, i, &row[i], &mut new)?;
+                    let c = self.ident(column);
+                    newer = Some(format!("({c} IS NULL OR {new} IS NULL OR {c} <= {new})"));
+                    self.guarded.insert(rel.name.name.clone());
+                }
                 let mut sets = Vec::new();
+                let mut last = None;
                 for (i, cell) in row.iter().enumerate() {
                     if *cell == Cell::Unchanged {
                         continue;
                     }
                     let mut lit = String::new();
                     self.literal(&rel, i, cell, &mut lit)?;
-                    sets.push(format!("{} = {lit}", self.ident(&rel.columns[i])));
+                    let c = self.ident(&rel.columns[i]);
+                    match (&newer, guard) {
+                        // MySQL: each column keeps its value unless newer, the version column
+                        // last (assignments run in order) and counting what it kept; a side
+                        // effect in WHERE would run more than once per row.
+                        (Some(newer), Some((g, _))) if !self.sqlite => {
+                            if i == g {
+                                let v = super::binlog_target::kept_variable(&rel.name.name);
+                                last = Some(format!(
+                                    "{c} = IF({newer}, {lit}, IF(({v} := COALESCE({v}, 0) + 1) > 0, {c}, {c}))"
+                                ));
+                            } else {
+                                sets.push(format!("{c} = IF({newer}, {lit}, {c})"));
+                            }
+                        }
+                        _ => sets.push(format!("{c} = {lit}")),
+                    }
                 }
-                let condition = self.key_condition(&rel, &key)?;
+                sets.extend(last);
+                let mut condition = self.key_condition(&rel, &key)?;
+                let mut count = None;
+                if let (Some(newer), true) = (&newer, self.sqlite) {
+                    // SQLite: changes() counts the rows the UPDATE matched.
+                    condition = format!("{condition} AND {newer}");
+                    count = Some(format!(
+                        "INSERT INTO temp.kuaka_kept VALUES ({}, 1 - changes());\n",
+                        quote_literal(&rel.name.name)
+                    ));
+                }
                 let _ = writeln!(
                     self.sql,
                     "UPDATE {} SET {} WHERE {condition};",
                     self.ident(&rel.name.name),
                     sets.join(", ")
                 );
+                if let Some(count) = count {
+                    self.sql.push_str(&count);
+                }
             }
             RowChange::Truncate { rels, .. } => {
                 self.flush_all()?;
@@ -717,11 +786,38 @@ impl<'a> Batch<'a> {
                 });
             }
             if !upserts.is_empty() {
-                self.sql.push_str(&if self.sqlite {
-                    crate::engine::sqlite::upsert_many(table, &rel.columns, &key_names, &upserts)
-                } else {
-                    myapply::upsert(table, &rel.columns, &key_names, &upserts)
+                let guard = self.guard_of(&rel).map(|(_, c)| c);
+                let rows = upserts.len();
+                let statement = match (self.sqlite, guard) {
+                    (true, _) => crate::engine::sqlite::upsert_many(
+                        table,
+                        &rel.columns,
+                        &key_names,
+                        &upserts,
+                    ),
+                    (false, Some(column)) => myapply::upsert_newer_wins(
+                        table,
+                        &rel.columns,
+                        &key_names,
+                        &upserts,
+                        column,
+                        &super::binlog_target::kept_variable(table),
+                    ),
+                    (false, None) => myapply::upsert(table, &rel.columns, &key_names, &upserts),
+                };
+                self.sql.push_str(&match (self.sqlite, guard) {
+                    (true, Some(column)) => super::binlog_target::guard_upsert(
+                        self.dialect(),
+                        table,
+                        column,
+                        statement,
+                        rows,
+                    ),
+                    _ => statement,
                 });
+                if guard.is_some() {
+                    self.guarded.insert(table.clone());
+                }
             }
         }
         Ok(())
@@ -807,6 +903,32 @@ impl Out {
         }
     }
 
+    /// The `--newer-wins` counts of `tables` since the last call (then zeroed).
+    async fn kept_back(&mut self, tables: &[String]) -> Result<Vec<(String, u64)>> {
+        let kept = match self {
+            Out::Mysql(sink) => sink.kept_back(tables).await?,
+            Out::Sqlite(conn) => tokio::task::block_in_place(|| {
+                super::binlog_target::sqlite_kept_back(conn).map(|rows| {
+                    rows.into_iter()
+                        .filter(|(_, n)| *n > 0)
+                        .map(|(t, n)| (t, n as u64))
+                        .collect()
+                })
+            })
+            .map_err(|e| Error::Definite(format!("reading the --newer-wins counts: {e}")))?,
+        };
+        let reset = super::binlog_target::kept_reset(
+            if matches!(self, Out::Sqlite(_)) {
+                Dialect::Sqlite
+            } else {
+                Dialect::Mysql
+            },
+            tables,
+        );
+        self.execute(&reset).await?;
+        Ok(kept)
+    }
+
     async fn execute(&mut self, sql: &str) -> Result<()> {
         match self {
             Out::Mysql(sink) => sink.execute(sql, "applying changes to the target").await,
@@ -825,20 +947,18 @@ pub(super) async fn apply_session(ctx: &ApplyContext, cancel: &CancellationToken
     let tables = ctx.out_tables.clone().ok_or_else(|| {
         Error::Definite("the job's schema is missing from the state store".into())
     })?;
-    if let Some(column) = &ctx.newer_wins {
-        // Only the reverse leg of a MySQL → PostgreSQL cutover gets here with it (the
-        // command refuses it for PostgreSQL → MySQL jobs).
-        tracing::warn!(
-            "--newer-wins {column} is not applied by the PostgreSQL → MySQL/MariaDB/SQLite apply: changes streamed back to the source replace its rows whatever their {column}"
-        );
-    }
     let mut out = Out::connect(&ctx.target).await?;
     let sqlite = matches!(out, Out::Sqlite(_));
+    if ctx.newer_wins.is_some() && sqlite {
+        // The session's --newer-wins counts (MySQL counts in user variables).
+        out.execute(&super::binlog_target::kept_reset(Dialect::Sqlite, &[]))
+            .await?;
+    }
     let mut applied = out.applied(&ctx.job_id).await?.unwrap_or(ctx.p0.0);
     ctx.progress.applied.store(applied, Ordering::Relaxed);
     let mut log = TxnLog::open(&ctx.dir, applied, ctx.log_end.clone())?;
     loop {
-        let mut batch = Batch::new(&tables, sqlite);
+        let mut batch = Batch::new(&tables, sqlite).with_newer_wins(ctx.newer_wins.as_deref());
         let mut open = false;
         log.start_batch();
         let started = Instant::now();
@@ -888,6 +1008,17 @@ pub(super) async fn apply_session(ctx: &ApplyContext, cancel: &CancellationToken
             return Err(e);
         }
         crate::failpoint::hit("apply.after_commit");
+        if !batch.guarded.is_empty() {
+            let guarded: Vec<String> = std::mem::take(&mut batch.guarded).into_iter().collect();
+            let kept = out.kept_back(&guarded).await?;
+            for (table, n) in &kept {
+                tracing::warn!(
+                    table = table.as_str(),
+                    "--newer-wins kept {n} rows of {table} back: the target's row was newer"
+                );
+            }
+            ctx.progress.add_kept_back(&kept.into_iter().collect());
+        }
         applied = lsn;
         let p = &ctx.progress;
         p.applied.store(lsn, Ordering::Relaxed);

@@ -158,7 +158,7 @@ pub fn upsert_newer_wins(
         .map(|c| format!("{0} = IF({newer}, VALUES({0}), {0})", quote_ident(c)))
         .collect();
     updates.push(format!(
-        "{g} = IF({newer}, VALUES({g}), IF(({counter} := {counter} + 1) > 0, {g}, {g}))"
+        "{g} = IF({newer}, VALUES({g}), IF(({counter} := COALESCE({counter}, 0) + 1) > 0, {g}, {g}))"
     ));
     format!(
         "INSERT INTO {} ({}) VALUES {} ON DUPLICATE KEY UPDATE {};\n",
