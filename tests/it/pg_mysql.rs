@@ -493,7 +493,8 @@ fn postgres_newer_wins_to_mariadb_and_sqlite() {
             })
             .unwrap_or_else(|e| format!("error: {e}"))
     };
-    let readers: [Box<dyn Fn(&str) -> String>; 2] = [
+    type Reader<'a> = Box<dyn Fn(&str) -> String + 'a>;
+    let readers: [Reader; 2] = [
         Box::new(|sql: &str| server.rows("pgnewer_dst", sql)[0][0].clone()),
         Box::new(sqlite_value),
     ];
