@@ -7,7 +7,11 @@
 //! transaction's changes and position are written, COMMIT not sent), `apply.after_commit`,
 //! `capture.synced_in_transaction` (the change log was synced while a source transaction was
 //! only partly received), `verify.after_part` (a verification part's result is in the
-//! checkpoint).
+//! checkpoint), `snapshot.planned` (the chunk plan is saved, no chunk copied yet).
+//!
+//! `KUAKA_PAUSE=name=PATH` instead holds the process at the first hit of `name`: it creates
+//! `PATH.reached` and waits until `PATH` exists, so a test can act on the databases at exactly
+//! that point.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,14 +40,45 @@ fn armed() -> Option<&'static Armed> {
         .as_ref()
 }
 
-/// Reached a named point: die here if a test armed it.
+/// Reached a named point: die or pause here if a test armed it.
 pub fn hit(name: &str) {
+    if let Some((pause, path)) = paused()
+        && pause == name
+    {
+        wait_for_release(path);
+    }
     if let Some(a) = armed()
         && a.name == name
         && a.hits.fetch_add(1, Ordering::SeqCst) + 1 == a.nth
     {
         eprintln!("kuaka: failpoint {name} reached, killing the process");
         kill_self();
+    }
+}
+
+fn paused() -> Option<&'static (String, String)> {
+    static PAUSE: OnceLock<Option<(String, String)>> = OnceLock::new();
+    PAUSE
+        .get_or_init(|| {
+            let spec = std::env::var("KUAKA_PAUSE").ok()?;
+            let (name, path) = spec.split_once('=')?;
+            Some((name.to_owned(), path.to_owned()))
+        })
+        .as_ref()
+}
+
+/// Blocks the calling thread: only tests pause, and they release within seconds.
+fn wait_for_release(path: &str) {
+    static ONCE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if ONCE.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    if let Err(e) = std::fs::write(format!("{path}.reached"), b"") {
+        eprintln!("kuaka: cannot mark the pause at {path}.reached: {e}");
+        return;
+    }
+    while !std::path::Path::new(path).exists() {
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
 

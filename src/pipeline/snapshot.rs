@@ -262,6 +262,7 @@ pub(crate) async fn run_phases(
             });
         }
         store.save_plan(&plan)?;
+        failpoint::hit("snapshot.planned");
     } else if resumed && spec.snapshot_only {
         tracing::warn!(
             "resuming a snapshot-only copy: chunks copied before the interruption come from the earlier snapshot, the rest from a new one"

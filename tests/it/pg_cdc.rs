@@ -255,6 +255,50 @@ fn cdc_concurrent_writers_during_the_snapshot() {
     }
 }
 
+/// An application `TRUNCATE` between the chunk plan and the copy neither waits for kuaka nor
+/// wedges it: planning keeps no table lock (a held one let the readers queue behind the
+/// `TRUNCATE`, a wait cycle the server cannot see), and the change stream replays the
+/// `TRUNCATE` over whatever the copy read.
+#[test]
+fn cdc_truncate_between_plan_and_copy() {
+    let job = Job::new("cdc_truncate_plan", |url| {
+        psql(
+            url,
+            "CREATE TABLE scratch (id integer PRIMARY KEY, v text);
+             INSERT INTO scratch SELECT g, 'before ' || g FROM generate_series(1, 500) g;",
+        );
+    });
+    let pause = tempfile::tempdir().expect("tempdir");
+    let release = pause.path().join("go");
+    let mut command = job.stream_command(&["--chunk-rows", "100"]);
+    command.env(
+        "KUAKA_PAUSE",
+        format!("snapshot.planned={}", release.display()),
+    );
+    let background = Background::spawn(command);
+    let reached = pause.path().join("go.reached");
+    wait_until(
+        "the run to pause after planning",
+        Duration::from_secs(60),
+        || reached.exists(),
+    );
+    // Fails on lock_timeout if kuaka still held a lock on the table.
+    psql(
+        &job.source,
+        "SET lock_timeout = '10s'; TRUNCATE scratch;
+         INSERT INTO scratch VALUES (1, 'after the truncate'), (700, 'new');",
+    );
+    std::fs::write(&release, b"").expect("release the pause");
+    wait_until("the streaming phase", Duration::from_secs(120), || {
+        job.phase() == "streaming"
+    });
+    sigterm(background);
+    job.sync(&[]);
+    assert_same_data(&job.source, &job.target);
+    assert_eq!(query_one(&job.target, "SELECT count(*) FROM scratch"), "2");
+    job.clean();
+}
+
 // ---- crashes and restarts --------------------------------------------------------------------
 
 /// SIGKILL in the middle of the snapshot while writers run: the rerun finishes the copy, and

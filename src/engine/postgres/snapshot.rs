@@ -147,7 +147,31 @@ fn column_list(table: &Table) -> String {
 }
 
 /// Plan the chunks of one table (run inside the snapshot transaction).
+///
+/// The queries run in a savepoint that is rolled back: the table lock they take is released
+/// at once instead of being held until the copy ends. A held lock would let one application
+/// `TRUNCATE` (or other DDL) queue behind the coordinator, and the chunk readers queue behind
+/// that `TRUNCATE` — a wait cycle through kuaka's own process that the server cannot see.
 pub async fn plan_chunks(
+    client: &Client,
+    table: &Table,
+    chunk_rows: Option<i64>,
+    chunk_bytes: i64,
+    default_chunk_rows: i64,
+) -> Result<(Chunking, Vec<ChunkRange>, i64)> {
+    client
+        .batch_execute("SAVEPOINT kuaka_plan")
+        .await
+        .ctx(|| format!("planning the chunks of {}", table.name.display_name()))?;
+    let planned = plan_chunks_in(client, table, chunk_rows, chunk_bytes, default_chunk_rows).await;
+    client
+        .batch_execute("ROLLBACK TO SAVEPOINT kuaka_plan; RELEASE SAVEPOINT kuaka_plan")
+        .await
+        .ctx(|| format!("planning the chunks of {}", table.name.display_name()))?;
+    planned
+}
+
+async fn plan_chunks_in(
     client: &Client,
     table: &Table,
     chunk_rows: Option<i64>,

@@ -35,6 +35,7 @@ pub fn kuaka() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_kuaka"));
     command
         .env_remove("KUAKA_FAILPOINT")
+        .env_remove("KUAKA_PAUSE")
         .env_remove("PGPASSWORD")
         .env("NO_COLOR", "1")
         .stdin(Stdio::null());
