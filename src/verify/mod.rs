@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use self::canon::Canon;
-use self::read::{Reader, SideTable};
+use self::read::{PortableRow, Reader, SideTable};
 use crate::config::{Endpoint, EngineKind, Selection};
 use crate::model::value::{Row, Value};
 use crate::pipeline::{Error, Result};
@@ -130,6 +130,8 @@ struct Pair {
     key_at: Vec<usize>,
     /// Chunk digests computed by the servers (see [`pushdown_eligible`]).
     pushdown: bool,
+    /// Across engines: the row text each side digests alike (see [`portable_rows`]).
+    portable: Option<(PortableRow, PortableRow)>,
 }
 
 impl Pair {
@@ -188,6 +190,59 @@ fn pushdown_eligible(
     })
 }
 
+/// MySQL/MariaDB ⇄ PostgreSQL pairs with a single integer key (a key on the target too) whose
+/// compared columns all print alike on both engines ([`read::Portable`]: numbers of the same
+/// scale, text, dates, datetimes, booleans): each server digests the same row text, and the
+/// first chunk of every part is calibrated against the streamed comparison as for same-engine
+/// pairs.
+fn portable_rows(
+    options: &Options,
+    source: &SideTable,
+    target: &SideTable,
+    target_key: &[String],
+    columns: &[(String, String)],
+) -> Option<(PortableRow, PortableRow)> {
+    let [k] = source.key.as_slice() else {
+        return None;
+    };
+    let integer = source.column(k).is_some_and(|c| {
+        matches!(
+            c.data_type,
+            crate::model::DataType::Int16
+                | crate::model::DataType::Int32
+                | crate::model::DataType::Int64
+        )
+    });
+    let mapped = columns.iter().find(|(s, _)| s == k).map(|(_, t)| t)?;
+    if !integer || target_key != std::slice::from_ref(mapped) {
+        return None;
+    }
+    let (mut a, mut b) = (
+        PortableRow {
+            columns: Vec::new(),
+            flagged: Vec::new(),
+        },
+        PortableRow {
+            columns: Vec::new(),
+            flagged: Vec::new(),
+        },
+    );
+    for (s, t) in columns {
+        let ps = source.portable(options.source.engine, s)?;
+        let pt = target.portable(options.target.engine, t)?;
+        if ps != pt {
+            return None;
+        }
+        a.columns.push((s.clone(), ps));
+        b.columns.push((t.clone(), pt));
+        if source.column(s)?.nullable || target.column(t)?.nullable {
+            a.flagged.push(s.clone());
+            b.flagged.push(t.clone());
+        }
+    }
+    Some((a, b))
+}
+
 /// Run a verification.
 pub async fn run(options: &Options) -> Result<Report> {
     let started = Instant::now();
@@ -201,6 +256,12 @@ pub async fn run(options: &Options) -> Result<Report> {
         && options.target.engine == EngineKind::Postgres;
     let exact =
         options.source.engine == EngineKind::Sqlite && options.target.engine == EngineKind::Sqlite;
+    let cross = matches!(
+        (options.source.engine, options.target.engine),
+        (EngineKind::Mysql, EngineKind::Postgres) | (EngineKind::Postgres, EngineKind::Mysql)
+    );
+    let portable_ok =
+        cross && source.portable_digests().await? && target.portable_digests().await?;
     let mut report = Report::default();
     let mut pairs: Vec<Pair> = Vec::new();
     for st in source_tables {
@@ -253,10 +314,16 @@ pub async fn run(options: &Options) -> Result<Report> {
             key: key_at.iter().map(|&i| columns[i].1.clone()).collect(),
             ..tt.clone()
         };
-        let pushdown = !exact
-            && key_at.len() == 1
-            && st.key.len() == 1
-            && pushdown_eligible(options, &st, &target, &columns);
+        let portable = if portable_ok && key_at.len() == 1 {
+            portable_rows(options, &st, &target, &tt.key, &columns)
+        } else {
+            None
+        };
+        let pushdown = portable.is_some()
+            || (!exact
+                && key_at.len() == 1
+                && st.key.len() == 1
+                && pushdown_eligible(options, &st, &target, &columns));
         pairs.push(Pair {
             target,
             source: st,
@@ -264,6 +331,7 @@ pub async fn run(options: &Options) -> Result<Report> {
             canon,
             key_at,
             pushdown,
+            portable,
         });
     }
     drop(target);
@@ -564,9 +632,13 @@ async fn pushdown_range(
     let mut calibrated = false;
     while lo < end {
         let hi = lo.saturating_add(width).min(end);
+        let (source_row, target_row) = match &pair.portable {
+            Some((a, b)) => (Some(a), Some(b)),
+            None => (None, None),
+        };
         let (a, b) = tokio::try_join!(
-            source.chunk_digest(&pair.source, &source_columns, lo, hi),
-            target.chunk_digest(&pair.target, &target_columns, lo, hi)
+            source.chunk_digest(&pair.source, &source_columns, source_row, lo, hi),
+            target.chunk_digest(&pair.target, &target_columns, target_row, lo, hi)
         )?;
         report.chunks += 1;
         let bounds = (Some(vec![Value::Int(lo)]), Some(vec![Value::Int(hi)]));

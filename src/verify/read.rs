@@ -41,6 +41,69 @@ impl SideTable {
     }
 }
 
+/// How a column's value prints alike on PostgreSQL and MySQL/MariaDB, so that each server
+/// can digest the same row text (cross-engine pushdown). Columns of other types are not
+/// printed alike and leave their table to streaming.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Portable {
+    /// Integers and decimals of this scale: plain decimal digits.
+    Number(u32),
+    /// Character data (and enum labels), as UTF-8.
+    Text,
+    /// `YYYY-MM-DD`.
+    Date,
+    /// `YYYY-MM-DD HH:MM:SS.ffffff` (no time zone).
+    DateTime,
+    /// `1`/`0` (MySQL: the stored integer, so a 2 is not taken for true).
+    Bool,
+}
+
+/// One side's part of a cross-engine digest: its compared columns with how each prints, and
+/// the columns whose NULL flag is part of the row text (nullable on either side).
+#[derive(Clone, Debug)]
+pub struct PortableRow {
+    pub columns: Vec<(String, Portable)>,
+    pub flagged: Vec<String>,
+}
+
+impl SideTable {
+    /// How the column prints alike on both engines (see [`Portable`]); `None` when it does not.
+    pub fn portable(&self, engine: EngineKind, name: &str) -> Option<Portable> {
+        let column = self.column(name)?;
+        let scale = || match column.data_type {
+            DataType::Numeric { scale: Some(s), .. } => Some(Portable::Number(s)),
+            _ => None,
+        };
+        match engine {
+            EngineKind::Mysql => {
+                let my = self.my_columns.iter().find(|c| c.name == name)?;
+                match my.kind {
+                    Kind::Int { .. } => Some(Portable::Number(0)),
+                    Kind::Decimal => scale(),
+                    Kind::Text | Kind::Enum => Some(Portable::Text),
+                    Kind::Date => Some(Portable::Date),
+                    Kind::Datetime => Some(Portable::DateTime),
+                    Kind::Bool => Some(Portable::Bool),
+                    _ => None,
+                }
+            }
+            EngineKind::Postgres => match &column.data_type {
+                DataType::Int16 | DataType::Int32 | DataType::Int64 => Some(Portable::Number(0)),
+                DataType::Numeric { .. } => scale(),
+                DataType::Text
+                | DataType::Varchar { .. }
+                | DataType::Char { .. }
+                | DataType::Enum { .. } => Some(Portable::Text),
+                DataType::Date => Some(Portable::Date),
+                DataType::Timestamp => Some(Portable::DateTime),
+                DataType::Bool => Some(Portable::Bool),
+                _ => None,
+            },
+            EngineKind::Sqlite => None,
+        }
+    }
+}
+
 /// A connection to one side.
 pub enum Reader {
     Postgres(Client),
@@ -175,16 +238,42 @@ impl Reader {
         Ok(text.parse().ok())
     }
 
+    /// Whether this side can compute cross-engine digests: MySQL/MariaDB always; PostgreSQL
+    /// from version 14 (`bit_xor`) with a UTF-8 database (`md5` hashes the stored bytes).
+    pub async fn portable_digests(&mut self) -> Result<bool> {
+        match self {
+            Reader::Postgres(client) => {
+                let row = client
+                    .query_one(
+                        "SELECT current_setting('server_encoding') = 'UTF8' \
+                         AND current_setting('server_version_num')::int >= 140000",
+                        &[],
+                    )
+                    .await
+                    .map_err(|e| postgres::Error::query("reading the server encoding", e))?;
+                Ok(row.get(0))
+            }
+            Reader::Mysql(..) => Ok(true),
+            Reader::Sqlite(_) => Ok(false),
+        }
+    }
+
     /// Row count and a digest of the rows with a single integer key in `(lo, hi]`, computed
     /// by the server: MySQL/MariaDB two exact CRC32 sums (64 bits), PostgreSQL two exact
-    /// sums of 64-bit `hashtextextended` (128 bits).
+    /// sums of 64-bit `hashtextextended` (128 bits). With `portable`, the digest both engines
+    /// compute alike instead: the XOR of the first 64 bits of the MD5 of each row's text
+    /// (values printed per [`Portable`], joined by U+001F, then the NULL flags).
     pub async fn chunk_digest(
         &mut self,
         t: &SideTable,
         columns: &[String],
+        portable: Option<&PortableRow>,
         lo: i64,
         hi: i64,
     ) -> Result<(i64, String, String)> {
+        if let Some(row) = portable {
+            return self.portable_digest(t, row, lo, hi).await;
+        }
         if let Reader::Postgres(client) = self {
             // The row's composite text (NULL unquoted and empty, '' quoted: distinct), hashed
             // twice with different seeds; sums of bigints are exact numerics.
@@ -241,6 +330,118 @@ impl Reader {
             .await
             .map_err(|e| mysql::error(what, e))?;
         Ok(row.unwrap_or((0, "0".into(), "0".into())))
+    }
+
+    async fn portable_digest(
+        &mut self,
+        t: &SideTable,
+        row: &PortableRow,
+        lo: i64,
+        hi: i64,
+    ) -> Result<(i64, String, String)> {
+        let what = format!("digesting rows of {}", t.name.display_name());
+        match self {
+            Reader::Postgres(client) => {
+                let mut parts: Vec<String> = row
+                    .columns
+                    .iter()
+                    .map(|(c, p)| {
+                        let c = pg_ident(c);
+                        match p {
+                            Portable::Number(_) | Portable::Text | Portable::Date => {
+                                format!("{c}::text")
+                            }
+                            Portable::DateTime => {
+                                format!("to_char({c}, 'YYYY-MM-DD HH24:MI:SS.US')")
+                            }
+                            Portable::Bool => {
+                                format!("CASE WHEN {c} THEN '1' WHEN NOT {c} THEN '0' END")
+                            }
+                        }
+                    })
+                    .collect();
+                if !row.flagged.is_empty() {
+                    let flags: Vec<String> = row
+                        .flagged
+                        .iter()
+                        .map(|c| format!("({} IS NULL)::int", pg_ident(c)))
+                        .collect();
+                    parts.push(format!("concat({})", flags.join(", ")));
+                }
+                let key = pg_ident(&t.key[0]);
+                let sql = format!(
+                    "SELECT count(*), coalesce(bit_xor(('x' || left(md5(concat_ws(chr(31), {})), 16))::bit(64)::bigint), 0) \
+                     FROM {} WHERE {key} > {lo} AND {key} <= {hi}",
+                    parts.join(", "),
+                    t.name
+                );
+                let r = client
+                    .query_one(&sql, &[])
+                    .await
+                    .map_err(|e| postgres::Error::query(what, e))?;
+                // MySQL prints the 64 bits unsigned.
+                Ok((
+                    r.get(0),
+                    (r.get::<_, i64>(1) as u64).to_string(),
+                    String::new(),
+                ))
+            }
+            Reader::Mysql(conn, _) => {
+                let mut parts: Vec<String> = row
+                    .columns
+                    .iter()
+                    .map(|(c, p)| {
+                        let q = mysql::quote_ident(c);
+                        match p {
+                            Portable::Text => {
+                                let utf8 = t
+                                    .my_columns
+                                    .iter()
+                                    .find(|m| &m.name == c)
+                                    .and_then(|m| m.charset.as_deref())
+                                    .is_some_and(|cs| {
+                                        matches!(cs, "utf8mb4" | "utf8mb3" | "utf8" | "ascii")
+                                    });
+                                if utf8 {
+                                    q
+                                } else {
+                                    format!("CONVERT({q} USING utf8mb4)")
+                                }
+                            }
+                            Portable::DateTime => {
+                                format!("DATE_FORMAT({q}, '%Y-%m-%d %H:%i:%s.%f')")
+                            }
+                            Portable::Number(_) | Portable::Date | Portable::Bool => q,
+                        }
+                    })
+                    .collect();
+                if !row.flagged.is_empty() {
+                    let flags: Vec<String> = row
+                        .flagged
+                        .iter()
+                        .map(|c| format!("ISNULL({})", mysql::quote_ident(c)))
+                        .collect();
+                    parts.push(format!("CONCAT({})", flags.join(", ")));
+                }
+                let key = mysql::quote_ident(&t.key[0]);
+                let sql = format!(
+                    "SELECT COUNT(*), CAST(BIT_XOR(CAST(CONV(LEFT(MD5(CONCAT_WS(CHAR(31), {})), 16), 16, 10) AS UNSIGNED)) AS CHAR) \
+                     FROM {} WHERE {key} > {lo} AND {key} <= {hi}",
+                    parts.join(", "),
+                    mysql::quote_ident(&t.name.name)
+                );
+                let r: Option<(i64, String)> = conn
+                    .query_first(sql)
+                    .await
+                    .map_err(|e| mysql::error(what, e))?;
+                let (n, digest) = r.unwrap_or((0, "0".into()));
+                Ok((n, digest, String::new()))
+            }
+            Reader::Sqlite(_) => Err(Error::Definite(
+                "cross-engine chunk digests are computed on PostgreSQL and MySQL/MariaDB only"
+                    .into(),
+            )),
+        }
     }
 
     /// The smallest and largest value of a single integer key (index lookups), `None` for

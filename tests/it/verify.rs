@@ -373,6 +373,87 @@ fn verify_pg_server_side_digests_find_differences() {
     );
 }
 
+/// MariaDB → PostgreSQL: both servers digest the same row text (MD5 of values printed alike),
+/// so only digests travel; a latin1 column, an enum, a boolean, dates and datetimes take part,
+/// and each planted difference past the calibrating chunk is found and named.
+#[test]
+fn verify_mariadb_to_pg_server_side_digests_find_differences() {
+    let server = mariadb();
+    let source = server.create_db("verify_xpush_src");
+    server.exec_script(
+        "verify_xpush_src",
+        "CREATE TABLE big (id int PRIMARY KEY, a varchar(10), b text, n decimal(10,2) NOT NULL,
+           at datetime(6), d date, flag tinyint(1), e enum('x','y'),
+           l varchar(10) CHARACTER SET latin1, c char(8));
+         INSERT INTO big SELECT seq, 'x', NULL, seq / 3, '2024-01-01 00:00:00' + INTERVAL seq SECOND,
+           '2024-01-01' + INTERVAL seq DAY, seq % 2, IF(seq % 3 = 0, 'x', 'y'), 'café', 'c'
+           FROM seq_1_to_5000;
+         ANALYZE TABLE big;",
+    );
+    let target = pg().create_db("verify_xpush_dst");
+    server_digests_case(
+        &source,
+        &target,
+        |sql| {
+            psql(&target, sql);
+        },
+        "UPDATE big SET a = NULL, b = 'x' WHERE id = 4321;
+         UPDATE big SET a = '' WHERE id = 3000;
+         UPDATE big SET at = at + interval '1 microsecond' WHERE id = 2500;
+         UPDATE big SET n = n + 0.01 WHERE id = 1200;
+         UPDATE big SET l = 'cafe' WHERE id = 1500;
+         UPDATE big SET flag = NOT flag WHERE id = 1700;
+         DELETE FROM big WHERE id = 4999;
+         INSERT INTO big (id, n) VALUES (6000, 1);",
+        &[
+            ("1200", "differs", "n"),
+            ("1500", "differs", "l"),
+            ("1700", "differs", "flag"),
+            ("2500", "differs", "at"),
+            ("3000", "differs", "a"),
+            ("4321", "differs", "a,b"),
+            ("4999", "missing in target", ""),
+            ("6000", "extra in target", ""),
+        ],
+    );
+}
+
+/// PostgreSQL → MariaDB with the same cross-engine digests; a boolean stored as 2 on the
+/// MariaDB side is a difference, not a true.
+#[test]
+fn verify_pg_to_mariadb_server_side_digests_find_differences() {
+    let source = pg().create_db("verify_xpush2_src");
+    psql(
+        &source,
+        "CREATE TABLE big (id int PRIMARY KEY, a text, b varchar(10), n numeric(10,2),
+           at timestamp, d date, flag boolean);
+         INSERT INTO big SELECT g, 'x', NULL, g / 3.0, '2024-01-01'::timestamp + g * interval '1.5 second',
+           date '2024-01-01' + g, g % 2 = 0 FROM generate_series(1, 5000) g;
+         ANALYZE big;",
+    );
+    let server = mariadb();
+    let target = server.create_db("verify_xpush2_dst");
+    server_digests_case(
+        &source,
+        &target,
+        |sql| server.exec_script("verify_xpush2_dst", sql),
+        "UPDATE big SET a = NULL, b = 'x' WHERE id = 4321;
+         UPDATE big SET a = '' WHERE id = 3000;
+         UPDATE big SET at = at + INTERVAL 1 MICROSECOND WHERE id = 2500;
+         UPDATE big SET flag = 2 WHERE id = 1700;
+         UPDATE big SET d = NULL WHERE id = 1800;
+         DELETE FROM big WHERE id = 4999;",
+        &[
+            ("1700", "differs", "flag"),
+            ("1800", "differs", "d"),
+            ("2500", "differs", "at"),
+            ("3000", "differs", "a"),
+            ("4321", "differs", "a,b"),
+            ("4999", "missing in target", ""),
+        ],
+    );
+}
+
 /// Copy `source` (table `big`, 5,000 rows), verify it equal by server digests in many
 /// chunks, plant `changes` on the target, and expect exactly `expected`.
 fn server_digests_case(
@@ -411,7 +492,8 @@ fn server_digests_case(
     assert_eq!(differences(&json), set(expected), "{json:#}");
 }
 
-/// Streaming across engines pages both sides in the same key order: integer keys of every
+/// Streaming across engines (a double column keeps the server digests out) pages both sides
+/// in the same key order: integer keys of every
 /// width (a PostgreSQL side once sorted them as text, "10" before "9") and text keys with
 /// case and trailing-space neighbours, in chunks far smaller than the table.
 #[test]
@@ -420,8 +502,8 @@ fn verify_streams_many_chunks_across_engines() {
     let source = server.create_db("verify_pages_src");
     server.exec_script(
         "verify_pages_src",
-        "CREATE TABLE ints (id int PRIMARY KEY, v varchar(10));
-         INSERT INTO ints SELECT seq, CONCAT('v', seq) FROM seq_1_to_2000;
+        "CREATE TABLE ints (id int PRIMARY KEY, v varchar(10), f double);
+         INSERT INTO ints SELECT seq, CONCAT('v', seq), seq / 3 FROM seq_1_to_2000;
          CREATE TABLE words (w varchar(20) COLLATE utf8mb4_nopad_bin PRIMARY KEY, n int);
          INSERT INTO words SELECT CONCAT(CHAR(65 + seq % 26), seq), seq FROM seq_1_to_500;
          INSERT INTO words VALUES ('a', 1), ('A', 2), ('a ', 3), ('é', 4), ('Z', 5), ('😀', 6);
