@@ -2,8 +2,8 @@
 # bench/verify.sh — `kuaka verify` against data-diff and pt-table-checksum on the same data.
 #
 #   (1) MariaDB -> PostgreSQL, equal copies (made by `kuaka run --snapshot-only`):
-#       `kuaka verify` vs `data-diff` (PyPI data-diff 0.11, hashdiff over both databases);
-#       rows/s each and kuaka's ratio.
+#       `kuaka verify` (streamed, and with --server-digests) vs `data-diff` (PyPI data-diff
+#       0.11, hashdiff over both databases); rows/s each and kuaka's ratio.
 #   (2) MariaDB -> MariaDB (two databases of one server): `kuaka verify` vs
 #       `pt-table-checksum` (per-chunk CRC32 checksums on the source, --recursion-method=none,
 #       so only its checksum throughput is measured: it has no second database to compare).
@@ -128,6 +128,7 @@ timed() { # name, command... ; sets secs[name], rc[name]
 declare -A secs rc
 
 timed kuaka_pg "$KUAKA_BIN" verify --source "$SOURCE" --target "$PG_TARGET" --jobs "$JOBS"
+timed kuaka_pgsd "$KUAKA_BIN" verify --source "$SOURCE" --target "$PG_TARGET" --jobs "$JOBS" --server-digests
 tables=$(seq -f 'sbtest%g' 1 "$TABLES")
 dd_total=0
 for t in $tables; do
@@ -145,6 +146,7 @@ echo
 echo "verify: $rows rows (sysbench $TABLES x $TABLE_SIZE), JOBS=$JOBS, one 2-core machine"
 printf '%-34s %9s %12s  %s\n' "tool" seconds rows/s "exit"
 printf '%-34s %9s %12s  %s\n' "kuaka verify MariaDB -> PG" "${secs[kuaka_pg]}" "$(rate "${secs[kuaka_pg]}")" "${rc[kuaka_pg]}"
+printf '%-34s %9s %12s  %s\n' "  same, --server-digests" "${secs[kuaka_pgsd]}" "$(rate "${secs[kuaka_pgsd]}")" "${rc[kuaka_pgsd]}"
 printf '%-34s %9s %12s  %s\n' "data-diff MariaDB -> PG" "${secs[datadiff]}" "$(rate "${secs[datadiff]}")" "see $BENCH_DIR/datadiff_*.out"
 printf '%-34s %9s %12s  %s\n' "kuaka verify MariaDB -> MariaDB" "${secs[kuaka_my]}" "$(rate "${secs[kuaka_my]}")" "${rc[kuaka_my]}"
 printf '%-34s %9s %12s  %s\n' "pt-table-checksum (source only)" "${secs[ptchecksum]}" "$(rate "${secs[ptchecksum]}")" "${rc[ptchecksum]}"

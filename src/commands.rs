@@ -815,6 +815,7 @@ async fn verify(args: &VerifyArgs, cancel: &CancellationToken) -> u8 {
         selection,
         quick: args.quick,
         show_values: args.show_values,
+        server_digests: args.server_digests,
         rechecks: args
             .rechecks
             .unwrap_or(if args.state.is_some() { 3 } else { 0 }),
