@@ -5,6 +5,7 @@ pub mod cdc;
 pub mod cutover;
 pub mod mysql;
 pub mod objects;
+pub mod pg_binary;
 pub mod pg_mysql;
 pub mod rows;
 pub mod snapshot;

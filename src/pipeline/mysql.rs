@@ -26,6 +26,7 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use super::binlog_target::{Batch, Dialect, Shape, Sink};
+use super::pg_binary;
 use super::snapshot::Summary;
 use super::{Error, Reconnect, Result, cutover};
 use crate::config::{JobSpec, TargetExists, Until};
@@ -1157,8 +1158,8 @@ fn copy_raw(kind: catalog::Kind, raw: Option<&[u8]>, out: &mut String) -> bool {
     true
 }
 
-/// One chunk into PostgreSQL: `COPY ... FROM STDIN` (text format) and the chunk's marker in
-/// one transaction.
+/// One chunk into PostgreSQL: `COPY ... FROM STDIN` (binary when every column is of a kind
+/// [`pg_binary`] writes, else text) and the chunk's marker in one transaction.
 #[allow(clippy::too_many_arguments)]
 async fn copy_to_postgres(
     source: &mut mysql_async::Conn,
@@ -1174,15 +1175,22 @@ async fn copy_to_postgres(
     let read_err = |e| mysql::error(format!("reading table {} from the source", t.name()), e);
     let write_err = |e| pg_error(&format!("writing to target table {}", t.name()), e);
     let transaction = target.transaction().await.map_err(write_err)?;
+    let columns: Vec<&catalog::MyColumn> = shape.copied.iter().map(|&i| &t.columns[i]).collect();
+    let binary = pg_binary::kinds(&columns, &shape.types);
     let copy = format!(
-        "COPY public.{} ({}) FROM STDIN",
+        "COPY public.{} ({}) FROM STDIN{}",
         quote_ident(t.name()),
         shape
             .columns
             .iter()
             .map(|c| quote_ident(c))
             .collect::<Vec<_>>()
-            .join(", ")
+            .join(", "),
+        if binary.is_some() {
+            " (FORMAT binary)"
+        } else {
+            ""
+        }
     );
     let sink = transaction
         .copy_in::<_, bytes::Bytes>(&copy)
@@ -1196,9 +1204,49 @@ async fn copy_to_postgres(
         .map_err(read_err)?
         .ok_or_else(|| Error::Definite(format!("reading table {}: no result set", t.name())))?;
     let mut buffer = String::with_capacity(COPY_SEND_BYTES + 4096);
+    let mut bin: Vec<u8> = Vec::with_capacity(if binary.is_some() {
+        COPY_SEND_BYTES + 4096
+    } else {
+        0
+    });
+    if binary.is_some() {
+        bin.extend_from_slice(pg_binary::HEADER);
+    }
     let mut count: i64 = 0;
     let mut pending_rows = 0u64;
     while let Some(row) = stream.next().await.transpose().map_err(read_err)? {
+        if let Some(kinds) = &binary {
+            bin.extend_from_slice(&(kinds.len() as i16).to_be_bytes());
+            for (pos, kind) in kinds.iter().enumerate() {
+                let raw = match row.as_ref(pos) {
+                    Some(mysql_async::Value::Bytes(b)) => Some(b.as_slice()),
+                    _ => None,
+                };
+                pg_binary::field(*kind, columns[pos], &shape.types[pos], raw, &mut bin).map_err(
+                    |e| {
+                        Error::Definite(format!(
+                            "table {}, column {}: {e}",
+                            t.name(),
+                            columns[pos].name
+                        ))
+                    },
+                )?;
+            }
+            count += 1;
+            pending_rows += 1;
+            if bin.len() >= COPY_SEND_BYTES {
+                if cancel.is_cancelled() {
+                    return Err(Error::Interrupted);
+                }
+                let full = std::mem::replace(&mut bin, Vec::with_capacity(COPY_SEND_BYTES + 4096));
+                sink.send(bytes::Bytes::from(full))
+                    .await
+                    .map_err(write_err)?;
+                progress.add(pending_rows, 0);
+                pending_rows = 0;
+            }
+            continue;
+        }
         for (pos, &i) in shape.copied.iter().enumerate() {
             let column = &t.columns[i];
             let raw = match row.as_ref(pos) {
@@ -1234,7 +1282,12 @@ async fn copy_to_postgres(
     }
     drop(stream);
     drop(result);
-    if !buffer.is_empty() {
+    if binary.is_some() {
+        bin.extend_from_slice(pg_binary::TRAILER);
+        sink.send(bytes::Bytes::from(bin))
+            .await
+            .map_err(write_err)?;
+    } else if !buffer.is_empty() {
         sink.send(bytes::Bytes::from(buffer))
             .await
             .map_err(write_err)?;

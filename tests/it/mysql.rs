@@ -565,6 +565,56 @@ fn matrix_values(id: i32) -> String {
         )
 }
 
+/// Tables whose columns are all integers, booleans, character data, dates and datetimes are
+/// copied to PostgreSQL in binary COPY: edge values of each (widths and signs, leap days,
+/// the first and last dates, microseconds, zero dates under the NULL policy, UTF-8, tabs and
+/// backslashes, empty strings, NULLs) arrive as they are.
+#[test]
+fn mariadb_plain_types_copy_to_postgres_in_binary() {
+    let server = mariadb();
+    let db = "my_plain_src";
+    let source = server.create_db(db);
+    server.exec_script(
+        db,
+        "CREATE TABLE plain (id int PRIMARY KEY, t tinyint, tu tinyint unsigned, s smallint,
+           su smallint unsigned, m mediumint, mu mediumint unsigned, i int, iu int unsigned,
+           b bigint, y year, f tinyint(1), c char(5), v varchar(10) CHARACTER SET latin1,
+           tx text, e enum('red','green'), st set('a','b','c'), d date, dt datetime(6),
+           d0 datetime) DEFAULT CHARSET utf8mb4;",
+    );
+    server.exec_script(
+        db,
+        &format!(
+        "SET sql_mode = ''; INSERT INTO {db}.plain VALUES
+         (1, -128, 255, -32768, 65535, -8388608, 16777215, -2147483648, 4294967295,
+          -9223372036854775808, 2155, 1, 'ab', 'café', 'héllo 🎵\ttab\\back\nline', 'green', 'a,c',
+          '2024-02-29', '2024-02-29 23:59:59.000001', '9999-12-31 23:59:59'),
+         (2, 127, 0, 32767, 0, 8388607, 0, 2147483647, 0, 9223372036854775807, 1901, 0, '', '',
+          '', 'red', '', '0001-01-01', '1000-01-01 00:00:00', '1970-01-01 00:00:00'),
+         (3, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+          NULL, NULL, '0000-00-00', '0000-00-00 00:00:00', '0000-00-00 00:00:00'),
+         (4, 0, 1, 0, 1, 0, 1, 0, 1, 0, 0, 1, 'xyz  ', 'ÿ', 'x', 'green', 'b', '1999-12-31',
+          '1999-12-31 23:59:59.999999', '2000-01-01 00:00:00');
+         INSERT INTO {db}.plain (id, i, tx) SELECT seq, seq, CONCAT('row ', seq) FROM seq_10_to_5000;"
+        ),
+    );
+    let target = pg().create_db("my_plain_dst");
+    let state = tempfile::tempdir().expect("state dir");
+    run(stream_command(
+        &source,
+        &target,
+        state.path(),
+        &["--snapshot-only", "--chunk-rows", "1000"],
+    ))
+    .assert_success();
+    assert_same_rows(server, db, &target);
+    assert_eq!(
+        query_rows(&target, "SELECT d, dt, d0 FROM plain WHERE id = 3")[0],
+        vec!["", "", ""],
+        "zero dates become NULL"
+    );
+}
+
 #[test]
 fn mariadb_type_matrix_before_and_after_the_snapshot() {
     type_matrix(false);
