@@ -1375,6 +1375,13 @@ async fn switch_over(
             last_alive_check = std::time::Instant::now();
             if !crate::state::is_locked(state) {
                 cutover::remove_request(state, &id);
+                // The job may have recorded why just before it exited.
+                if let Some(error) = cutover::read_progress(state)
+                    .filter(|p| p.request_id == id)
+                    .and_then(|p| p.error)
+                {
+                    eprintln!("kuaka: {action} failed: {error}");
+                }
                 eprintln!(
                     "kuaka: the running job stopped during the {action} (after {shown} steps); start `kuaka run` again: it finishes a switch that was under way, or run `kuaka {action}` again"
                 );

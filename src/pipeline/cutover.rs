@@ -265,6 +265,8 @@ impl Reporter {
             self.progress.window_seconds = Some(b.saturating_sub(a) as f64 / 1000.0);
         }
         self.progress.state = "done".into();
+        // An error that stopped an earlier attempt past the switch point is behind us.
+        self.progress.error = None;
         self.save();
     }
 }
@@ -611,6 +613,9 @@ pub fn after_failure(
             "the {} failed past its switch point ({e}); it is finished when the job starts again",
             request.action
         );
+        // Still `running`: the waiting command shows why the job stopped.
+        rep.progress.error = Some(e.to_string());
+        rep.save();
     } else {
         rep.fail(e);
         remove_request(state_dir, &request.id);
@@ -663,7 +668,7 @@ pub async fn create_reverse_leg(
     // A slot from an attempt that died before the switch: its start may be before writes
     // kuaka made since; make a new one.
     if capture::slot_status(&target, &slot).await?.is_some() {
-        capture::drop_slot_and_publication(&target, &slot, "").await?;
+        capture::drop_own_slot_and_publication(&target, &slot, "").await?;
     }
     capture::ensure_publication(&target, &publication, schema).await?;
     let shapes = capture::read_shapes(&target, schema).await?;
@@ -787,7 +792,7 @@ async fn finish_fallback(
     } else if n > 0 && spec.target.engine == EngineKind::Postgres {
         let job_id = reverse_job_id(base_job, n);
         let target = postgres::connect(&spec.target, Side::Target, "fallback").await?;
-        let dropped = capture::drop_slot_and_publication(
+        let dropped = capture::drop_own_slot_and_publication(
             &target,
             &capture::slot_name(&job_id),
             &capture::publication_name(&job_id),

@@ -162,3 +162,74 @@ fn slot_snapshot_and_pgoutput_stream() {
         },
     );
 }
+
+/// A slot kuaka streamed from a moment ago may still be held by the server process that
+/// served it: dropping it as kuaka's own waits for that process, ending it if it lingers,
+/// where `kuaka clean`'s strict drop refuses.
+#[test]
+fn own_slot_is_dropped_even_while_a_server_process_still_holds_it() {
+    let url = pg().create_db("replication_own_slot");
+    psql(
+        &url,
+        "SELECT pg_create_logical_replication_slot('kuaka_it_own', 'test_decoding');",
+    );
+    let mut holder = std::process::Command::new(format!(
+        "{}/pg_recvlogical",
+        crate::support::postgres::PG_BIN
+    ))
+    .args([
+        "-d",
+        &url,
+        "--slot",
+        "kuaka_it_own",
+        "--start",
+        "-f",
+        "/dev/null",
+    ])
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .expect("pg_recvlogical");
+    let active =
+        "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'kuaka_it_own' AND active";
+    wait_until("the slot to be held", Duration::from_secs(30), || {
+        query_one(&url, active) == "1"
+    });
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .expect("client");
+        tokio::spawn(connection);
+        let strict = kuaka::engine::postgres::capture::drop_slot_and_publication(
+            &client,
+            "kuaka_it_own",
+            "",
+        )
+        .await;
+        assert!(strict.is_err(), "a held slot must not be dropped by clean");
+        let dropped = kuaka::engine::postgres::capture::drop_own_slot_and_publication(
+            &client,
+            "kuaka_it_own",
+            "",
+        )
+        .await
+        .expect("own slot dropped");
+        assert_eq!(
+            dropped,
+            vec!["dropped replication slot kuaka_it_own".to_string()]
+        );
+    });
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert_eq!(
+        query_one(
+            &url,
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'kuaka_it_own'"
+        ),
+        "0"
+    );
+}

@@ -250,6 +250,41 @@ pub async fn check_slot(client: &Client, slot: &str, since: &str) -> Result<()> 
 }
 
 /// Drop the job's slot and publication (for `kuaka clean`); missing ones are fine.
+/// Drop a slot kuaka itself was streaming from a moment ago (and its publication): the server
+/// process that served the closed stream may not have exited yet, so wait for it (up to 10 s),
+/// ending it if it lingers, instead of refusing as [`drop_slot_and_publication`] does.
+pub async fn drop_own_slot_and_publication(
+    client: &Client,
+    slot: &str,
+    publication: &str,
+) -> Result<Vec<String>> {
+    let started = std::time::Instant::now();
+    loop {
+        let active: Option<i32> = client
+            .query_opt(
+                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .ctx(|| format!("looking up replication slot {slot}"))?
+            .and_then(|r| r.get(0));
+        let Some(pid) = active else { break };
+        if started.elapsed() > std::time::Duration::from_secs(10) {
+            return Err(Error::Definite(format!(
+                "replication slot {slot} is still in use by server process {pid} after 10 s; stop whatever streams from it"
+            )));
+        }
+        if started.elapsed() > std::time::Duration::from_secs(5) {
+            client
+                .execute("SELECT pg_terminate_backend($1)", &[&pid])
+                .await
+                .ctx(|| format!("ending server process {pid}, which holds slot {slot}"))?;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    drop_slot_and_publication(client, slot, publication).await
+}
+
 pub async fn drop_slot_and_publication(
     client: &Client,
     slot: &str,
