@@ -254,6 +254,16 @@ async fn for_server(conn: &mut mysql_async::Conn, kind: &str, name: &str, create
     }
 }
 
+/// The names of the triggers in the connection's database.
+async fn trigger_names(conn: &mut mysql_async::Conn) -> Result<Vec<String>> {
+    Ok(conn
+        .query(
+            "SELECT TRIGGER_NAME FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA = DATABASE()",
+        )
+        .await
+        .map_err(|e| mysql::error("listing the triggers", e))?)
+}
+
 /// Create `triggers` on `endpoint` where a trigger of that name is not there yet. Returns how
 /// many were created.
 pub async fn create_triggers(endpoint: &Endpoint, triggers: &[Trigger]) -> Result<usize> {
@@ -263,12 +273,7 @@ pub async fn create_triggers(endpoint: &Endpoint, triggers: &[Trigger]) -> Resul
     match endpoint.engine {
         EngineKind::Mysql => {
             let mut conn = mysql::connect(endpoint, "triggers").await?;
-            let existing: Vec<String> = conn
-                .query(
-                    "SELECT TRIGGER_NAME FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA = DATABASE()",
-                )
-                .await
-                .map_err(|e| mysql::error("listing the triggers", e))?;
+            let existing = trigger_names(&mut conn).await?;
             let mut created = 0;
             for t in triggers.iter().filter(|t| !existing.contains(&t.name)) {
                 let what =
@@ -328,12 +333,7 @@ pub async fn drop_triggers(endpoint: &Endpoint, triggers: &[Trigger]) -> Result<
     match endpoint.engine {
         EngineKind::Mysql => {
             let mut conn = mysql::connect(endpoint, "triggers").await?;
-            let existing: Vec<String> = conn
-                .query(
-                    "SELECT TRIGGER_NAME FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA = DATABASE()",
-                )
-                .await
-                .map_err(|e| mysql::error("listing the triggers", e))?;
+            let existing = trigger_names(&mut conn).await?;
             let mut dropped = 0;
             for t in triggers.iter().filter(|t| existing.contains(&t.name)) {
                 conn.query_drop(format!("DROP TRIGGER IF EXISTS {}", quote_ident(&t.name)))
