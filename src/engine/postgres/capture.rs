@@ -249,7 +249,6 @@ pub async fn check_slot(client: &Client, slot: &str, since: &str) -> Result<()> 
     }
 }
 
-/// Drop the job's slot and publication (for `kuaka clean`); missing ones are fine.
 /// Drop a slot kuaka itself was streaming from a moment ago (and its publication): the server
 /// process that served the closed stream may not have exited yet, so wait for it (up to 10 s),
 /// ending it if it lingers, instead of refusing as [`drop_slot_and_publication`] does.
@@ -259,16 +258,7 @@ pub async fn drop_own_slot_and_publication(
     publication: &str,
 ) -> Result<Vec<String>> {
     let started = std::time::Instant::now();
-    loop {
-        let active: Option<i32> = client
-            .query_opt(
-                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
-                &[&slot],
-            )
-            .await
-            .ctx(|| format!("looking up replication slot {slot}"))?
-            .and_then(|r| r.get(0));
-        let Some(pid) = active else { break };
+    while let Some(Some(pid)) = slot_holder(client, slot).await? {
         if started.elapsed() > std::time::Duration::from_secs(10) {
             return Err(Error::Definite(format!(
                 "replication slot {slot} is still in use by server process {pid} after 10 s; stop whatever streams from it"
@@ -285,21 +275,26 @@ pub async fn drop_own_slot_and_publication(
     drop_slot_and_publication(client, slot, publication).await
 }
 
-pub async fn drop_slot_and_publication(
-    client: &Client,
-    slot: &str,
-    publication: &str,
-) -> Result<Vec<String>> {
-    let mut done = Vec::new();
-    let active: Option<Option<i32>> = client
+/// `None` when the slot does not exist, else the server process streaming from it, if any.
+async fn slot_holder(client: &Client, slot: &str) -> Result<Option<Option<i32>>> {
+    Ok(client
         .query_opt(
             "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
             &[&slot],
         )
         .await
         .ctx(|| format!("looking up replication slot {slot}"))?
-        .map(|r| r.get(0));
-    if let Some(pid) = active {
+        .map(|r| r.get(0)))
+}
+
+/// Drop the job's slot and publication (for `kuaka clean`); missing ones are fine.
+pub async fn drop_slot_and_publication(
+    client: &Client,
+    slot: &str,
+    publication: &str,
+) -> Result<Vec<String>> {
+    let mut done = Vec::new();
+    if let Some(pid) = slot_holder(client, slot).await? {
         if let Some(pid) = pid {
             return Err(Error::Definite(format!(
                 "replication slot {slot} is in use by server process {pid} (a kuaka run on this job?); stop it first"
