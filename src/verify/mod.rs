@@ -166,17 +166,7 @@ fn pushdown_eligible(
     ) {
         return false;
     }
-    let [k] = source.key.as_slice() else {
-        return false;
-    };
-    if !source.column(k).is_some_and(|c| {
-        matches!(
-            c.data_type,
-            crate::model::DataType::Int16
-                | crate::model::DataType::Int32
-                | crate::model::DataType::Int64
-        )
-    }) {
+    if source.integer_key().is_none() {
         return false;
     }
     columns.iter().all(|(s, t)| {
@@ -193,11 +183,11 @@ fn pushdown_eligible(
     })
 }
 
-/// With `--server-digests`: MySQL/MariaDB ⇄ PostgreSQL pairs with a single integer key (a key on the target too) whose
-/// compared columns all print alike on both engines ([`read::Portable`]: numbers of the same
-/// scale, text, dates, datetimes, booleans): each server digests the same row text, and the
-/// first chunk of every part is calibrated against the streamed comparison as for same-engine
-/// pairs.
+/// With `--server-digests`: MySQL/MariaDB ⇄ PostgreSQL pairs with a single integer key (a
+/// key on the target too) whose compared columns all print alike on both engines
+/// ([`read::Portable`]: numbers of the same scale, text, dates, datetimes, booleans): each
+/// server digests the same row text, and the first chunk of every part is calibrated against
+/// the streamed comparison as for same-engine pairs.
 fn portable_rows(
     options: &Options,
     source: &SideTable,
@@ -205,31 +195,12 @@ fn portable_rows(
     target_key: &[String],
     columns: &[(String, String)],
 ) -> Option<(PortableRow, PortableRow)> {
-    let [k] = source.key.as_slice() else {
-        return None;
-    };
-    let integer = source.column(k).is_some_and(|c| {
-        matches!(
-            c.data_type,
-            crate::model::DataType::Int16
-                | crate::model::DataType::Int32
-                | crate::model::DataType::Int64
-        )
-    });
+    let k = source.integer_key()?;
     let mapped = columns.iter().find(|(s, _)| s == k).map(|(_, t)| t)?;
-    if !integer || target_key != std::slice::from_ref(mapped) {
+    if target_key != std::slice::from_ref(mapped) {
         return None;
     }
-    let (mut a, mut b) = (
-        PortableRow {
-            columns: Vec::new(),
-            flagged: Vec::new(),
-        },
-        PortableRow {
-            columns: Vec::new(),
-            flagged: Vec::new(),
-        },
-    );
+    let (mut a, mut b) = (PortableRow::default(), PortableRow::default());
     for (s, t) in columns {
         let ps = source.portable(options.source.engine, s)?;
         let pt = target.portable(options.target.engine, t)?;

@@ -39,6 +39,21 @@ impl SideTable {
     pub fn column(&self, name: &str) -> Option<&Column> {
         self.columns.iter().find(|c| c.name == name)
     }
+
+    /// The key column when the key is a single integer column.
+    pub fn integer_key(&self) -> Option<&str> {
+        let [k] = self.key.as_slice() else {
+            return None;
+        };
+        self.column(k)
+            .is_some_and(|c| {
+                matches!(
+                    c.data_type,
+                    DataType::Int16 | DataType::Int32 | DataType::Int64
+                )
+            })
+            .then_some(k.as_str())
+    }
 }
 
 /// How a column's value prints alike on PostgreSQL and MySQL/MariaDB, so that each server
@@ -60,7 +75,7 @@ pub enum Portable {
 
 /// One side's part of a cross-engine digest: its compared columns with how each prints, and
 /// the columns whose NULL flag is part of the row text (nullable on either side).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct PortableRow {
     pub columns: Vec<(String, Portable)>,
     pub flagged: Vec<String>,
@@ -447,17 +462,9 @@ impl Reader {
     /// The smallest and largest value of a single integer key (index lookups), `None` for
     /// an empty table or another kind of key.
     pub async fn integer_key_bounds(&mut self, t: &SideTable) -> Result<Option<(i64, i64)>> {
-        let [k] = t.key.as_slice() else {
+        let Some(k) = t.integer_key() else {
             return Ok(None);
         };
-        if !t.column(k).is_some_and(|c| {
-            matches!(
-                c.data_type,
-                DataType::Int16 | DataType::Int32 | DataType::Int64
-            )
-        }) {
-            return Ok(None);
-        }
         let sql = format!(
             "SELECT CAST(min({0}) AS {2}), CAST(max({0}) AS {2}) FROM {1}",
             self.key_expr(t, k),
