@@ -1203,77 +1203,51 @@ async fn copy_to_postgres(
         .await
         .map_err(read_err)?
         .ok_or_else(|| Error::Definite(format!("reading table {}: no result set", t.name())))?;
-    let mut buffer = String::with_capacity(COPY_SEND_BYTES + 4096);
-    let mut bin: Vec<u8> = Vec::with_capacity(if binary.is_some() {
-        COPY_SEND_BYTES + 4096
-    } else {
-        0
-    });
+    // One of the two buffers is used: text rows, or binary rows after the header.
+    let mut buffer = String::new();
+    let mut bin: Vec<u8> = Vec::new();
     if binary.is_some() {
         bin.extend_from_slice(pg_binary::HEADER);
     }
     let mut count: i64 = 0;
     let mut pending_rows = 0u64;
     while let Some(row) = stream.next().await.transpose().map_err(read_err)? {
-        if let Some(kinds) = &binary {
-            bin.extend_from_slice(&(kinds.len() as i16).to_be_bytes());
-            for (pos, kind) in kinds.iter().enumerate() {
-                let raw = match row.as_ref(pos) {
-                    Some(mysql_async::Value::Bytes(b)) => Some(b.as_slice()),
-                    _ => None,
-                };
-                pg_binary::field(*kind, columns[pos], &shape.types[pos], raw, &mut bin).map_err(
-                    |e| {
-                        Error::Definite(format!(
-                            "table {}, column {}: {e}",
-                            t.name(),
-                            columns[pos].name
-                        ))
-                    },
-                )?;
-            }
-            count += 1;
-            pending_rows += 1;
-            if bin.len() >= COPY_SEND_BYTES {
-                if cancel.is_cancelled() {
-                    return Err(Error::Interrupted);
-                }
-                let full = std::mem::replace(&mut bin, Vec::with_capacity(COPY_SEND_BYTES + 4096));
-                sink.send(bytes::Bytes::from(full))
-                    .await
-                    .map_err(write_err)?;
-                progress.add(pending_rows, 0);
-                pending_rows = 0;
-            }
-            continue;
-        }
-        for (pos, &i) in shape.copied.iter().enumerate() {
-            let column = &t.columns[i];
+        let named = |column: &catalog::MyColumn, e: String| {
+            Error::Definite(format!("table {}, column {}: {e}", t.name(), column.name))
+        };
+        for (pos, column) in columns.iter().enumerate() {
             let raw = match row.as_ref(pos) {
                 Some(mysql_async::Value::Bytes(b)) => Some(b.as_slice()),
                 _ => None,
             };
+            if let Some(kinds) = &binary {
+                if pos == 0 {
+                    bin.extend_from_slice(&(kinds.len() as i16).to_be_bytes());
+                }
+                pg_binary::field(kinds[pos], column, &shape.types[pos], raw, &mut bin)
+                    .map_err(|e| named(column, e))?;
+                continue;
+            }
             if pos > 0 {
                 buffer.push('\t');
             }
             if copy_raw(column.kind, raw, &mut buffer) {
                 continue;
             }
-            let value = decode::from_text(column, raw).map_err(|e| {
-                Error::Definite(format!("table {}, column {}: {e}", t.name(), column.name))
-            })?;
-            pgrows::copy_field(&value, &shape.types[pos], &mut buffer).map_err(|e| {
-                Error::Definite(format!("table {}, column {}: {e}", t.name(), column.name))
-            })?;
+            let value = decode::from_text(column, raw).map_err(|e| named(column, e))?;
+            pgrows::copy_field(&value, &shape.types[pos], &mut buffer)
+                .map_err(|e| named(column, e))?;
         }
-        buffer.push('\n');
+        if binary.is_none() {
+            buffer.push('\n');
+        }
         count += 1;
         pending_rows += 1;
-        if buffer.len() >= COPY_SEND_BYTES {
+        if bin.len() + buffer.len() >= COPY_SEND_BYTES {
             if cancel.is_cancelled() {
                 return Err(Error::Interrupted);
             }
-            sink.send(bytes::Bytes::from(std::mem::take(&mut buffer)))
+            sink.send(take_copy_data(&mut bin, &mut buffer))
                 .await
                 .map_err(write_err)?;
             progress.add(pending_rows, 0);
@@ -1284,11 +1258,9 @@ async fn copy_to_postgres(
     drop(result);
     if binary.is_some() {
         bin.extend_from_slice(pg_binary::TRAILER);
-        sink.send(bytes::Bytes::from(bin))
-            .await
-            .map_err(write_err)?;
-    } else if !buffer.is_empty() {
-        sink.send(bytes::Bytes::from(buffer))
+    }
+    if bin.len() + buffer.len() > 0 {
+        sink.send(take_copy_data(&mut bin, &mut buffer))
             .await
             .map_err(write_err)?;
     }
@@ -1301,6 +1273,15 @@ async fn copy_to_postgres(
     transaction.commit().await.map_err(write_err)?;
     progress.add(pending_rows, 0);
     Ok(count as u64)
+}
+
+/// The COPY data gathered so far, from whichever buffer the chunk writes.
+fn take_copy_data(bin: &mut Vec<u8>, text: &mut String) -> bytes::Bytes {
+    if text.is_empty() {
+        bytes::Bytes::from(std::mem::take(bin))
+    } else {
+        bytes::Bytes::from(std::mem::take(text))
+    }
 }
 
 /// Statement size for the copy into MySQL (well under the default max_allowed_packet).
