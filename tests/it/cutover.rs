@@ -134,13 +134,28 @@ impl Writer {
                     1 + i % 500,
                     1 + i % 500
                 );
+                // A session ended by a fence may have committed before the client heard: the
+                // outcome is in doubt until a retry either succeeds or finds its own tag.
+                let mut in_doubt = false;
                 loop {
                     match dbs[current as usize](&sql) {
                         Attempt::Ok => {
                             a.lock().unwrap().push((tag.clone(), current));
                             break;
                         }
-                        Attempt::Retry => thread::sleep(Duration::from_millis(5)),
+                        Attempt::Retry => {
+                            in_doubt = true;
+                            thread::sleep(Duration::from_millis(5));
+                        }
+                        Attempt::Failed(e)
+                            if in_doubt
+                                && (e.contains(&format!("Duplicate entry '{tag}'"))
+                                    || e.contains(&format!("(tag)=({tag})"))) =>
+                        {
+                            // The ended session's commit landed: that was the write.
+                            a.lock().unwrap().push((tag.clone(), current));
+                            break;
+                        }
                         Attempt::ReadOnly => {
                             // Refused: the application moves to where it is told to go, or
                             // waits there until it is writable.
