@@ -47,6 +47,10 @@ pub enum RecordKind {
     PgOutput = 1,
     /// A kuaka instruction (JSON), e.g. a column to add on the target before the next changes.
     Kuaka = 2,
+    /// A MySQL/MariaDB binlog event framed by kuaka (see `pipeline::binlog_spool`): a tag
+    /// byte in the same roles as pgoutput's (`B` opens a transaction, `C` ends at a
+    /// transaction boundary, `R` is context every segment repeats), then the event.
+    Binlog = 3,
 }
 
 impl RecordKind {
@@ -54,6 +58,7 @@ impl RecordKind {
         match b {
             1 => Some(RecordKind::PgOutput),
             2 => Some(RecordKind::Kuaka),
+            3 => Some(RecordKind::Binlog),
             _ => None,
         }
     }
@@ -68,7 +73,7 @@ pub struct Record {
 
 impl Record {
     fn tag(&self) -> Option<u8> {
-        (self.kind == RecordKind::PgOutput)
+        matches!(self.kind, RecordKind::PgOutput | RecordKind::Binlog)
             .then(|| self.payload.first().copied())
             .flatten()
     }

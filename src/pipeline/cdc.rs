@@ -716,6 +716,13 @@ async fn apply_loop(ctx: ApplyContext, cancel: CancellationToken) -> Result<()> 
     }
 }
 
+/// A binlog event in a PostgreSQL job's change log: the state directory belongs to another job.
+fn not_pgoutput() -> Error {
+    Error::Definite(
+        "the change log holds MySQL binlog events, not PostgreSQL changes: this state directory belongs to a MySQL job".into(),
+    )
+}
+
 fn log_err(e: changelog::LogError) -> Error {
     Error::Definite(e.to_string())
 }
@@ -889,6 +896,7 @@ impl TxnLog {
                 &record.payload,
             )?)]),
             RecordKind::Kuaka => Ok(Vec::new()),
+            RecordKind::Binlog => Err(not_pgoutput()),
             RecordKind::PgOutput => match apply::decode_record(&record.payload)? {
                 PgOutput::Begin { final_lsn, .. } => {
                     self.in_txn = true;
@@ -1095,6 +1103,7 @@ mod per_key {
                         pending.push(Work::Instruction(instruction));
                     }
                 }
+                RecordKind::Binlog => return Err(not_pgoutput()),
                 RecordKind::PgOutput => match apply::decode_record(&record.payload)? {
                     PgOutput::Begin { final_lsn, .. } => {
                         // Workers past this commit get none of it; if all are, skip it here.

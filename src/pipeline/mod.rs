@@ -1,5 +1,6 @@
 //! Wiring: the phases of a job, their tasks and the retry policy. No protocol logic lives here.
 
+pub mod binlog_spool;
 pub mod binlog_target;
 pub mod cdc;
 pub mod cutover;

@@ -25,6 +25,7 @@ use mysql_async::prelude::Queryable;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
+use super::binlog_spool::Spool;
 use super::binlog_target::{Batch, Dialect, Shape, Sink};
 use super::pg_binary;
 use super::snapshot::Summary;
@@ -533,52 +534,95 @@ async fn forward(
     };
     store.set_position("p0", &cursor_text(&p0))?;
 
-    let copied = target.copied(job_id).await?;
-    let chunk_rows = spec.chunk_rows.unwrap_or(CHUNK_ROWS).max(1);
-    let plan = if leg.is_some() {
-        Vec::new()
+    // The binlog is spooled from P0 (or from what the target has applied) on, while the
+    // tables are copied: the source may purge it once it is on kuaka's disk.
+    let mut spool = if spec.snapshot_only {
+        None
     } else {
-        plan_chunks(&mut source, store, &catalog, chunk_rows).await?
+        let applied = target
+            .applied_position(job_id)
+            .await?
+            .as_deref()
+            .and_then(parse_cursor)
+            .filter(|a| cmp(a, &p0) == Ordering::Greater)
+            .unwrap_or_else(|| p0.clone());
+        Some(Spool::start(
+            &spec.source,
+            flavour,
+            binlog::server_id(job_id),
+            store,
+            &applied,
+            cancel,
+        )?)
     };
-    let todo: Vec<Chunk> = plan
-        .into_iter()
-        .filter(|c| !copied.contains_key(&c.marker()))
-        .collect();
-    let copy_started = Instant::now();
-    let rows_this_run = copy_chunks(spec, &catalog, &todo, job_id, ui, cancel).await?;
-    let copy_seconds = copy_started.elapsed().as_secs_f64();
-    let rows_total = copied.values().map(|r| *r as u64).sum::<u64>() + rows_this_run;
-    if !todo.is_empty() || store.meta("mysql_p1")?.is_none() {
-        let p1 = if spec.snapshot_only {
-            p0.clone()
+    let snapshot = async {
+        let copied = target.copied(job_id).await?;
+        let chunk_rows = spec.chunk_rows.unwrap_or(CHUNK_ROWS).max(1);
+        let plan = if leg.is_some() {
+            Vec::new()
         } else {
-            binlog::current_position(&mut source).await?
+            plan_chunks(&mut source, store, &catalog, chunk_rows).await?
         };
-        store.set_meta("mysql_p1", &cursor_text(&p1))?;
-    }
-    let p1 = store
-        .meta("mysql_p1")?
-        .as_deref()
-        .and_then(parse_cursor)
-        .unwrap_or_else(|| p0.clone());
-    store.set_position("p1", &cursor_text(&p1))?;
+        crate::failpoint::hit("snapshot.planned");
+        let todo: Vec<Chunk> = plan
+            .into_iter()
+            .filter(|c| !copied.contains_key(&c.marker()))
+            .collect();
+        let copy_started = Instant::now();
+        let rows_this_run = copy_chunks(spec, &catalog, &todo, job_id, ui, cancel).await?;
+        let copy_seconds = copy_started.elapsed().as_secs_f64();
+        let rows_total = copied.values().map(|r| *r as u64).sum::<u64>() + rows_this_run;
+        if !todo.is_empty() || store.meta("mysql_p1")?.is_none() {
+            let p1 = if spec.snapshot_only {
+                p0.clone()
+            } else {
+                binlog::current_position(&mut source).await?
+            };
+            store.set_meta("mysql_p1", &cursor_text(&p1))?;
+        }
+        let p1 = store
+            .meta("mysql_p1")?
+            .as_deref()
+            .and_then(parse_cursor)
+            .unwrap_or_else(|| p0.clone());
+        store.set_position("p1", &cursor_text(&p1))?;
 
-    match dialect {
-        Dialect::Postgres => post_data(spec, &mut target, store, &catalog).await?,
-        Dialect::Mysql => mysql_post_data(spec, &mut source, &mut target, store, &catalog).await?,
-        Dialect::Sqlite => {
-            for t in &catalog.tables {
-                for (label, sql) in super::rows::index_steps(&as_source_table(t), true) {
-                    let key = format!("mysql:post:{label}");
-                    if store.step_done(&key)? {
-                        continue;
+        match dialect {
+            Dialect::Postgres => post_data(spec, &mut target, store, &catalog).await?,
+            Dialect::Mysql => {
+                mysql_post_data(spec, &mut source, &mut target, store, &catalog).await?
+            }
+            Dialect::Sqlite => {
+                for t in &catalog.tables {
+                    for (label, sql) in super::rows::index_steps(&as_source_table(t), true) {
+                        let key = format!("mysql:post:{label}");
+                        if store.step_done(&key)? {
+                            continue;
+                        }
+                        target.execute(&sql, &format!("creating {label}")).await?;
+                        store.mark_step(&key, "post_data")?;
                     }
-                    target.execute(&sql, &format!("creating {label}")).await?;
-                    store.mark_step(&key, "post_data")?;
                 }
             }
         }
-    }
+        Ok::<_, Error>((rows_this_run, rows_total, copy_seconds, p1))
+    };
+    let copied = match spool.as_mut() {
+        Some(spool) => tokio::select! {
+            r = snapshot => r,
+            e = spool.failed() => Err(e),
+        },
+        None => snapshot.await,
+    };
+    let (rows_this_run, rows_total, copy_seconds, p1) = match copied {
+        Ok(done) => done,
+        Err(e) => {
+            if let Some(spool) = spool {
+                spool.stop().await;
+            }
+            return Err(e);
+        }
+    };
 
     let mut summary = Summary {
         tables: catalog.tables.len(),
@@ -595,10 +639,10 @@ async fn forward(
     }
     drop(source);
     let reverse_leg = leg.is_some();
-    let streamed = stream(
-        spec, store, job_id, flavour, &catalog, &p0, &p1, cancel, leg,
-    )
-    .await?;
+    let spool = spool.ok_or_else(|| Error::Definite("the binlog spool is not running".into()))?;
+    let streamed = stream(spec, store, job_id, &spool, &catalog, &p0, &p1, cancel, leg).await;
+    spool.stop().await;
+    let streamed = streamed?;
     // Cut over with reverse replication (or fallen back from it): the same process streams
     // the other way now.
     summary.handoff = streamed.cut_over && (reverse_leg || cutover::direction(store)? == "reverse");
@@ -1469,7 +1513,7 @@ async fn stream(
     spec: &JobSpec,
     store: &Arc<StateStore>,
     job_id: &str,
-    flavour: Flavour,
+    spool: &Spool,
     catalog: &MyCatalog,
     p0: &BinlogCursor,
     p1: &BinlogCursor,
@@ -1492,6 +1536,7 @@ async fn stream(
         goal: None,
         last_status: Instant::now() - Duration::from_secs(10),
         last_request_check: Instant::now(),
+        last_cleanup: Instant::now(),
         switch: None,
         leg,
     };
@@ -1508,7 +1553,7 @@ async fn stream(
             .collect();
         let before = state.summary.transactions;
         match session(
-            spec, store, job_id, flavour, &catalog, &shapes, p0, p1, &mut state, cancel,
+            spec, store, job_id, spool, &catalog, &shapes, p0, p1, &mut state, cancel,
         )
         .await
         {
@@ -1550,6 +1595,7 @@ struct StreamState {
     goal: Option<BinlogCursor>,
     last_status: Instant,
     last_request_check: Instant,
+    last_cleanup: Instant,
     switch: Option<Switch>,
     /// A reverse leg: its requests are fallbacks, in the job's own state directory.
     leg: Option<LegOf>,
@@ -1773,7 +1819,7 @@ async fn session(
     spec: &JobSpec,
     store: &Arc<StateStore>,
     job_id: &str,
-    flavour: Flavour,
+    spool: &Spool,
     catalog: &MyCatalog,
     shapes: &HashMap<String, Shape>,
     p0: &BinlogCursor,
@@ -1792,9 +1838,8 @@ async fn session(
         applied = p0.clone();
     }
     let mut control = mysql::connect(&spec.source, "binlog position").await?;
-    let mut stream =
-        binlog::open(&spec.source, flavour, binlog::server_id(job_id), &applied).await?;
-    tracing::info!(from = %cursor_text(&applied), "streaming the binlog");
+    let mut reader = spool.reader(&applied)?;
+    tracing::info!(from = %cursor_text(&applied), "applying the spooled binlog");
     let mut assembler = Assembler::new(
         &spec.source.database,
         &catalog.tables,
@@ -1814,15 +1859,21 @@ async fn session(
         if cancel.is_cancelled() {
             return Err(Error::Interrupted);
         }
-        let event = tokio::select! {
+        let next = tokio::select! {
             _ = cancel.cancelled() => return Err(Error::Interrupted),
-            e = tokio::time::timeout(APPLY_IDLE, stream.next()) => e,
+            e = reader.next(APPLY_IDLE) => e?,
         };
         let mut idle = false;
-        match event {
-            Ok(Some(Ok(event))) => {
+        match next {
+            Some(spooled) => {
+                let event = spooled.event;
+                if spooled.begins {
+                    assembler.abandon();
+                }
+                // The spool knows where each event ends (the assembler's own tracking agrees).
+                assembler.cursor = spooled.cursor;
                 let item = assembler
-                    .handle(&event, |id| stream.get_tme(id))
+                    .handle(&event, |id| reader.get_tme(id))
                     .map_err(Error::Definite)?;
                 match item {
                     Some(StreamItem::Transaction(c)) => {
@@ -1893,7 +1944,6 @@ async fn session(
                                     &position,
                                 )
                                 .await?;
-                                let _ = stream.close().await;
                                 return Ok(SessionEnd::CatalogChanged(changed));
                             }
                         }
@@ -1903,9 +1953,8 @@ async fn session(
                         position,
                         timestamp,
                     }) => {
-                        if transactions.is_empty() {
-                            read = position;
-                        }
+                        // Between transactions: once those read are applied, so is this.
+                        read = position;
                         if timestamp > 0 {
                             last_timestamp = timestamp;
                         }
@@ -1913,15 +1962,7 @@ async fn session(
                     None => {}
                 }
             }
-            Ok(Some(Err(e))) => return Err(mysql::error("reading the binlog stream", e).into()),
-            Ok(None) => {
-                return Err(Error::Mysql(mysql::Error {
-                    context: "reading the binlog stream".into(),
-                    message: "the server ended the stream".into(),
-                    class: crate::engine::ErrorClass::Transient,
-                }));
-            }
-            Err(_) => idle = true,
+            None => idle = true,
         }
         if !transactions.is_empty()
             && (batch.changes >= APPLY_BATCH_CHANGES
@@ -1967,6 +2008,10 @@ async fn session(
             let _ = store.set_position("captured", &cursor_text(&read));
             let _ = store.set_position("applied", &cursor_text(&applied));
             let _ = store.set_position("lag_seconds", &lag.to_string());
+            if state.last_cleanup.elapsed() >= Duration::from_secs(10) {
+                state.last_cleanup = Instant::now();
+                spool.remove_applied(&applied);
+            }
         }
         if state.consistent
             && state.switch.is_none()
@@ -2062,7 +2107,6 @@ async fn session(
                 if let Some(leg) = state.leg.clone() {
                     match finish_fallback(spec, catalog, sw, &applied, &leg).await {
                         Ok(()) => {
-                            let _ = stream.close().await;
                             return Ok(SessionEnd::CutOver);
                         }
                         Err((e, Some(sw))) => sw.abandon(spec, e).await,
@@ -2076,7 +2120,6 @@ async fn session(
                     Ok(()) => {
                         state.summary.applied = cursor_text(&applied);
                         let _ = store.set_position("applied", &cursor_text(&applied));
-                        let _ = stream.close().await;
                         return Ok(SessionEnd::CutOver);
                     }
                     Err(e) if cutover::direction(store)? != "forward" => {
@@ -2121,7 +2164,6 @@ async fn session(
                 state.summary.caught_up = true;
                 state.summary.applied = cursor_text(&applied);
                 let _ = store.set_position("applied", &cursor_text(&applied));
-                let _ = stream.close().await;
                 return Ok(SessionEnd::CaughtUp);
             }
         }

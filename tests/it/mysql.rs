@@ -850,6 +850,102 @@ fn mariadb_source_restart_mid_stream() {
     );
 }
 
+/// `kuaka status --json`'s position `name` as `(file, offset)` of `binlog:file:offset`.
+fn binlog_position(state: &Path, name: &str) -> Option<(String, u64)> {
+    let output = run({
+        let mut c = kuaka();
+        c.args(["status", "--json", "--state"]).arg(state);
+        c
+    });
+    let status: serde_json::Value = serde_json::from_str(&output.stdout).ok()?;
+    let value = status["positions"]
+        .as_array()?
+        .iter()
+        .find(|p| p["name"] == name)?["value"]
+        .as_str()?
+        .to_owned();
+    let (file, offset) = value.strip_prefix("binlog:")?.rsplit_once(':')?;
+    Some((file.to_owned(), offset.parse().ok()?))
+}
+
+/// The binlog is spooled to the state directory from P0 on while the tables are copied: the
+/// source purging every binlog file the job still needs, in the middle of the snapshot,
+/// loses nothing (streaming from the server after the copy would find P0's file gone).
+#[test]
+fn mariadb_binlog_purged_during_the_snapshot_is_in_the_spool() {
+    // A server of this test's own: purging the shared one's binlogs would break other jobs.
+    let server: &'static MariaDbServer = Box::leak(Box::new(MariaDbServer::start_private()));
+    let db = "my_purge_src";
+    let source = server.create_db(db);
+    let target = pg().create_db("my_purge_dst");
+    server.exec_script(
+        db,
+        "CREATE TABLE t (id int PRIMARY KEY, v varchar(40), n bigint) ENGINE=InnoDB;
+         INSERT INTO t SELECT seq, CONCAT('v', seq), seq * 3 FROM seq_1_to_3000;",
+    );
+    let state = tempfile::tempdir().expect("state dir");
+    let pause = tempfile::tempdir().expect("pause dir");
+    let release = pause.path().join("go");
+    let mut command = stream_command(
+        &source,
+        &target,
+        state.path(),
+        &["--until", "caught-up", "--chunk-rows", "500"],
+    );
+    command.env(
+        "KUAKA_PAUSE",
+        format!("snapshot.planned={}", release.display()),
+    );
+    let mut background = Background::spawn(command);
+    let reached = pause.path().join("go.reached");
+    wait_until(
+        "the copy to pause after planning",
+        Duration::from_secs(60),
+        || {
+            assert!(
+                background.is_running(),
+                "kuaka exited early:\n{}",
+                background.stderr()
+            );
+            reached.exists()
+        },
+    );
+    let first_file = server.rows(db, "SHOW BINARY LOGS")[0][0].clone();
+    server.exec_script(
+        db,
+        "INSERT INTO t SELECT seq, 'new', seq FROM seq_5001_to_5200;
+         UPDATE t SET v = 'changed', n = n + 1 WHERE id % 7 = 0;
+         DELETE FROM t WHERE id % 11 = 0;
+         FLUSH BINARY LOGS;
+         START TRANSACTION; UPDATE t SET v = 'second file' WHERE id BETWEEN 100 AND 120; COMMIT;
+         FLUSH BINARY LOGS;",
+    );
+    let status = server.rows(db, "SHOW MASTER STATUS");
+    let end = (
+        status[0][0].clone(),
+        status[0][1].parse::<u64>().expect("offset"),
+    );
+    wait_until(
+        "the capture to spool the writes",
+        Duration::from_secs(60),
+        || binlog_position(state.path(), "spooled").is_some_and(|at| at >= end),
+    );
+    server.exec(&format!("PURGE BINARY LOGS TO '{}'", end.0));
+    let left = server.rows(db, "SHOW BINARY LOGS");
+    assert!(
+        left.iter().all(|f| f[0] != first_file),
+        "the purge left {first_file}: {left:?}"
+    );
+    std::fs::write(&release, b"").expect("release the pause");
+    background.wait(Duration::from_secs(180)).assert_success();
+    assert_same_rows(server, db, &target);
+    // Ids 100..=120 but 110 (deleted): the one transaction of the second binlog file.
+    assert_eq!(
+        query_rows(&target, "SELECT count(*) FROM t WHERE v = 'second file'")[0][0],
+        "20"
+    );
+}
+
 /// The employees sample (six tables, composite keys, ON DELETE CASCADE everywhere).
 fn load_employees(server: &MariaDbServer, db: &str) -> String {
     let url = server.create_db(db);

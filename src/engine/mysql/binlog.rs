@@ -74,6 +74,22 @@ pub struct Assembler {
 /// Event type numbers kuaka acts on beyond what `mysql_common` decodes.
 const MARIADB_GTID_EVENT: u8 = 162;
 const MARIADB_GTID_LIST_EVENT: u8 = 163;
+pub const TRANSACTION_PAYLOAD_EVENT: u8 = 40;
+
+/// Where a ROTATE event points: `(file, position)`. The server's first, made-up ROTATE comes
+/// before the FORMAT_DESCRIPTION event that announces checksums, so its name may still carry
+/// the 4 checksum bytes after `current`'s name.
+pub fn rotation(data: Option<&EventData<'_>>, current: &str) -> Option<(String, u64)> {
+    let Some(EventData::RotateEvent(r)) = data else {
+        return None;
+    };
+    let mut name = r.name_raw().to_vec();
+    let current = current.as_bytes();
+    if name.len() == current.len() + 4 && name.starts_with(current) {
+        name.truncate(current.len());
+    }
+    Some((String::from_utf8_lossy(&name).into_owned(), r.position()))
+}
 
 impl Assembler {
     pub fn new(
@@ -106,19 +122,7 @@ impl Assembler {
         let data = event
             .read_data()
             .map_err(|e| format!("cannot decode binlog event type {event_type}: {e}"))?;
-        let rotate = match &data {
-            Some(EventData::RotateEvent(r)) => {
-                // The server's first, made-up ROTATE comes before the FORMAT_DESCRIPTION event
-                // that announces checksums, so the name still carries the 4 checksum bytes.
-                let mut name = r.name_raw().to_vec();
-                let current = self.cursor.file.as_bytes();
-                if name.len() == current.len() + 4 && name.starts_with(current) {
-                    name.truncate(current.len());
-                }
-                Some((String::from_utf8_lossy(&name).into_owned(), r.position()))
-            }
-            _ => None,
-        };
+        let rotate = rotation(data.as_ref(), &self.cursor.file);
         self.cursor.advance(
             event_type,
             header.flags_raw(),
@@ -224,12 +228,22 @@ impl Assembler {
                 Ok(None)
             }
             _ if event_type == MARIADB_GTID_LIST_EVENT => Ok(progress(&self.cursor)),
+            // MySQL 8's compressed transaction: its end position is the transaction's, but
+            // its events (which follow it, decompressed) are not applied yet.
+            _ if event_type == TRANSACTION_PAYLOAD_EVENT => Ok(None),
             _ => Ok(if self.open.is_none() {
                 progress(&self.cursor)
             } else {
                 None
             }),
         }
+    }
+
+    /// Forget a transaction left open: its events will come again from its start (the
+    /// capture reconnected in the middle of it).
+    pub fn abandon(&mut self) {
+        self.open = None;
+        self.gtid = None;
     }
 
     fn commit(&mut self, timestamp: u32) -> Option<StreamItem> {
