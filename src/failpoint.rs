@@ -40,6 +40,12 @@ fn armed() -> Option<&'static Armed> {
         .as_ref()
 }
 
+/// A test armed `name` (to kill the process there): the caller may set up the state the
+/// failpoint is about (for example sync a log) before [`hit`].
+pub fn armed_for(name: &str) -> bool {
+    armed().is_some_and(|a| a.name == name)
+}
+
 /// Reached a named point: die or pause here if a test armed it.
 pub fn hit(name: &str) {
     if let Some((pause, path)) = paused()

@@ -45,6 +45,9 @@ const PUBLISH_EVERY: Duration = Duration::from_millis(10);
 /// Everything spooled is on disk at most this long after it arrived.
 const SYNC_EVERY: Duration = Duration::from_secs(1);
 
+/// Failpoint: the spool was synced while a transaction was partly written.
+const SYNCED_IN_TRANSACTION: &str = "capture.synced_in_transaction";
+
 const FORMAT_DESCRIPTION_EVENT: u8 = 15;
 const QUERY_EVENT: u8 = 2;
 const XID_EVENT: u8 = 16;
@@ -329,6 +332,7 @@ impl Capture {
             binlog::open(&self.endpoint, self.flavour, self.server_id, &cursor).await?;
         tracing::info!(from = %format!("{}:{}", cursor.file, cursor.offset), "binlog capture streaming into the spool");
         let mut in_transaction = false;
+        let mut events_in_transaction = 0u32;
         let mut last_publish = Instant::now();
         let mut last_sync = Instant::now();
         let mut last_status = Instant::now() - Duration::from_secs(10);
@@ -409,6 +413,16 @@ impl Capture {
                     if tag == b'C' {
                         in_transaction = false;
                         boundary = pos;
+                        events_in_transaction = 0;
+                    } else if in_transaction {
+                        events_in_transaction += 1;
+                        if events_in_transaction == 4
+                            && crate::failpoint::armed_for(SYNCED_IN_TRANSACTION)
+                        {
+                            // Crash tests: part of a transaction is durable in the spool.
+                            log.sync().map_err(log_err)?;
+                            crate::failpoint::hit(SYNCED_IN_TRANSACTION);
+                        }
                     }
                 }
             }

@@ -293,7 +293,8 @@ async fn preflight(
             problems.join("; ")
         )));
     }
-    // Retention: a snapshot longer than the binlog is kept cannot be caught up.
+    // Retention: the binlog is spooled as it is written, during the copy too; only a job that
+    // stops (a crash, an operator) for longer than the binlog is kept loses what it needs.
     let expire: Option<i64> = conn
         .query_first::<Option<i64>, _>("SELECT @@binlog_expire_logs_seconds")
         .await
@@ -307,7 +308,7 @@ async fn preflight(
         && expire < estimate * 2
     {
         tracing::warn!(
-            "binlog_expire_logs_seconds is {expire} but the snapshot may take about {estimate} s; binlogs purged before apply reaches them would stop the job: raise it for the migration"
+            "binlog_expire_logs_seconds is {expire} but the snapshot may take about {estimate} s; kuaka spools the binlog while it copies, but if the job is stopped for longer than that, the binlog it needs to resume may be purged: raise it for the migration"
         );
     }
     Ok(())

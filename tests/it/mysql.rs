@@ -946,6 +946,57 @@ fn mariadb_binlog_purged_during_the_snapshot_is_in_the_spool() {
     );
 }
 
+/// SIGKILL when the spool holds, synced to disk, only the first events of a big source
+/// transaction: the restart cuts the spool back to the last whole transaction, captures the
+/// transaction again from its start, and the target gets it exactly once.
+#[test]
+fn mariadb_sigkill_with_half_a_transaction_in_the_spool() {
+    let server = mariadb();
+    let db = "my_spool_kill_src";
+    let source = server.create_db(db);
+    let target = pg().create_db("my_spool_kill_dst");
+    server.exec_script(
+        db,
+        "CREATE TABLE t (id int PRIMARY KEY, v varchar(200), n bigint) ENGINE=InnoDB;
+         INSERT INTO t SELECT seq, CONCAT('v', seq), seq FROM seq_1_to_1000;",
+    );
+    let state = tempfile::tempdir().expect("state dir");
+    let mut command = stream_command(&source, &target, state.path(), &[]);
+    command.env("KUAKA_FAILPOINT", "capture.synced_in_transaction");
+    let mut background = Background::spawn(command);
+    wait_streaming(&mut background, state.path());
+    // One transaction of many rows events (about 8 KB each), then a small one after it.
+    server.exec_script(
+        db,
+        "START TRANSACTION;
+         INSERT INTO t SELECT seq, REPEAT('x', 150), seq FROM seq_2001_to_12000;
+         UPDATE t SET n = n + 1 WHERE id <= 1000;
+         DELETE FROM t WHERE id % 9 = 0;
+         COMMIT;
+         UPDATE t SET v = 'after' WHERE id = 1;",
+    );
+    background
+        .wait(Duration::from_secs(60))
+        .assert_killed_by_sigkill();
+    let rerun = run(stream_command(
+        &source,
+        &target,
+        state.path(),
+        &["--until", "caught-up"],
+    ));
+    rerun.assert_success();
+    assert!(
+        rerun.stderr.contains("after the last complete transaction"),
+        "the spool held no partial transaction to cut:\n{}",
+        rerun.stderr
+    );
+    assert_same_rows(server, db, &target);
+    assert_eq!(
+        query_rows(&target, "SELECT count(*), sum(n) FROM t")[0],
+        server.rows(db, "SELECT count(*), sum(n) FROM t")[0]
+    );
+}
+
 /// The employees sample (six tables, composite keys, ON DELETE CASCADE everywhere).
 fn load_employees(server: &MariaDbServer, db: &str) -> String {
     let url = server.create_db(db);
