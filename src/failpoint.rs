@@ -5,8 +5,8 @@
 //! Names: `snapshot.after_schema`, `snapshot.chunk.before_commit`, `snapshot.chunk.after_commit`,
 //! `snapshot.before_post_data`, `snapshot.post_data.after_step`, `apply.before_commit` (an apply
 //! transaction's changes and position are written, COMMIT not sent), `apply.after_commit`,
-//! `capture.synced_in_transaction` (the change log was synced while a source transaction was
-//! only partly received), `verify.after_part` (a verification part's result is in the
+//! `capture.synced_in_transaction` (the change log, or a MySQL job's binlog spool, was synced
+//! while a source transaction was only partly received), `verify.after_part` (a verification part's result is in the
 //! checkpoint), `snapshot.planned` (the chunk plan is saved, no chunk copied yet).
 //!
 //! `KUAKA_PAUSE=name=PATH` instead holds the process at the first hit of `name`: it creates
