@@ -163,6 +163,7 @@ struct Shared {
 pub struct Spool {
     dir: PathBuf,
     base: String,
+    flavour: Flavour,
     end: watch::Receiver<LogEnd>,
     shared: Arc<Shared>,
     stop: CancellationToken,
@@ -237,11 +238,16 @@ impl Spool {
         Ok(Spool {
             dir,
             base,
+            flavour,
             end,
             shared,
             stop,
             task: Some(task),
         })
+    }
+
+    pub fn flavour(&self) -> Flavour {
+        self.flavour
     }
 
     /// A reader of the events after `applied` (a transaction boundary).

@@ -33,7 +33,7 @@ use super::{Error, Reconnect, Result, cutover};
 use crate::config::{JobSpec, TargetExists, Until};
 use crate::engine::mysql::binlog::{self, Assembler, StreamItem};
 use crate::engine::mysql::catalog::{self, MyCatalog, MyTable};
-use crate::engine::mysql::decode::{self, BinlogCursor};
+use crate::engine::mysql::decode::{self, BinlogCursor, GtidState};
 use crate::engine::mysql::{self, Flavour, apply as myapply, quote_ident as my_ident};
 use crate::engine::postgres::rows as pgrows;
 use crate::engine::postgres::snapshot::CopyProgress;
@@ -77,7 +77,24 @@ fn cursor_text(c: &BinlogCursor) -> String {
     cursor_position(c).to_string()
 }
 
+/// Separates a target position's binlog coordinates from the MariaDB GTID state they stand at.
+const GTID_SUFFIX: &str = " gtid:";
+
+/// The position apply writes on the target: coordinates, and the GTID state when known.
+fn position_text(c: &BinlogCursor, gtid: Option<&GtidState>) -> String {
+    match gtid {
+        Some(g) => format!("{}{GTID_SUFFIX}{g}", cursor_text(c)),
+        None => cursor_text(c),
+    }
+}
+
+/// The GTID state a target position was written with.
+fn position_gtid(text: &str) -> Option<GtidState> {
+    GtidState::parse(text.split_once(GTID_SUFFIX)?.1)
+}
+
 fn parse_cursor(text: &str) -> Option<BinlogCursor> {
+    let text = text.split_once(GTID_SUFFIX).map_or(text, |(c, _)| c);
     match text.parse::<Position>().ok()? {
         Position::BinlogFile { file, offset } => Some(BinlogCursor { file, offset }),
         _ => None,
@@ -515,6 +532,22 @@ async fn forward(
         tracing::info!(tables = catalog.tables.len(), "target tables created");
     }
 
+    // The server the job reads: another one (a failover in the source's replication
+    // topology) has other binlog coordinates for the same transactions.
+    let server_id: Option<u32> = source
+        .query_first("SELECT @@server_id")
+        .await
+        .map_err(|e| mysql::error("reading the source's server_id", e))?;
+    let server_id = server_id.unwrap_or(0).to_string();
+    match store.meta("mysql_server_id")? {
+        None => store.set_meta("mysql_server_id", &server_id)?,
+        Some(was) if was != server_id && !spec.snapshot_only => {
+            resume_on_another_server(spec, store, job_id, flavour, &mut target, &was, &server_id)
+                .await?;
+        }
+        Some(_) => {}
+    }
+
     // P0 before any table is read.
     let p0 = match store.meta("mysql_p0")?.as_deref().and_then(parse_cursor) {
         Some(p) => p,
@@ -650,6 +683,105 @@ async fn forward(
     summary.cut_over = streamed.cut_over && !summary.handoff;
     summary.mysql_stream = Some(streamed);
     Ok(summary)
+}
+
+/// The MariaDB GTID state at a binlog position (`BINLOG_GTID_POS`); `None` (with a warning)
+/// when the server cannot tell, for example because the file was purged.
+async fn gtid_at(conn: &mut mysql_async::Conn, at: &BinlogCursor) -> Option<GtidState> {
+    let text: Result<Option<Option<String>>, _> = conn
+        .exec_first(
+            "SELECT BINLOG_GTID_POS(?, ?)",
+            (at.file.as_str(), at.offset),
+        )
+        .await;
+    match text {
+        Ok(Some(Some(text))) => GtidState::parse(&text),
+        Ok(_) => {
+            tracing::warn!(
+                "the source cannot tell the GTID position of {}: this run's positions carry none, so it cannot resume on another server",
+                cursor_text(at)
+            );
+            None
+        }
+        Err(e) => {
+            tracing::warn!("reading the GTID position of {}: {e}", cursor_text(at));
+            None
+        }
+    }
+}
+
+/// The source is another server than the one the job read before (`@@server_id` changed): a
+/// failover in its replication topology, behind the same address. Binlog files and offsets
+/// differ between servers; the GTID state kuaka wrote with the target's position does not.
+/// Find that state in the new server's binlog, move the target's position there (same
+/// transaction boundary, new coordinates) and start the spool afresh. Idempotent: a crash
+/// half way does the same again.
+async fn resume_on_another_server(
+    spec: &JobSpec,
+    store: &StateStore,
+    job_id: &str,
+    flavour: Flavour,
+    target: &mut Sink,
+    was: &str,
+    now_id: &str,
+) -> Result<()> {
+    let refuse = |why: String| {
+        Error::Definite(format!(
+            "the source is another server now (server_id {now_id}; the job read server_id {was}): {why}"
+        ))
+    };
+    if flavour != Flavour::Mariadb {
+        return Err(refuse(
+            "following a MySQL source to another server by GTID is not supported; start the job again (kuaka clean)".into(),
+        ));
+    }
+    let phase = store.job()?.map(|j| j.phase).unwrap_or_default();
+    if phase != "streaming" {
+        return Err(refuse(format!(
+            "the job was {phase}, not yet streaming with a consistent target; start it again (kuaka clean)"
+        )));
+    }
+    let stored = target.applied_position(job_id).await?;
+    let Some(state) = stored.as_deref().and_then(position_gtid) else {
+        return Err(refuse(format!(
+            "the target's position ({}) has no GTID state to find on it; start the job again (kuaka clean)",
+            stored.as_deref().unwrap_or("none")
+        )));
+    };
+    let anchor = binlog::mariadb_gtid_anchor(&spec.source, binlog::server_id(job_id), &state)
+        .await
+        .map_err(|e| refuse(e.to_string()))?;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as u32)
+        .unwrap_or(0);
+    let sql = target
+        .dialect()
+        .position_update(job_id, &position_text(&anchor, Some(&state)), now);
+    target
+        .execute(
+            &sql,
+            "moving the target's position to the new source server",
+        )
+        .await?;
+    let spool = super::binlog_spool::dir(&store.dir());
+    if spool.exists() {
+        std::fs::remove_dir_all(&spool).map_err(|e| {
+            Error::Definite(format!(
+                "removing the binlog spool {}: {e}",
+                spool.display()
+            ))
+        })?;
+    }
+    store.set_meta("mysql_p0", &cursor_text(&anchor))?;
+    store.set_meta("mysql_p1", &cursor_text(&anchor))?;
+    store.set_meta("mysql_server_id", now_id)?;
+    tracing::warn!(
+        gtid = %state,
+        at = %cursor_text(&anchor),
+        "the source is another server now (server_id {was} -> {now_id}): resuming by GTID position from its binlog"
+    );
+    Ok(())
 }
 
 /// At a fallback, with the source fenced and the reverse stream drained: the forward stream
@@ -1829,16 +1961,22 @@ async fn session(
     cancel: &CancellationToken,
 ) -> Result<SessionEnd> {
     let mut target = Sink::connect(&spec.target, "apply").await?;
-    let mut applied = target
-        .applied_position(job_id)
-        .await?
+    let stored = target.applied_position(job_id).await?;
+    let mut applied = stored
         .as_deref()
         .and_then(parse_cursor)
         .unwrap_or_else(|| p0.clone());
+    let mut gtid = stored.as_deref().and_then(position_gtid);
     if cmp(&applied, p0) == Ordering::Less {
         applied = p0.clone();
+        gtid = None;
     }
     let mut control = mysql::connect(&spec.source, "binlog position").await?;
+    if gtid.is_none() && spool.flavour() == Flavour::Mariadb {
+        // Where the applied position is in GTIDs, so that a later run can resume on another
+        // server of the source's replication topology (a failover).
+        gtid = gtid_at(&mut control, &applied).await;
+    }
     let mut reader = spool.reader(&applied)?;
     tracing::info!(from = %cursor_text(&applied), "applying the spooled binlog");
     let mut assembler = Assembler::new(
@@ -1878,6 +2016,9 @@ async fn session(
                     .map_err(Error::Definite)?;
                 match item {
                     Some(StreamItem::Transaction(c)) => {
+                        if let (Some(state), Some(g)) = (gtid.as_mut(), c.gtid.as_deref()) {
+                            state.advance(g);
+                        }
                         read = c.position.clone();
                         last_timestamp = c.timestamp;
                         for change in &c.changes {
@@ -1890,6 +2031,7 @@ async fn session(
                         position,
                         schema,
                         query,
+                        gtid: statement_gtid,
                     }) => {
                         let action = statement_action(
                             &spec.source.database,
@@ -1911,6 +2053,7 @@ async fn session(
                                 shapes,
                                 job_id,
                                 &mut applied,
+                                gtid.as_ref(),
                                 &mut state.summary,
                             )
                             .await?;
@@ -1918,9 +2061,12 @@ async fn session(
                         // A DDL that cannot be followed stops the job, after everything
                         // before it is in the target.
                         let action = action?;
+                        if let (Some(state), Some(g)) = (gtid.as_mut(), statement_gtid.as_deref()) {
+                            state.advance(g);
+                        }
                         let tail = target.dialect().position_update(
                             job_id,
-                            &cursor_text(&position),
+                            &position_text(&position, gtid.as_ref()),
                             event_time(&event),
                         );
                         match action {
@@ -1978,6 +2124,7 @@ async fn session(
                 shapes,
                 job_id,
                 &mut applied,
+                gtid.as_ref(),
                 &mut state.summary,
             )
             .await?;
@@ -2009,6 +2156,9 @@ async fn session(
             let _ = store.set_position("captured", &cursor_text(&read));
             let _ = store.set_position("applied", &cursor_text(&applied));
             let _ = store.set_position("lag_seconds", &lag.to_string());
+            if let Some(g) = gtid.as_ref().filter(|_| transactions.is_empty()) {
+                let _ = store.set_position("applied_gtid", &g.to_string());
+            }
             if state.last_cleanup.elapsed() >= Duration::from_secs(10) {
                 state.last_cleanup = Instant::now();
                 spool.remove_applied(&applied);
@@ -2186,15 +2336,18 @@ async fn apply(
     shapes: &HashMap<String, Shape>,
     job_id: &str,
     applied: &mut BinlogCursor,
+    gtid: Option<&GtidState>,
     summary: &mut MysqlSummary,
 ) -> Result<()> {
     let Some(last) = transactions.last() else {
         return Ok(());
     };
     let position = last.position.clone();
-    let tail = target
-        .dialect()
-        .position_update(job_id, &cursor_text(&position), last.timestamp);
+    // Everything read is in this batch: the GTID state read so far is the batch's end.
+    let tail =
+        target
+            .dialect()
+            .position_update(job_id, &position_text(&position, gtid), last.timestamp);
     let (mut body, guarded) = batch.take_sql()?;
     let mut strict = false;
     loop {
@@ -2592,6 +2745,23 @@ fn statement_action(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn target_positions_carry_the_gtid_state_beside_the_coordinates() {
+        let c = BinlogCursor {
+            file: "binlog.000007".into(),
+            offset: 5_000_000_000,
+        };
+        let g = GtidState::parse("0-1-100,2-3-4").unwrap();
+        let text = position_text(&c, Some(&g));
+        assert_eq!(text, "binlog:binlog.000007:5000000000 gtid:0-1-100,2-3-4");
+        assert_eq!(parse_cursor(&text), Some(c.clone()));
+        assert_eq!(position_gtid(&text), Some(g));
+        // Positions written before GTIDs were recorded still read.
+        let old = position_text(&c, None);
+        assert_eq!(parse_cursor(&old), Some(c));
+        assert_eq!(position_gtid(&old), None);
+    }
 
     fn shape(name: &str) -> Shape {
         Shape::for_test(name, Dialect::Postgres, vec![])

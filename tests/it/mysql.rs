@@ -997,6 +997,73 @@ fn mariadb_sigkill_with_half_a_transaction_in_the_spool() {
     );
 }
 
+/// A failover of the source: kuaka stops, the primary goes away and its replica takes over its
+/// address, with the same transactions at other binlog files and offsets. The next run sees
+/// another server_id, finds the GTID state it wrote with the target's position in the new
+/// server's binlog, and goes on from there: the changes kuaka had not read yet (logged on the
+/// old primary, replicated) and those made on the new one all arrive, nothing twice.
+#[test]
+fn mariadb_source_failover_resumes_by_gtid() {
+    let primary = MariaDbServer::start_private();
+    let replica = MariaDbServer::start_replica_of(&primary);
+    let db = "my_failover_src";
+    let source = primary.create_db(db);
+    let target = pg().create_db("my_failover_dst");
+    primary.exec_script(
+        db,
+        "CREATE TABLE t (id int PRIMARY KEY, v varchar(40), n bigint) ENGINE=InnoDB;
+         INSERT INTO t SELECT seq, CONCAT('v', seq), seq FROM seq_1_to_2000;",
+    );
+    let state = tempfile::tempdir().expect("state dir");
+    let mut background = Background::spawn(stream_command(&source, &target, state.path(), &[]));
+    wait_streaming(&mut background, state.path());
+    primary.exec_script(
+        db,
+        "UPDATE t SET n = n + 1 WHERE id <= 100;
+         INSERT INTO t SELECT seq, 'live', seq FROM seq_3001_to_3100;",
+    );
+    wait_until(
+        "the live changes on the target",
+        Duration::from_secs(60),
+        || query_rows(&target, "SELECT count(*) FROM t WHERE v = 'live'")[0][0] == "100",
+    );
+    crate::support::sigterm(background);
+    // Written while kuaka is stopped: only the replica will still have them.
+    primary.exec_script(
+        db,
+        "DELETE FROM t WHERE id % 10 = 0;
+         UPDATE t SET v = 'while stopped' WHERE id BETWEEN 500 AND 520;",
+    );
+    replica.exec("FLUSH BINARY LOGS");
+    replica.catch_up_with(&primary);
+    let port = primary.port;
+    primary.stop();
+    replica.exec("STOP SLAVE; RESET SLAVE ALL;");
+    let promoted: &'static MariaDbServer = Box::leak(Box::new(replica.move_to_port(port)));
+    promoted.exec_script(
+        db,
+        "INSERT INTO t SELECT seq, 'after the failover', seq FROM seq_5001_to_5050;
+         UPDATE t SET n = 0 WHERE id = 1;",
+    );
+    let rerun = run(stream_command(
+        &source,
+        &target,
+        state.path(),
+        &["--until", "caught-up"],
+    ));
+    rerun.assert_success();
+    assert!(
+        rerun.stderr.contains("resuming by GTID position"),
+        "the rerun did not notice the new server:\n{}",
+        rerun.stderr
+    );
+    assert_same_rows(promoted, db, &target);
+    assert_eq!(
+        query_rows(&target, "SELECT count(*) FROM t WHERE v = 'while stopped'")[0][0],
+        "18"
+    );
+}
+
 /// The employees sample (six tables, composite keys, ON DELETE CASCADE everywhere).
 fn load_employees(server: &MariaDbServer, db: &str) -> String {
     let url = server.create_db(db);

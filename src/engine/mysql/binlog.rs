@@ -53,6 +53,8 @@ pub enum StreamItem {
         position: BinlogCursor,
         schema: String,
         query: String,
+        /// The statement's GTID (MariaDB logs DDL as a standalone GTID, then the query).
+        gtid: Option<String>,
     },
     /// The cursor moved without a change for the job (other databases, heartbeats).
     Progress {
@@ -75,6 +77,7 @@ pub struct Assembler {
 const MARIADB_GTID_EVENT: u8 = 162;
 const MARIADB_GTID_LIST_EVENT: u8 = 163;
 pub const TRANSACTION_PAYLOAD_EVENT: u8 = 40;
+const FORMAT_DESCRIPTION_EVENT: u8 = 15;
 
 /// Where a ROTATE event points: `(file, position)`. The server's first, made-up ROTATE comes
 /// before the FORMAT_DESCRIPTION event that announces checksums, so its name may still carry
@@ -164,11 +167,11 @@ impl Assembler {
                 let schema = q.schema().into_owned();
                 // A statement outside a transaction: DDL and the like.
                 self.open = None;
-                self.gtid = None;
                 Ok(Some(StreamItem::Statement {
                     position: self.cursor.clone(),
                     schema,
                     query: trimmed.to_owned(),
+                    gtid: self.gtid.take(),
                 }))
             }
             Some(EventData::XidEvent(_)) => Ok(self.commit(timestamp)),
@@ -340,6 +343,110 @@ pub async fn open(
             e,
         )
     })
+}
+
+/// Where MariaDB GTID state `state` is in this server's binlog: the file and offset right
+/// after the last transaction the state names, so streaming from there misses nothing and
+/// repeats nothing. It lets a job resume on another server of the same replication topology
+/// (a failover), whose binlog has the same transactions under other file names and offsets.
+pub async fn mariadb_gtid_anchor(
+    endpoint: &Endpoint,
+    server_id: u32,
+    state: &decode::GtidState,
+) -> Result<BinlogCursor> {
+    use futures_util::StreamExt;
+    let context = format!("finding GTID position {state} in the source's binlog");
+    let mut conn = connect(endpoint, "gtid position").await?;
+    // Nothing after `state` on this server: its binlog end is the place (read between two
+    // looks at the GTID position, so no commit slipped in between).
+    let gtid_pos = async |conn: &mut mysql_async::Conn| -> Result<Option<decode::GtidState>> {
+        let text: Option<String> = conn
+            .query_first("SELECT @@gtid_binlog_pos")
+            .await
+            .map_err(|e| error(context.clone(), e))?;
+        Ok(text.as_deref().and_then(decode::GtidState::parse))
+    };
+    let before = gtid_pos(&mut conn).await?;
+    let end = current_position(&mut conn).await?;
+    let after = gtid_pos(&mut conn).await?;
+    if before.as_ref() == Some(state) && after.as_ref() == Some(state) {
+        return Ok(end);
+    }
+    let checksum: Option<String> = conn
+        .query_first("SELECT @@global.binlog_checksum")
+        .await
+        .map_err(|e| error(context.clone(), e))?;
+    let checksums = checksum.is_some_and(|c| !c.eq_ignore_ascii_case("NONE"));
+    // Otherwise the server streams from `state` on: the first transaction it sends starts
+    // at the place.
+    for sql in [
+        "SET @mariadb_slave_capability = 4".to_owned(),
+        format!("SET @slave_connect_state = '{state}'"),
+        "SET @slave_gtid_strict_mode = 1".to_owned(),
+        "SET @master_heartbeat_period = 1000000000".to_owned(),
+    ] {
+        conn.query_drop(sql)
+            .await
+            .map_err(|e| error(context.clone(), e))?;
+    }
+    let request = BinlogStreamRequest::new(server_id)
+        .with_filename(b"")
+        .with_pos(4u64);
+    let mut stream = conn.get_binlog_stream(request).await.map_err(|e| {
+        let mut e = error(context.clone(), e);
+        e.message.push_str(
+            " (the server's binlog does not hold the transactions after this GTID position: it is behind what kuaka applied, or purged them)",
+        );
+        e.class = ErrorClass::Definite;
+        e
+    })?;
+    let mut file = String::new();
+    let mut seen_format = false;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let next = tokio::time::timeout_at(deadline, stream.next())
+            .await
+            .map_err(|_| super::Error {
+                context: context.clone(),
+                message: "the server sent no transaction after it within 30 s".into(),
+                class: ErrorClass::Transient,
+            })?;
+        let event = match next {
+            Some(Ok(event)) => event,
+            Some(Err(e)) => {
+                let mut e = error(context.clone(), e);
+                e.class = ErrorClass::Definite;
+                return Err(e);
+            }
+            None => {
+                return Err(super::Error {
+                    context,
+                    message: "the server ended the stream".into(),
+                    class: ErrorClass::Transient,
+                });
+            }
+        };
+        let header = event.header();
+        let data = event.read_data().ok().flatten();
+        if let Some(EventData::RotateEvent(r)) = &data {
+            // The made-up ROTATE before the FORMAT_DESCRIPTION event still carries the 4
+            // checksum bytes when the server checksums events.
+            let mut name = r.name_raw().to_vec();
+            if !seen_format && checksums && name.len() > 4 {
+                name.truncate(name.len() - 4);
+            }
+            file = String::from_utf8_lossy(&name).into_owned();
+            continue;
+        }
+        if header.event_type_raw() == FORMAT_DESCRIPTION_EVENT {
+            seen_format = true;
+        }
+        if header.event_type_raw() == MARIADB_GTID_EVENT && header.flags_raw() & 0x20 == 0 {
+            let offset = u64::from(header.log_pos()).saturating_sub(u64::from(header.event_size()));
+            let _ = stream.close().await;
+            return Ok(BinlogCursor { file, offset });
+        }
+    }
 }
 
 /// The server's current binlog end (`SHOW MASTER STATUS`).

@@ -374,6 +374,53 @@ pub fn mariadb_gtid(server_id: u32, body: &[u8]) -> Option<MariadbGtid> {
     })
 }
 
+/// A MariaDB replication position as GTIDs: the last transaction of each replication domain,
+/// `domain-server-sequence` joined by commas (the form of `@@gtid_binlog_pos` and
+/// `@slave_connect_state`). It names the same point on every server of a replication
+/// topology, where file names and offsets differ.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GtidState(std::collections::BTreeMap<u32, (u32, u64)>);
+
+impl GtidState {
+    /// `d-s-n,d-s-n,...` (empty: no transaction yet). `None` when malformed.
+    pub fn parse(text: &str) -> Option<GtidState> {
+        let mut state = GtidState::default();
+        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (domain, server, sequence) = parse_gtid(part)?;
+            state.0.insert(domain, (server, sequence));
+        }
+        Some(state)
+    }
+
+    /// Move past a transaction's GTID (`d-s-n`); MySQL's `uuid:n` GTIDs are not tracked here.
+    pub fn advance(&mut self, gtid: &str) {
+        if let Some((domain, server, sequence)) = parse_gtid(gtid) {
+            self.0.insert(domain, (server, sequence));
+        }
+    }
+}
+
+fn parse_gtid(text: &str) -> Option<(u32, u32, u64)> {
+    let mut it = text.splitn(3, '-');
+    Some((
+        it.next()?.parse().ok()?,
+        it.next()?.parse().ok()?,
+        it.next()?.parse().ok()?,
+    ))
+}
+
+impl std::fmt::Display for GtidState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (domain, (server, sequence))) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{domain}-{server}-{sequence}")?;
+        }
+        Ok(())
+    }
+}
+
 /// Parse a MariaDB GTID_LIST event body (type 163): `count u32` (low 28 bits), then `count ×
 /// (domain u32, server u32, sequence u64)`.
 pub fn mariadb_gtid_list(body: &[u8]) -> Option<Vec<MariadbGtid>> {
@@ -395,6 +442,18 @@ pub fn mariadb_gtid_list(body: &[u8]) -> Option<Vec<MariadbGtid>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gtid_state_follows_transactions_per_domain() {
+        let mut s = GtidState::parse("0-1-100, 1-2-5").unwrap();
+        s.advance("0-3-101");
+        s.advance("2-1-1");
+        s.advance("3e11fa47-71ca-11e1-9e33-c80aa9429562:23");
+        assert_eq!(s.to_string(), "0-3-101,1-2-5,2-1-1");
+        assert_eq!(GtidState::parse("").unwrap().to_string(), "");
+        assert!(GtidState::parse("0-1").is_none());
+        assert!(GtidState::parse("0-1-x").is_none());
+    }
     use crate::engine::mysql::catalog::map_type;
 
     fn column(dt: &str, ct: &str, nullable: bool) -> MyColumn {

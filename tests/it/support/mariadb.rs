@@ -16,17 +16,20 @@ pub struct MariaDbServer {
     pub port: u16,
     pub dir: PathBuf,
     pub socket: PathBuf,
+    server_id: u32,
+    /// More `mariadbd` options (a replica's).
+    extra: Vec<String>,
 }
 
 static MARIADB: OnceLock<MariaDbServer> = OnceLock::new();
 
 /// The test process's MariaDB server, started on first use.
 pub fn mariadb() -> &'static MariaDbServer {
-    MARIADB.get_or_init(MariaDbServer::start)
+    MARIADB.get_or_init(|| MariaDbServer::start(1, Vec::new()))
 }
 
 impl MariaDbServer {
-    fn start() -> MariaDbServer {
+    fn start(server_id: u32, extra: Vec<String>) -> MariaDbServer {
         for tool in [MARIADBD, INSTALL_DB, CLIENT] {
             if !Path::new(tool).exists() {
                 panic!("{tool} is missing: {INSTALL_HINT}");
@@ -77,6 +80,8 @@ impl MariaDbServer {
             port,
             dir: dir.clone(),
             socket,
+            server_id,
+            extra,
         };
         server.spawn_mariadbd();
         // Tests connect over TCP as root from 127.0.0.1 (name resolution is off).
@@ -90,7 +95,58 @@ impl MariaDbServer {
 
     /// A server of the test's own (for tests that restart it), stopped when the process ends.
     pub fn start_private() -> MariaDbServer {
-        MariaDbServer::start()
+        MariaDbServer::start(1, Vec::new())
+    }
+
+    /// A server of the test's own replicating `primary` by GTID (server_id 2, writing what it
+    /// replicates to its own binlog, as a failover candidate does).
+    pub fn start_replica_of(primary: &MariaDbServer) -> MariaDbServer {
+        let replica = MariaDbServer::start(2, vec!["--log-slave-updates".into()]);
+        replica.exec(&format!(
+            "CHANGE MASTER TO MASTER_HOST = '127.0.0.1', MASTER_PORT = {}, MASTER_USER = 'root', \
+             MASTER_USE_GTID = slave_pos; START SLAVE;",
+            primary.port
+        ));
+        replica
+    }
+
+    /// Wait until this replica has applied everything `primary` has logged.
+    pub fn catch_up_with(&self, primary: &MariaDbServer) {
+        let pos = primary.exec("SELECT @@gtid_binlog_pos");
+        let waited = self.exec(&format!("SELECT MASTER_GTID_WAIT('{}', 60)", pos.trim()));
+        assert_eq!(
+            waited.trim(),
+            "0",
+            "the replica did not catch up with {pos}"
+        );
+    }
+
+    /// Stop the server (SIGTERM, a clean shutdown) and wait until it is gone.
+    pub fn stop(&self) {
+        let pid: i32 = std::fs::read_to_string(self.dir.join("kuaka-it.pid"))
+            .expect("pid file")
+            .trim()
+            .parse()
+            .expect("pid");
+        Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("kill");
+        wait_until("mariadbd to stop", Duration::from_secs(60), || {
+            // The child is not ours to wait for any more: poll /proc (a zombie counts as gone).
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| s.contains(") Z "))
+                .unwrap_or(true)
+        });
+    }
+
+    /// Stop the server and start it again listening on `port` (taking over a stopped
+    /// server's address, as a failover behind one DNS name or VIP does).
+    pub fn move_to_port(self, port: u16) -> MariaDbServer {
+        self.stop();
+        let moved = MariaDbServer { port, ..self };
+        moved.spawn_mariadbd();
+        moved
     }
 
     /// Start `mariadbd` on this server's directory and wait until it answers.
@@ -118,6 +174,8 @@ impl MariaDbServer {
             .arg(format!("--socket={}", self.socket.display()))
             .arg(format!("--port={}", self.port))
             .arg("--bind-address=127.0.0.1")
+            .arg(format!("--server-id={}", self.server_id))
+            .args(&self.extra)
             .arg(format!("--log-bin={}", dir.join("binlog").display()))
             .arg(format!("--log-error={}", dir.join("error.log").display()))
             .arg(format!("--pid-file={}", dir.join("mariadbd.pid").display()))
@@ -125,7 +183,6 @@ impl MariaDbServer {
                 "--binlog-format=ROW",
                 "--binlog-row-image=FULL",
                 "--binlog-row-metadata=FULL",
-                "--server-id=1",
                 "--skip-name-resolve",
                 "--innodb-buffer-pool-size=64M",
                 "--innodb-flush-log-at-trx-commit=2",
@@ -158,21 +215,7 @@ impl MariaDbServer {
 
     /// Stop the server (SIGTERM, a clean shutdown) and start it again on the same port.
     pub fn restart(&self) {
-        let pid: i32 = std::fs::read_to_string(self.dir.join("kuaka-it.pid"))
-            .expect("pid file")
-            .trim()
-            .parse()
-            .expect("pid");
-        Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .expect("kill");
-        wait_until("mariadbd to stop", Duration::from_secs(60), || {
-            // The child is not ours to wait for any more: poll /proc (a zombie counts as gone).
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .map(|s| s.contains(") Z "))
-                .unwrap_or(true)
-        });
+        self.stop();
         self.spawn_mariadbd();
     }
 
