@@ -533,12 +533,17 @@ async fn forward(
     }
 
     // The server the job reads: another one (a failover in the source's replication
-    // topology) has other binlog coordinates for the same transactions.
-    let server_id: Option<u32> = source
-        .query_first("SELECT @@server_id")
+    // topology) has other binlog coordinates for the same transactions. MySQL names each
+    // server instance (server_uuid); MariaDB servers of one topology differ by server_id.
+    let identity = match flavour {
+        Flavour::Mysql => "SELECT @@server_uuid",
+        Flavour::Mariadb => "SELECT CAST(@@server_id AS CHAR)",
+    };
+    let server_id: Option<String> = source
+        .query_first(identity)
         .await
-        .map_err(|e| mysql::error("reading the source's server_id", e))?;
-    let server_id = server_id.unwrap_or(0).to_string();
+        .map_err(|e| mysql::error("reading the source's server identity", e))?;
+    let server_id = server_id.unwrap_or_default();
     match store.meta("mysql_server_id")? {
         None => store.set_meta("mysql_server_id", &server_id)?,
         Some(was) if was != server_id && !spec.snapshot_only => {
@@ -727,7 +732,7 @@ async fn resume_on_another_server(
 ) -> Result<()> {
     let refuse = |why: String| {
         Error::Definite(format!(
-            "the source is another server now (server_id {now_id}; the job read server_id {was}): {why}"
+            "the source is another server now (its server_id or server_uuid is {now_id}; the job read {was}): {why}"
         ))
     };
     if flavour != Flavour::Mariadb {
