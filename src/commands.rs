@@ -111,17 +111,27 @@ async fn run(args: &RunArgs, ui: &Ui, cancel: &CancellationToken) -> u8 {
                 );
                 return EXIT_OK;
             }
+            // MySQL/MariaDB and SQLite sources count rows, not bytes: say nothing rather than 0 B.
+            let (bytes, bytes_this_run, bytes_per_sec) = if summary.bytes_this_run > 0 {
+                (
+                    format!(", {}", human_bytes(summary.bytes)),
+                    format!(", {}", human_bytes(summary.bytes_this_run)),
+                    format!(
+                        ", {}/s",
+                        human_bytes((summary.bytes_this_run as f64 / secs) as u64)
+                    ),
+                )
+            } else {
+                Default::default()
+            };
             eprintln!(
-                "kuaka: snapshot complete{}: {} tables, {} rows, {}; this run copied {} rows, {} in {:.1}s ({:.0} rows/s, {}/s); total {:.1}s",
+                "kuaka: snapshot complete{}: {} tables, {} rows{bytes}; this run copied {} rows{bytes_this_run} in {:.1}s ({:.0} rows/s{bytes_per_sec}); total {:.1}s",
                 if summary.resumed { " (resumed)" } else { "" },
                 summary.tables,
                 summary.rows,
-                human_bytes(summary.bytes),
                 summary.rows_this_run,
-                human_bytes(summary.bytes_this_run),
                 summary.copy_seconds,
                 summary.rows_this_run as f64 / secs,
-                human_bytes((summary.bytes_this_run as f64 / secs) as u64),
                 summary.total_seconds
             );
             EXIT_OK

@@ -5,6 +5,10 @@
 //! snapshot or a slow apply no longer loses the changes it has not reached: once an event is in
 //! the spool the source may purge it.
 //!
+//! Rows events of other databases, and their TABLE_MAP events, are left out (the server sends
+//! its whole binlog to a replica); every other event is kept, so positions and GTIDs advance
+//! through other databases' transactions too.
+//!
 //! Records (kind [`RecordKind::Binlog`]) carry a tag byte and then the event as the server
 //! sent it (header, body, checksum):
 //! - `B` (no event) opens a transaction; its position is the boundary it starts at.
@@ -172,6 +176,8 @@ pub struct Spool {
 
 struct Capture {
     endpoint: Endpoint,
+    /// The job's database: rows of others are left out of the spool.
+    database: String,
     flavour: Flavour,
     server_id: u32,
     base: String,
@@ -219,6 +225,7 @@ impl Spool {
         let stop = cancel.child_token();
         let capture = Capture {
             endpoint: endpoint.clone(),
+            database: endpoint.database.clone(),
             flavour,
             server_id,
             base: base.clone(),
@@ -339,6 +346,7 @@ impl Capture {
         tracing::info!(from = %format!("{}:{}", cursor.file, cursor.offset), "binlog capture streaming into the spool");
         let mut in_transaction = false;
         let mut events_in_transaction = 0u32;
+        let mut foreign_tables: std::collections::HashSet<u64> = Default::default();
         let mut last_publish = Instant::now();
         let mut last_sync = Instant::now();
         let mut last_status = Instant::now() - Duration::from_secs(10);
@@ -410,7 +418,20 @@ impl Capture {
                         record.push(b'C');
                         b'C'
                     };
+                    // Rows of other databases (and their TABLE_MAPs) are not the job's: the
+                    // transaction's frame is kept, its foreign rows are not spooled.
+                    let foreign = match data.as_ref() {
+                        Some(EventData::TableMapEvent(t)) if t.database_name() != self.database => {
+                            foreign_tables.insert(t.table_id());
+                            true
+                        }
+                        Some(EventData::RowsEvent(r)) => foreign_tables.contains(&r.table_id()),
+                        _ => false,
+                    };
                     drop(data);
+                    if foreign {
+                        continue;
+                    }
                     event
                         .write(BinlogVersion::Version4, &mut record)
                         .map_err(|e| Error::Definite(format!("binlog capture: {e}")))?;
@@ -419,6 +440,7 @@ impl Capture {
                     if tag == b'C' {
                         in_transaction = false;
                         boundary = pos;
+                        foreign_tables.clear();
                         events_in_transaction = 0;
                     } else if in_transaction {
                         events_in_transaction += 1;

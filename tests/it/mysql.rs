@@ -911,6 +911,14 @@ fn mariadb_binlog_purged_during_the_snapshot_is_in_the_spool() {
         },
     );
     let first_file = server.rows(db, "SHOW BINARY LOGS")[0][0].clone();
+    // Another database's rows (about 4 MB) are not the job's: they stay out of the spool.
+    let other = "my_purge_other";
+    server.create_db(other);
+    server.exec_script(
+        other,
+        "CREATE TABLE big (id int PRIMARY KEY, v varchar(400)) ENGINE=InnoDB;
+         INSERT INTO big SELECT seq, REPEAT('o', 400) FROM seq_1_to_10000;",
+    );
     server.exec_script(
         db,
         "INSERT INTO t SELECT seq, 'new', seq FROM seq_5001_to_5200;
@@ -929,6 +937,14 @@ fn mariadb_binlog_purged_during_the_snapshot_is_in_the_spool() {
         "the capture to spool the writes",
         Duration::from_secs(60),
         || binlog_position(state.path(), "spooled").is_some_and(|at| at >= end),
+    );
+    let spooled: u64 = std::fs::read_dir(state.path().join("changes"))
+        .expect("the spool")
+        .map(|e| e.expect("entry").metadata().expect("size").len())
+        .sum();
+    assert!(
+        spooled < 1 << 20,
+        "the spool holds {spooled} bytes: the other database's rows went into it"
     );
     server.exec(&format!("PURGE BINARY LOGS TO '{}'", end.0));
     let left = server.rows(db, "SHOW BINARY LOGS");
