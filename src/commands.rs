@@ -319,9 +319,16 @@ fn status(args: &StatusArgs) -> u8 {
         std::fs::read_to_string(args.state.join(crate::verify::SUMMARY_FILE))
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok());
+    // The local change log (PostgreSQL WAL or the MySQL binlog spool) not yet applied.
+    let log_dir = pipeline::cdc::log_dir(&args.state);
+    let log_segments = crate::changelog::segments(&log_dir)
+        .map(|s| s.len())
+        .unwrap_or(0);
+    let log_bytes = crate::changelog::ChangeLog::disk_bytes(&log_dir);
     if args.json {
         let value = serde_json::json!({
             "job_id": job.job_id,
+            "change_log": {"segments": log_segments, "bytes": log_bytes},
             "source": job.source,
             "target": job.target,
             "phase": job.phase,
@@ -373,6 +380,14 @@ fn status(args: &StatusArgs) -> u8 {
     }
     for (name, value, at) in &positions {
         println!("position {name}: {value} (recorded {at})");
+    }
+    if log_segments > 0 {
+        println!(
+            "change log: {} in {log_segments} segment{} ({})",
+            crate::ui::human_bytes(log_bytes),
+            if log_segments == 1 { "" } else { "s" },
+            log_dir.display()
+        );
     }
     match direction.as_str() {
         "reverse" => println!(

@@ -946,6 +946,22 @@ fn mariadb_binlog_purged_during_the_snapshot_is_in_the_spool() {
         spooled < 1 << 20,
         "the spool holds {spooled} bytes: the other database's rows went into it"
     );
+    let status = run({
+        let mut c = kuaka();
+        c.args(["status", "--json", "--state"]).arg(state.path());
+        c
+    });
+    let status: serde_json::Value = serde_json::from_str(&status.stdout).expect("status JSON");
+    assert!(
+        status["change_log"]["bytes"]
+            .as_u64()
+            .is_some_and(|b| b > 0)
+            && status["change_log"]["segments"]
+                .as_u64()
+                .is_some_and(|n| n >= 1),
+        "kuaka status does not show the spool: {}",
+        status["change_log"]
+    );
     server.exec(&format!("PURGE BINARY LOGS TO '{}'", end.0));
     let left = server.rows(db, "SHOW BINARY LOGS");
     assert!(
