@@ -6,8 +6,10 @@
 //! `snapshot.before_post_data`, `snapshot.post_data.after_step`, `apply.before_commit` (an apply
 //! transaction's changes and position are written, COMMIT not sent), `apply.after_commit`,
 //! `capture.synced_in_transaction` (the change log, or a MySQL job's binlog spool, was synced
-//! while a source transaction was only partly received), `verify.after_part` (a verification part's result is in the
-//! checkpoint), `snapshot.planned` (the chunk plan is saved, no chunk copied yet).
+//! while a source transaction was only partly received), `verify.after_part` (a verification
+//! part's result is in the checkpoint), `snapshot.planned` (the chunk plan is saved, no chunk
+//! copied yet), `failover.position_moved` (a MariaDB job on a new source server: the target's
+//! position is in the new server's coordinates, the state store not updated yet).
 //!
 //! `KUAKA_PAUSE=name=PATH` instead holds the process at the first hit of `name`: it creates
 //! `PATH.reached` and waits until `PATH` exists, so a test can act on the databases at exactly

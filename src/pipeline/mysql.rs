@@ -769,6 +769,7 @@ async fn resume_on_another_server(
             "moving the target's position to the new source server",
         )
         .await?;
+    crate::failpoint::hit("failover.position_moved");
     let spool = super::binlog_spool::dir(&store.dir());
     if spool.exists() {
         std::fs::remove_dir_all(&spool).map_err(|e| {

@@ -1077,6 +1077,10 @@ fn mariadb_source_failover_resumes_by_gtid() {
         "INSERT INTO t SELECT seq, 'after the failover', seq FROM seq_5001_to_5050;
          UPDATE t SET n = 0 WHERE id = 1;",
     );
+    // Killed half way through moving to the new server: the next run does it again.
+    let mut killed = stream_command(&source, &target, state.path(), &["--until", "caught-up"]);
+    killed.env("KUAKA_FAILPOINT", "failover.position_moved");
+    run(killed).assert_killed_by_sigkill();
     let rerun = run(stream_command(
         &source,
         &target,
