@@ -597,7 +597,11 @@ async fn clean(args: &CleanArgs) -> u8 {
                 }
                 on_source.disconnect().await.ok();
             }
-            for table in ["kuaka.apply_position", "kuaka.row_copied"] {
+            for table in [
+                "kuaka.apply_position",
+                "kuaka.row_copied",
+                "kuaka.added_column",
+            ] {
                 conn.exec_drop(
                     format!("DELETE FROM {table} WHERE job_id = ?"),
                     (job.job_id.as_str(),),

@@ -30,6 +30,8 @@ pub const CHANGE_TABLE: &str = "_kuaka_changes";
 /// Applied position and copied tables on a SQLite target.
 pub const POSITION_TABLE: &str = "_kuaka_position";
 pub const COPIED_TABLE: &str = "_kuaka_copied";
+/// Columns added on the source while a PostgreSQL job streamed, with their model types.
+pub const ADDED_COLUMN_TABLE: &str = "_kuaka_added_column";
 const TRIGGER_PREFIX: &str = "_kuaka_";
 
 pub fn quote_ident(name: &str) -> String {
@@ -704,7 +706,8 @@ pub fn target_bookkeeping(conn: &Connection) -> Result<()> {
         "PRAGMA foreign_keys = OFF;
          CREATE TABLE IF NOT EXISTS {POSITION_TABLE} (job_id TEXT PRIMARY KEY, position INTEGER NOT NULL);
          CREATE TABLE IF NOT EXISTS {COPIED_TABLE} (job_id TEXT NOT NULL, table_name TEXT NOT NULL, rows INTEGER NOT NULL, PRIMARY KEY (job_id, table_name));
-         CREATE TABLE IF NOT EXISTS _kuaka_fence_pass (pass INTEGER);"
+         CREATE TABLE IF NOT EXISTS _kuaka_fence_pass (pass INTEGER);
+         CREATE TABLE IF NOT EXISTS {ADDED_COLUMN_TABLE} (job_id TEXT NOT NULL, table_schema TEXT NOT NULL, table_name TEXT NOT NULL, column_name TEXT NOT NULL, data_type TEXT NOT NULL, PRIMARY KEY (job_id, table_schema, table_name, column_name));"
     ))
     .map_err(sql_error("creating kuaka's tables on the SQLite target"))
 }

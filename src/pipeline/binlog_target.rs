@@ -81,7 +81,7 @@ impl Dialect {
         }
     }
 
-    fn literal(self, text: &str) -> String {
+    pub(super) fn literal(self, text: &str) -> String {
         match self {
             Dialect::Postgres | Dialect::Sqlite => quote_literal(text),
             Dialect::Mysql => mysql::quote_literal(text),

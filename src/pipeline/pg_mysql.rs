@@ -507,9 +507,15 @@ enum Net {
 /// change per key.
 type Pending = (Arc<Relation>, Vec<Vec<Cell>>, HashMap<Vec<Cell>, Net>);
 
+/// Columns added on the source while the job streamed (not in the copied schema), with their
+/// model types; kept on the target (`kuaka.added_column`) so every later session knows them.
+type AddedColumns = HashMap<(QualifiedName, String), DataType>;
+
 /// Changes on their way to one target transaction (MySQL, or SQLite with `sqlite`).
 struct Batch<'a> {
     tables: &'a HashMap<QualifiedName, SourceTable>,
+    /// The job's added columns, and its id (for their bookkeeping rows).
+    added: Option<(&'a mut AddedColumns, &'a str)>,
     sqlite: bool,
     pending: BTreeMap<QualifiedName, Pending>,
     sql: String,
@@ -526,6 +532,7 @@ impl<'a> Batch<'a> {
     fn new(tables: &'a HashMap<QualifiedName, SourceTable>, sqlite: bool) -> Batch<'a> {
         Batch {
             tables,
+            added: None,
             sqlite,
             pending: BTreeMap::new(),
             sql: String::new(),
@@ -534,6 +541,11 @@ impl<'a> Batch<'a> {
             newer_wins: None,
             guarded: Default::default(),
         }
+    }
+
+    fn with_added(mut self, added: &'a mut AddedColumns, job_id: &'a str) -> Batch<'a> {
+        self.added = Some((added, job_id));
+        self
     }
 
     fn with_newer_wins(mut self, column: Option<&'a str>) -> Batch<'a> {
@@ -581,12 +593,16 @@ impl<'a> Batch<'a> {
         };
         let t = self.table(&rel.name)?;
         let column = &rel.columns[i];
-        // A column added on the source after the copy is not in the model: its text goes
-        // as it is and the target column's type converts it.
+        // A column added on the source after the copy is not in the model: its type came
+        // with it (or, from logs of older versions, its text goes as it is).
         let data_type = t
             .table
             .column(column)
             .map(|c| c.data_type.clone())
+            .or_else(|| {
+                let (added, _) = self.added.as_ref()?;
+                added.get(&(rel.name.clone(), column.clone())).cloned()
+            })
             .unwrap_or(DataType::Text);
         let value = pg_value(text, &data_type).and_then(|v| {
             if self.sqlite {
@@ -722,25 +738,68 @@ impl<'a> Batch<'a> {
                 table,
                 column,
                 type_sql,
+                data_type,
             } => {
                 self.flush_table(table)?;
-                // The PostgreSQL type may have no spelling on the target: the column
-                // arrives as text, which holds any value's text form.
-                tracing::warn!(
-                    "column {column} ({type_sql}) was added to {} on the source: adding it to the target as text",
+                // The model type's column on the target (the same map as the copy's); a log
+                // written before types were recorded gives text, which holds any value's
+                // text form.
+                let data_type = data_type.clone().unwrap_or(DataType::Text);
+                let target_type = if self.sqlite {
+                    crate::engine::sqlite::declared_type(&data_type).to_string()
+                } else {
+                    format!("{} NULL", myapply::column_type(&data_type, None))
+                };
+                tracing::info!(
+                    "column {column} ({type_sql}) was added to {} on the source: adding it to the target as {target_type}",
                     table.display_name()
                 );
-                let _ = writeln!(
-                    self.sql,
-                    "ALTER TABLE {} ADD COLUMN {}{};",
-                    self.ident(&table.name),
-                    if self.sqlite { "" } else { "IF NOT EXISTS " },
-                    format_args!(
-                        "{} {}",
+                // The same record can come again (a capture that restarted before it saved
+                // the table's new shape logs the change again): a column the bookkeeping
+                // already knows is there. SQLite has no ADD COLUMN IF NOT EXISTS, and its
+                // ALTER commits with the bookkeeping row; MySQL's commits at once, so it
+                // relies on IF NOT EXISTS.
+                let known = self
+                    .added
+                    .as_ref()
+                    .is_some_and(|(a, _)| a.contains_key(&(table.clone(), column.clone())));
+                if !(self.sqlite && known) {
+                    let _ = writeln!(
+                        self.sql,
+                        "ALTER TABLE {} ADD COLUMN {}{} {target_type};",
+                        self.ident(&table.name),
+                        if self.sqlite { "" } else { "IF NOT EXISTS " },
                         self.ident(column),
-                        if self.sqlite { "TEXT" } else { "longtext NULL" }
-                    )
-                );
+                    );
+                }
+                let dialect = self.dialect();
+                if let Some((added, job_id)) = self.added.as_mut() {
+                    let json = serde_json::to_string(&data_type).unwrap_or_default();
+                    let values = [
+                        *job_id,
+                        table.schema.as_str(),
+                        table.name.as_str(),
+                        column.as_str(),
+                        json.as_str(),
+                    ]
+                    .map(|v| dialect.literal(v))
+                    .join(", ");
+                    let _ = writeln!(
+                        self.sql,
+                        "{} INTO {} (job_id, table_schema, table_name, column_name, data_type) VALUES ({values});",
+                        if self.sqlite {
+                            "INSERT OR REPLACE"
+                        } else {
+                            "REPLACE"
+                        },
+                        if self.sqlite {
+                            crate::engine::sqlite::ADDED_COLUMN_TABLE
+                        } else {
+                            "kuaka.added_column"
+                        }
+                    );
+                    added.insert((table.clone(), column.clone()), data_type);
+                }
                 Ok(())
             }
         }
@@ -929,6 +988,42 @@ impl Out {
         Ok(kept)
     }
 
+    /// The job's columns added on the source while it streamed, as recorded on the target.
+    async fn added_columns(&mut self, job_id: &str) -> Result<AddedColumns> {
+        let what = "reading the columns added while streaming";
+        let rows: Vec<(String, String, String, String)> = match self {
+            Out::Mysql(Sink::Mysql(conn)) => {
+                use mysql_async::prelude::Queryable;
+                conn.exec(
+                    "SELECT table_schema, table_name, column_name, data_type FROM kuaka.added_column WHERE job_id = ?",
+                    (job_id,),
+                )
+                .await
+                .map_err(|e| mysql::error(what, e))?
+            }
+            Out::Mysql(_) => Vec::new(),
+            Out::Sqlite(conn) => tokio::task::block_in_place(|| {
+                let mut stmt = conn.prepare(&format!(
+                    "SELECT table_schema, table_name, column_name, data_type FROM {} WHERE job_id = ?1",
+                    crate::engine::sqlite::ADDED_COLUMN_TABLE
+                ))?;
+                stmt.query_map([job_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map_err(|e| Error::Definite(format!("{what}: {e}")))?,
+        };
+        rows.into_iter()
+            .map(|(schema, table, column, json)| {
+                let data_type = serde_json::from_str(&json).map_err(|e| {
+                    Error::Definite(format!(
+                        "{what}: the type of {schema}.{table}.{column} ({json}) is unreadable: {e}"
+                    ))
+                })?;
+                Ok(((QualifiedName::new(schema, table), column), data_type))
+            })
+            .collect()
+    }
+
     async fn execute(&mut self, sql: &str) -> Result<()> {
         match self {
             Out::Mysql(sink) => sink.execute(sql, "applying changes to the target").await,
@@ -957,8 +1052,11 @@ pub(super) async fn apply_session(ctx: &ApplyContext, cancel: &CancellationToken
     let mut applied = out.applied(&ctx.job_id).await?.unwrap_or(ctx.p0.0);
     ctx.progress.applied.store(applied, Ordering::Relaxed);
     let mut log = TxnLog::open(&ctx.dir, applied, ctx.log_end.clone())?;
+    let mut added = out.added_columns(&ctx.job_id).await?;
     loop {
-        let mut batch = Batch::new(&tables, sqlite).with_newer_wins(ctx.newer_wins.as_deref());
+        let mut batch = Batch::new(&tables, sqlite)
+            .with_newer_wins(ctx.newer_wins.as_deref())
+            .with_added(&mut added, &ctx.job_id);
         let mut open = false;
         log.start_batch();
         let started = Instant::now();

@@ -531,3 +531,136 @@ fn postgres_newer_wins_to_mariadb_and_sqlite() {
         crate::support::sigterm(b);
     }
 }
+
+/// Columns added on the PostgreSQL source while the jobs stream arrive on MariaDB and SQLite
+/// with the types the copy gives such columns, and hold what those hold: each added column
+/// here has a twin of the same type that was there at the copy, and every row's pair must be
+/// equal, before and after a SIGKILL at the apply commit that carries the new columns and a
+/// restart (a new process must still know the added columns' types).
+#[test]
+fn postgres_added_columns_arrive_typed_on_mariadb_and_sqlite() {
+    let source = pg().create_db("pgmy_addcol_src");
+    psql(
+        &source,
+        "CREATE TABLE item (id integer PRIMARY KEY, name text, flag0 boolean,
+           amount0 numeric(10,2), at0 timestamptz, doc0 jsonb, n0 bigint);
+         INSERT INTO item SELECT g, 'i' || g, g % 2 = 0, g * 1.25,
+           '2026-01-02 03:04:05.123456+02'::timestamptz + g * interval '1 minute',
+           jsonb_build_object('g', g), g * 1000000000::bigint
+         FROM generate_series(1, 40) g;",
+    );
+    let server = mariadb();
+    let my_db = "pgmy_addcol_dst";
+    let my_target = server.create_db(my_db);
+    let dir = tempfile::tempdir().expect("dir");
+    let sqlite_path = dir.path().join("copy.db");
+    let sqlite_target = format!("sqlite://{}", sqlite_path.display());
+    let targets = [
+        (my_target.as_str(), dir.path().join("state-my")),
+        (sqlite_target.as_str(), dir.path().join("state-lite")),
+    ];
+    let caught_up = |target: &str, state: &std::path::Path| {
+        run(stream(&source, target, state, &["--until", "caught-up"])).assert_success();
+    };
+    for (target, state) in &targets {
+        caught_up(target, state);
+    }
+    psql(
+        &source,
+        "ALTER TABLE item ADD COLUMN flag boolean, ADD COLUMN amount numeric(10,2),
+           ADD COLUMN at timestamptz, ADD COLUMN doc jsonb, ADD COLUMN n bigint;
+         UPDATE item SET flag = flag0, amount = amount0, at = at0, doc = doc0, n = n0
+           WHERE id <= 30;
+         INSERT INTO item VALUES (41, 'new', true, 0.5, '1999-12-31 23:59:59.999999+00',
+           '[1, 2]', -7, true, 0.5, '1999-12-31 23:59:59.999999+00', '[1, 2]', -7);",
+    );
+    for (target, state) in &targets {
+        let mut killed = stream(&source, target, state, &["--until", "caught-up"]);
+        killed.env("KUAKA_FAILPOINT", "apply.before_commit");
+        run(killed).assert_killed_by_sigkill();
+        caught_up(target, state);
+    }
+    // A new process: it must know the added columns' types from the target.
+    psql(
+        &source,
+        "UPDATE item SET flag = NOT flag, flag0 = NOT flag0, at = at + interval '1 hour',
+           at0 = at0 + interval '1 hour', amount = amount + 1, amount0 = amount0 + 1
+           WHERE id IN (2, 3, 41);
+         INSERT INTO item VALUES (42, 'late', false, 99.99, '2030-06-01 12:00:00+05', '{}', 1,
+           false, 99.99, '2030-06-01 12:00:00+05', '{}', 1);",
+    );
+    for (target, state) in &targets {
+        caught_up(target, state);
+    }
+
+    // MariaDB: the added columns are typed like their twins, and hold the same values.
+    let types = server.rows(
+        my_db,
+        "SELECT column_name, column_type FROM information_schema.columns
+         WHERE table_schema = DATABASE() AND table_name = 'item' ORDER BY column_name",
+    );
+    let type_of = |c: &str| {
+        types
+            .iter()
+            .find(|r| r[0] == c)
+            .unwrap_or_else(|| panic!("no column {c} on MariaDB: {types:?}"))[1]
+            .clone()
+    };
+    for c in ["flag", "amount", "at", "doc", "n"] {
+        assert_eq!(type_of(c), type_of(&format!("{c}0")), "MariaDB type of {c}");
+    }
+    let pairs =
+        "flag <=> flag0 AND amount <=> amount0 AND at <=> at0 AND doc <=> doc0 AND n <=> n0";
+    let my = server.rows(
+        my_db,
+        &format!(
+            "SELECT count(*), SUM(flag IS NOT NULL), SUM(NOT ({pairs})) FROM item WHERE id <= 30 OR id > 40"
+        ),
+    );
+    assert_eq!(
+        my[0],
+        ["32", "32", "0"],
+        "MariaDB: added columns differ from their twins"
+    );
+
+    // SQLite: the same.
+    let conn = rusqlite::Connection::open(&sqlite_path).expect("open copy");
+    let declared: Vec<(String, String)> = conn
+        .prepare("SELECT name, type FROM pragma_table_info('item')")
+        .and_then(|mut s| {
+            s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<_>>()
+        })
+        .expect("table info");
+    let declared_of = |c: &str| {
+        declared
+            .iter()
+            .find(|(n, _)| n == c)
+            .unwrap_or_else(|| panic!("no column {c} on SQLite: {declared:?}"))
+            .1
+            .clone()
+    };
+    for c in ["flag", "amount", "at", "doc", "n"] {
+        assert_eq!(
+            declared_of(c),
+            declared_of(&format!("{c}0")),
+            "SQLite type of {c}"
+        );
+    }
+    let lite: (i64, i64, i64) = conn
+        .query_row(
+            "SELECT count(*), sum(flag IS NOT NULL),
+               sum(NOT (flag IS flag0 AND amount IS amount0 AND at IS at0 AND doc IS doc0 AND n IS n0))
+             FROM item WHERE id <= 30 OR id > 40",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .expect("compare on SQLite");
+    assert_eq!(
+        lite,
+        (32, 32, 0),
+        "SQLite: added columns differ from their twins"
+    );
+    let total = query_rows(&source, "SELECT count(*) FROM item")[0][0].clone();
+    assert_eq!(server.rows(my_db, "SELECT count(*) FROM item")[0][0], total);
+}

@@ -19,7 +19,10 @@ pub const BOOKKEEPING: &str = "CREATE DATABASE IF NOT EXISTS kuaka; \
       position varchar(1024) NOT NULL, commit_time timestamp(6) NULL, \
       applied_at timestamp(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6), PRIMARY KEY (job_id, worker)) ENGINE=InnoDB; \
     CREATE TABLE IF NOT EXISTS kuaka.row_copied (job_id varchar(64) NOT NULL, table_name varchar(200) NOT NULL, \
-      `rows` bigint NOT NULL, PRIMARY KEY (job_id, table_name)) ENGINE=InnoDB";
+      `rows` bigint NOT NULL, PRIMARY KEY (job_id, table_name)) ENGINE=InnoDB; \
+    CREATE TABLE IF NOT EXISTS kuaka.added_column (job_id varchar(64) NOT NULL, table_schema varchar(64) NOT NULL, \
+      table_name varchar(64) NOT NULL, column_name varchar(64) NOT NULL, data_type text NOT NULL, \
+      PRIMARY KEY (job_id, table_schema, table_name, column_name)) ENGINE=InnoDB";
 
 /// A MySQL string literal of arbitrary bytes that are text in the connection's character set.
 pub fn quote_bytes(bytes: &[u8], out: &mut String) {

@@ -383,6 +383,7 @@ impl Batch {
                 table,
                 column,
                 type_sql,
+                ..
             } => {
                 self.flush_table(table);
                 let _ = writeln!(

@@ -69,6 +69,10 @@ pub enum KuakaRecord {
         table: QualifiedName,
         column: String,
         type_sql: String,
+        /// The column's type in the model, for targets of another engine (absent in logs
+        /// written before kuaka recorded it: those columns arrive as text).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        data_type: Option<crate::model::schema::DataType>,
     },
 }
 
@@ -772,11 +776,12 @@ impl Capture {
             })?;
             let table = QualifiedName::new(namespace.clone(), name.clone());
             for column in &added {
-                let type_sql = self.check_added_column(&table, &column.name).await?;
+                let (type_sql, data_type) = self.check_added_column(&table, &column.name).await?;
                 let record = KuakaRecord::AddColumn {
                     table: table.clone(),
                     column: column.name.clone(),
                     type_sql,
+                    data_type: Some(data_type),
                 };
                 let json = serde_json::to_vec(&record).unwrap_or_default();
                 log.append(RecordKind::Kuaka, pos, &json)
@@ -893,13 +898,23 @@ impl Capture {
 
     /// A column added on the source: followed only if nullable without a default (existing
     /// rows are NULL on both sides, and no table rewrite went unlogged). Returns its type.
-    async fn check_added_column(&self, table: &QualifiedName, column: &str) -> Result<String> {
+    async fn check_added_column(
+        &self,
+        table: &QualifiedName,
+        column: &str,
+    ) -> Result<(String, crate::model::schema::DataType)> {
         let client =
             super::connect(&self.endpoint, super::Side::Source, "schema change check").await?;
         let row = client
             .query_opt(
-                "SELECT format_type(a.atttypid, a.atttypmod), a.attnotnull, a.atthasdef \
-                 FROM pg_attribute a WHERE a.attrelid = $1::text::regclass AND a.attname = $2 AND NOT a.attisdropped",
+                "SELECT format_type(a.atttypid, a.atttypmod), a.attnotnull, a.atthasdef, \
+                        t.typname::text, t.typtype::text, tn.nspname::text, \
+                        et.typname::text, et.typtype::text, etn.nspname::text, format_type(et.oid, NULL) \
+                 FROM pg_attribute a \
+                 JOIN pg_type t ON t.oid = a.atttypid JOIN pg_namespace tn ON tn.oid = t.typnamespace \
+                 LEFT JOIN pg_type et ON et.oid = t.typelem AND t.typcategory = 'A' \
+                 LEFT JOIN pg_namespace etn ON etn.oid = et.typnamespace \
+                 WHERE a.attrelid = $1::text::regclass AND a.attname = $2 AND NOT a.attisdropped",
                 &[&table.to_string(), &column],
             )
             .await
@@ -919,7 +934,25 @@ impl Capture {
                 if not_null { "NOT NULL" } else { "a DEFAULT" }
             )));
         }
-        Ok(type_sql)
+        let element = match (
+            row.get::<_, Option<String>>(6),
+            row.get::<_, Option<String>>(7),
+            row.get::<_, Option<String>>(8),
+            row.get::<_, Option<String>>(9),
+        ) {
+            (Some(name), Some(kind), Some(schema), Some(formatted)) => Some(
+                super::catalog::data_type(&name, &kind, &schema, &formatted, None),
+            ),
+            _ => None,
+        };
+        let data_type = super::catalog::data_type(
+            &row.get::<_, String>(3),
+            &row.get::<_, String>(4),
+            &row.get::<_, String>(5),
+            &type_sql,
+            element,
+        );
+        Ok((type_sql, data_type))
     }
 }
 

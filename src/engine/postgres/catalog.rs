@@ -211,7 +211,7 @@ async fn read_tables(client: &Client, selection: &Selection) -> Result<Vec<(u32,
 }
 
 /// Map a type (by its `pg_type` facts) into the engine-independent model.
-fn data_type(
+pub(crate) fn data_type(
     typname: &str,
     typtype: &str,
     namespace: &str,
