@@ -114,6 +114,25 @@ pub fn decode(base: &str, pos: u64) -> BinlogCursor {
     }
 }
 
+/// Append `event` as the server sent it, so that a reader with the stream's FORMAT_DESCRIPTION
+/// event reads it back whole. The events of a MySQL 8 compressed transaction come out of its
+/// payload without checksums, but `Event::write` appends one (the format says CRC32) without
+/// counting it in the header's size: the size is corrected, so the checksum-aware reader
+/// strips exactly those 4 bytes.
+fn write_event(event: &Event, out: &mut Vec<u8>) -> std::io::Result<()> {
+    let start = out.len();
+    event.write(BinlogVersion::Version4, &mut *out)?;
+    let written = out.len() - start;
+    let size_at = start + 9;
+    if let Some(size) = out.get(size_at..size_at + 4) {
+        let size = u32::from_le_bytes([size[0], size[1], size[2], size[3]]) as usize;
+        if written == size + 4 {
+            out[size_at..size_at + 4].copy_from_slice(&(written as u32).to_le_bytes());
+        }
+    }
+    Ok(())
+}
+
 fn log_err(e: changelog::LogError) -> Error {
     Error::Definite(e.to_string())
 }
@@ -175,6 +194,8 @@ pub struct Spool {
 }
 
 struct Capture {
+    /// The server the job's positions belong to ([`binlog::server_identity`]).
+    identity: String,
     endpoint: Endpoint,
     /// The job's database: rows of others are left out of the spool.
     database: String,
@@ -191,6 +212,7 @@ impl Spool {
     pub fn start(
         endpoint: &Endpoint,
         flavour: Flavour,
+        identity: &str,
         server_id: u32,
         store: &Arc<StateStore>,
         from: &BinlogCursor,
@@ -224,6 +246,7 @@ impl Spool {
         let shared = Arc::new(Shared::default());
         let stop = cancel.child_token();
         let capture = Capture {
+            identity: identity.to_owned(),
             endpoint: endpoint.clone(),
             database: endpoint.database.clone(),
             flavour,
@@ -233,13 +256,16 @@ impl Spool {
         };
         let (task_shared, task_stop) = (shared.clone(), stop.clone());
         let task = tokio::spawn(async move {
-            let result = capture.run(log, &task_stop).await;
+            let mut log = log;
+            let result = capture.run(&mut log, &task_stop).await;
             if let Err(e) = &result {
                 *task_shared
                     .failure
                     .lock()
                     .unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
             }
+            // Readers learn the capture ended when the log goes: the reason is there first.
+            drop(log);
             result
         });
         Ok(Spool {
@@ -292,6 +318,8 @@ impl Spool {
         let result = task.await;
         self.task = None;
         match result {
+            // Stopped because the job is stopping (a signal).
+            _ if self.stop.is_cancelled() => Error::Interrupted,
             Ok(Ok(())) => Error::Definite("binlog capture stopped".into()),
             Ok(Err(e)) => e,
             Err(e) => Error::Definite(format!("binlog capture failed: {e}")),
@@ -313,11 +341,11 @@ impl Spool {
 }
 
 impl Capture {
-    async fn run(self, mut log: ChangeLog, cancel: &CancellationToken) -> Result<()> {
+    async fn run(self, log: &mut ChangeLog, cancel: &CancellationToken) -> Result<()> {
         let mut reconnect = Reconnect::default();
         loop {
             let before = log.last_commit();
-            let result = self.stream(&mut log, cancel).await;
+            let result = self.stream(log, cancel).await;
             let synced = log.sync().map_err(log_err);
             match result {
                 Ok(()) => return synced,
@@ -341,6 +369,17 @@ impl Capture {
     async fn stream(&self, log: &mut ChangeLog, cancel: &CancellationToken) -> Result<()> {
         let mut cursor = decode(&self.base, log.last_commit());
         let mut boundary = log.last_commit();
+        // The same server? After a failover behind the same address the file and offset
+        // would point into another server's binlog.
+        let mut conn = mysql::connect(&self.endpoint, "binlog capture").await?;
+        let now = binlog::server_identity(&mut conn, self.flavour).await?;
+        let _ = conn.disconnect().await;
+        if now != self.identity {
+            return Err(Error::Definite(format!(
+                "the source is another server now (its server_id or server_uuid is {now}; the job read {}): run the job again, it resumes on the new server by GTID position (MariaDB)",
+                self.identity
+            )));
+        }
         let mut stream =
             binlog::open(&self.endpoint, self.flavour, self.server_id, &cursor).await?;
         tracing::info!(from = %format!("{}:{}", cursor.file, cursor.offset), "binlog capture streaming into the spool");
@@ -432,8 +471,7 @@ impl Capture {
                     if foreign {
                         continue;
                     }
-                    event
-                        .write(BinlogVersion::Version4, &mut record)
+                    write_event(&event, &mut record)
                         .map_err(|e| Error::Definite(format!("binlog capture: {e}")))?;
                     log.append(RecordKind::Binlog, pos, &record)
                         .map_err(log_err)?;
@@ -600,6 +638,65 @@ mod tests {
         BinlogCursor {
             file: file.into(),
             offset,
+        }
+    }
+
+    /// An event: 19-byte header (size counts `body`), then `body`.
+    fn event(kind: u8, log_pos: u32, body: &[u8]) -> Vec<u8> {
+        let mut e = Vec::new();
+        e.extend_from_slice(&1_700_000_000u32.to_le_bytes());
+        e.push(kind);
+        e.extend_from_slice(&7u32.to_le_bytes());
+        e.extend_from_slice(&((19 + body.len()) as u32).to_le_bytes());
+        e.extend_from_slice(&log_pos.to_le_bytes());
+        e.extend_from_slice(&0u16.to_le_bytes());
+        e.extend_from_slice(body);
+        e
+    }
+
+    /// A MySQL 8 FORMAT_DESCRIPTION event announcing CRC32 checksums.
+    fn format_description() -> Vec<u8> {
+        let mut body = Vec::new();
+        body.extend_from_slice(&4u16.to_le_bytes());
+        let mut version = b"8.0.36".to_vec();
+        version.resize(50, 0);
+        body.extend_from_slice(&version);
+        body.extend_from_slice(&0u32.to_le_bytes());
+        body.push(19);
+        body.extend_from_slice(&[0u8; 41]); // post-header lengths
+        body.push(1); // checksum algorithm: CRC32
+        body.extend_from_slice(&[0u8; 4]); // its checksum (not verified on read)
+        event(FORMAT_DESCRIPTION_EVENT, 0, &body)
+    }
+
+    #[test]
+    fn events_round_trip_through_the_spool_encoding_with_and_without_checksums() {
+        let fde = format_description();
+        let mut live = EventStreamReader::new(BinlogVersion::Version4);
+        live.read(&fde[..]).unwrap();
+        let mut spooled = EventStreamReader::new(BinlogVersion::Version4);
+        spooled.read(&fde[..]).unwrap();
+        let xid = |n: u64| n.to_le_bytes();
+        // A plain event carries its checksum (counted in its size); an event out of a
+        // compressed transaction has none.
+        let mut plain = event(XID_EVENT, 500, &xid(41));
+        plain.extend_from_slice(&[1, 2, 3, 4]);
+        let size = plain.len() as u32;
+        plain[9..13].copy_from_slice(&size.to_le_bytes());
+        let inner = event(XID_EVENT, 0, &xid(42));
+        let events = [
+            live.read(&plain[..]).unwrap().unwrap(),
+            live.read_decompressed(&inner[..]).unwrap().unwrap(),
+        ];
+        for (event, want) in events.iter().zip([41u64, 42]) {
+            let mut record = Vec::new();
+            write_event(event, &mut record).unwrap();
+            let back = spooled.read(&record[..]).unwrap().unwrap();
+            assert_eq!(back.data(), event.data());
+            match back.read_data().unwrap() {
+                Some(EventData::XidEvent(x)) => assert_eq!(x.xid, want),
+                other => panic!("not an XID event: {other:?}"),
+            }
         }
     }
 

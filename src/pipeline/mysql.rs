@@ -535,15 +535,7 @@ async fn forward(
     // The server the job reads: another one (a failover in the source's replication
     // topology) has other binlog coordinates for the same transactions. MySQL names each
     // server instance (server_uuid); MariaDB servers of one topology differ by server_id.
-    let identity = match flavour {
-        Flavour::Mysql => "SELECT @@server_uuid",
-        Flavour::Mariadb => "SELECT CAST(@@server_id AS CHAR)",
-    };
-    let server_id: Option<String> = source
-        .query_first(identity)
-        .await
-        .map_err(|e| mysql::error("reading the source's server identity", e))?;
-    let server_id = server_id.unwrap_or_default();
+    let server_id = binlog::server_identity(&mut source, flavour).await?;
     match store.meta("mysql_server_id")? {
         None => store.set_meta("mysql_server_id", &server_id)?,
         Some(was) if was != server_id && !spec.snapshot_only => {
@@ -588,6 +580,7 @@ async fn forward(
         Some(Spool::start(
             &spec.source,
             flavour,
+            &server_id,
             binlog::server_id(job_id),
             store,
             &applied,
@@ -753,6 +746,13 @@ async fn resume_on_another_server(
             stored.as_deref().unwrap_or("none")
         )));
     };
+    if state.domains() > 1 {
+        // Another domain's transactions may come later in the new server's binlog than the
+        // place found for the first: streaming from there would apply them again.
+        return Err(refuse(format!(
+            "the applied GTID position {state} spans several replication domains; kuaka resumes by GTID with one domain only: start the job again (kuaka clean)"
+        )));
+    }
     let anchor = binlog::mariadb_gtid_anchor(&spec.source, binlog::server_id(job_id), &state)
         .await
         .map_err(|e| refuse(e.to_string()))?;
@@ -2167,7 +2167,16 @@ async fn session(
             }
             if state.last_cleanup.elapsed() >= Duration::from_secs(10) {
                 state.last_cleanup = Instant::now();
-                spool.remove_applied(&applied);
+                // Up to what the target holds (`applied` may be ahead of it, past events
+                // that needed no write): a restart reads the spool from there.
+                if let Some(saved) = target
+                    .applied_position(job_id)
+                    .await?
+                    .as_deref()
+                    .and_then(parse_cursor)
+                {
+                    spool.remove_applied(&saved);
+                }
             }
         }
         if state.consistent

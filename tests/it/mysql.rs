@@ -1100,6 +1100,58 @@ fn mariadb_source_failover_resumes_by_gtid() {
     );
 }
 
+/// A failover while kuaka streams: the capture, reconnecting, finds another server behind the
+/// source's address and stops the job (its file and offset mean nothing there) instead of
+/// reading the new server's binlog at the old coordinates; the next run resumes by GTID.
+#[test]
+fn mariadb_source_failover_while_streaming_stops_then_resumes() {
+    let primary = MariaDbServer::start_private();
+    let replica = MariaDbServer::start_replica_of(&primary);
+    let db = "my_failover_live_src";
+    let source = primary.create_db(db);
+    let target = pg().create_db("my_failover_live_dst");
+    primary.exec_script(
+        db,
+        "CREATE TABLE t (id int PRIMARY KEY, v varchar(40)) ENGINE=InnoDB;
+         INSERT INTO t SELECT seq, CONCAT('v', seq) FROM seq_1_to_500;",
+    );
+    let state = tempfile::tempdir().expect("state dir");
+    let mut background = Background::spawn(stream_command(&source, &target, state.path(), &[]));
+    wait_streaming(&mut background, state.path());
+    primary.exec_script(db, "UPDATE t SET v = 'live' WHERE id <= 50;");
+    wait_until(
+        "the live changes on the target",
+        Duration::from_secs(60),
+        || query_rows(&target, "SELECT count(*) FROM t WHERE v = 'live'")[0][0] == "50",
+    );
+    replica.exec("FLUSH BINARY LOGS");
+    replica.catch_up_with(&primary);
+    let port = primary.port;
+    primary.stop();
+    replica.exec("STOP SLAVE; RESET SLAVE ALL;");
+    let promoted: &'static MariaDbServer = Box::leak(Box::new(replica.move_to_port(port)));
+    promoted.exec_script(
+        db,
+        "DELETE FROM t WHERE id > 450; UPDATE t SET v = 'new primary' WHERE id <= 10;",
+    );
+    let stopped = background.wait(Duration::from_secs(120));
+    stopped.assert_exit_code(2);
+    assert!(
+        stopped.stderr.contains("the source is another server now"),
+        "kuaka did not stop on the new server:\n{}",
+        stopped.stderr
+    );
+    let rerun = run(stream_command(
+        &source,
+        &target,
+        state.path(),
+        &["--until", "caught-up"],
+    ));
+    rerun.assert_success();
+    assert_same_rows(promoted, db, &target);
+    assert_eq!(query_rows(&target, "SELECT count(*) FROM t")[0][0], "450");
+}
+
 /// The employees sample (six tables, composite keys, ON DELETE CASCADE everywhere).
 fn load_employees(server: &MariaDbServer, db: &str) -> String {
     let url = server.create_db(db);

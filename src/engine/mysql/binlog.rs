@@ -77,7 +77,6 @@ pub struct Assembler {
 const MARIADB_GTID_EVENT: u8 = 162;
 const MARIADB_GTID_LIST_EVENT: u8 = 163;
 pub const TRANSACTION_PAYLOAD_EVENT: u8 = 40;
-const FORMAT_DESCRIPTION_EVENT: u8 = 15;
 
 /// Where a ROTATE event points: `(file, position)`. The server's first, made-up ROTATE comes
 /// before the FORMAT_DESCRIPTION event that announces checksums, so its name may still carry
@@ -372,11 +371,15 @@ pub async fn mariadb_gtid_anchor(
     if before.as_ref() == Some(state) && after.as_ref() == Some(state) {
         return Ok(end);
     }
-    let checksum: Option<String> = conn
-        .query_first("SELECT @@global.binlog_checksum")
+    // The first, made-up ROTATE names the file but may carry the 4 checksum bytes after
+    // the name (it comes before the FORMAT_DESCRIPTION event): the server's list of binlog
+    // files tells which reading is the file.
+    let files: Vec<String> = conn
+        .query_map("SHOW BINARY LOGS", |row: mysql_async::Row| {
+            row.get::<String, _>(0).unwrap_or_default()
+        })
         .await
         .map_err(|e| error(context.clone(), e))?;
-    let checksums = checksum.is_some_and(|c| !c.eq_ignore_ascii_case("NONE"));
     // Otherwise the server streams from `state` on: the first transaction it sends starts
     // at the place.
     for sql in [
@@ -401,7 +404,6 @@ pub async fn mariadb_gtid_anchor(
         e
     })?;
     let mut file = String::new();
-    let mut seen_format = false;
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         let next = tokio::time::timeout_at(deadline, stream.next())
@@ -429,17 +431,23 @@ pub async fn mariadb_gtid_anchor(
         let header = event.header();
         let data = event.read_data().ok().flatten();
         if let Some(EventData::RotateEvent(r)) = &data {
-            // The made-up ROTATE before the FORMAT_DESCRIPTION event still carries the 4
-            // checksum bytes when the server checksums events.
-            let mut name = r.name_raw().to_vec();
-            if !seen_format && checksums && name.len() > 4 {
-                name.truncate(name.len() - 4);
-            }
-            file = String::from_utf8_lossy(&name).into_owned();
+            let raw = r.name_raw();
+            let whole = String::from_utf8_lossy(raw).into_owned();
+            let trimmed = String::from_utf8_lossy(&raw[..raw.len().saturating_sub(4)]).into_owned();
+            file = if files.contains(&whole) {
+                whole
+            } else if files.contains(&trimmed) {
+                trimmed
+            } else {
+                return Err(super::Error {
+                    context,
+                    message: format!(
+                        "the server streams from a binlog file it does not list ({whole:?})"
+                    ),
+                    class: ErrorClass::Definite,
+                });
+            };
             continue;
-        }
-        if header.event_type_raw() == FORMAT_DESCRIPTION_EVENT {
-            seen_format = true;
         }
         if header.event_type_raw() == MARIADB_GTID_EVENT && header.flags_raw() & 0x20 == 0 {
             let offset = u64::from(header.log_pos()).saturating_sub(u64::from(header.event_size()));
@@ -447,6 +455,20 @@ pub async fn mariadb_gtid_anchor(
             return Ok(BinlogCursor { file, offset });
         }
     }
+}
+
+/// What tells this server from the others of its replication topology: `@@server_uuid` on
+/// MySQL (server ids are often reused), `@@server_id` on MariaDB (which has no uuid).
+pub async fn server_identity(conn: &mut mysql_async::Conn, flavour: Flavour) -> Result<String> {
+    let sql = match flavour {
+        Flavour::Mysql => "SELECT @@server_uuid",
+        Flavour::Mariadb => "SELECT CAST(@@server_id AS CHAR)",
+    };
+    let id: Option<String> = conn
+        .query_first(sql)
+        .await
+        .map_err(|e| error("reading the source's server identity", e))?;
+    Ok(id.unwrap_or_default())
 }
 
 /// The server's current binlog end (`SHOW MASTER STATUS`).

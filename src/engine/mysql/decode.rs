@@ -392,6 +392,11 @@ impl GtidState {
         Some(state)
     }
 
+    /// How many replication domains the state names.
+    pub fn domains(&self) -> usize {
+        self.0.len()
+    }
+
     /// Move past a transaction's GTID (`d-s-n`); MySQL's `uuid:n` GTIDs are not tracked here.
     pub fn advance(&mut self, gtid: &str) {
         if let Some((domain, server, sequence)) = parse_gtid(gtid) {
