@@ -38,8 +38,10 @@ use tokio_util::sync::CancellationToken;
 use super::{Error, Reconnect, Result};
 use crate::changelog::{self, ChangeLog, LogEnd, LogReader, RecordKind};
 use crate::config::Endpoint;
-use crate::engine::mysql::binlog::{self, TRANSACTION_PAYLOAD_EVENT};
-use crate::engine::mysql::decode::{self, BinlogCursor};
+use crate::engine::mysql::binlog::{
+    self, MARIADB_GTID_EVENT, QueryKind, TRANSACTION_PAYLOAD_EVENT, query_kind,
+};
+use crate::engine::mysql::decode::{self, ARTIFICIAL, BinlogCursor, HEARTBEAT_EVENT};
 use crate::engine::mysql::{self, Flavour};
 use crate::state::StateStore;
 
@@ -56,15 +58,24 @@ const FORMAT_DESCRIPTION_EVENT: u8 = 15;
 const QUERY_EVENT: u8 = 2;
 const XID_EVENT: u8 = 16;
 const TABLE_MAP_EVENT: u8 = 19;
-const HEARTBEAT_EVENT: u8 = 27;
+/// MySQL 8.0.26+'s heartbeat (the older one is [`decode::HEARTBEAT_EVENT`]).
 const HEARTBEAT_V2_EVENT: u8 = 41;
-const MARIADB_GTID_EVENT: u8 = 162;
-/// `LOG_EVENT_ARTIFICIAL_F`: made up by the server for this stream, not in the file.
-const ARTIFICIAL: u16 = 0x20;
 
 /// Where the job's spool lives (the same directory as a PostgreSQL job's change log).
 pub fn dir(state_dir: &Path) -> PathBuf {
     super::cdc::log_dir(state_dir)
+}
+
+/// Remove the job's spool (it will capture again from the position apply needs).
+pub fn discard(state_dir: &Path) -> Result<()> {
+    let dir = dir(state_dir);
+    match std::fs::remove_dir_all(&dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::Definite(format!(
+            "removing the binlog spool {}: {e}",
+            dir.display()
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// `base.NNNNNN` → `(base, N)`; the number has at least 6 digits, as the servers write it.
@@ -137,9 +148,9 @@ fn log_err(e: changelog::LogError) -> Error {
     Error::Definite(e.to_string())
 }
 
-fn query_text(data: Option<&EventData<'_>>) -> Option<String> {
+fn query(data: Option<&EventData<'_>>) -> Option<QueryKind> {
     match data {
-        Some(EventData::QueryEvent(q)) => Some(q.query().trim().to_ascii_uppercase()),
+        Some(EventData::QueryEvent(q)) => Some(query_kind(&q.query())),
         _ => None,
     }
 }
@@ -150,7 +161,7 @@ fn query_text(data: Option<&EventData<'_>>) -> Option<String> {
 fn opens(event: &Event, data: Option<&EventData<'_>>) -> bool {
     let header = event.header();
     match header.event_type_raw() {
-        QUERY_EVENT => query_text(data).is_some_and(|q| q == "BEGIN" || q.starts_with("XA START")),
+        QUERY_EVENT => query(data) == Some(QueryKind::Begin),
         MARIADB_GTID_EVENT => {
             decode::mariadb_gtid(header.server_id(), event.data()).is_some_and(|g| !g.standalone)
         }
@@ -164,13 +175,9 @@ fn opens(event: &Event, data: Option<&EventData<'_>>) -> bool {
 fn closes(event: &Event, data: Option<&EventData<'_>>) -> bool {
     match event.header().event_type_raw() {
         XID_EVENT => true,
-        QUERY_EVENT => query_text(data).is_some_and(|q| {
-            !(q == "BEGIN"
-                || q.starts_with("XA START")
-                || q.starts_with("SAVEPOINT")
-                || q.starts_with("ROLLBACK TO")
-                || q.starts_with('#'))
-        }),
+        QUERY_EVENT => {
+            query(data).is_some_and(|k| !matches!(k, QueryKind::Begin | QueryKind::Within))
+        }
         _ => false,
     }
 }
@@ -225,7 +232,7 @@ impl Spool {
         {
             // The server's binlog was renamed (log_bin changed): the old spool orders
             // differently, and is not needed if the new name holds `from`.
-            let _ = std::fs::remove_dir_all(&dir);
+            discard(&store.dir())?;
         }
         store.set_meta("binlog_base", &base)?;
         let start = encode(from)?;
@@ -237,9 +244,7 @@ impl Spool {
                 "binlog spool: the saved spool does not cover the position apply needs; capturing again from there"
             );
             drop(log);
-            std::fs::remove_dir_all(&dir).map_err(|e| {
-                Error::Definite(format!("removing the binlog spool {}: {e}", dir.display()))
-            })?;
+            discard(&store.dir())?;
             log = ChangeLog::open(&dir, start, changelog::SEGMENT_BYTES).map_err(log_err)?;
         }
         let end = log.subscribe();

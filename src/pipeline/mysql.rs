@@ -756,29 +756,15 @@ async fn resume_on_another_server(
     let anchor = binlog::mariadb_gtid_anchor(&spec.source, binlog::server_id(job_id), &state)
         .await
         .map_err(|e| refuse(e.to_string()))?;
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as u32)
-        .unwrap_or(0);
-    let sql = target
-        .dialect()
-        .position_update(job_id, &position_text(&anchor, Some(&state)), now);
-    target
-        .execute(
-            &sql,
-            "moving the target's position to the new source server",
-        )
-        .await?;
+    move_position(
+        target,
+        job_id,
+        &position_text(&anchor, Some(&state)),
+        "moving the target's position to the new source server",
+    )
+    .await?;
     crate::failpoint::hit("failover.position_moved");
-    let spool = super::binlog_spool::dir(&store.dir());
-    if spool.exists() {
-        std::fs::remove_dir_all(&spool).map_err(|e| {
-            Error::Definite(format!(
-                "removing the binlog spool {}: {e}",
-                spool.display()
-            ))
-        })?;
-    }
+    super::binlog_spool::discard(&store.dir())?;
     store.set_meta("mysql_p0", &cursor_text(&anchor))?;
     store.set_meta("mysql_p1", &cursor_text(&anchor))?;
     store.set_meta("mysql_server_id", now_id)?;
@@ -790,6 +776,16 @@ async fn resume_on_another_server(
     Ok(())
 }
 
+/// Set the job's applied position on the target to `position`, outside any apply batch.
+async fn move_position(target: &mut Sink, job_id: &str, position: &str, what: &str) -> Result<()> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as u32)
+        .unwrap_or(0);
+    let sql = target.dialect().position_update(job_id, position, now);
+    target.execute(&sql, what).await
+}
+
 /// At a fallback, with the source fenced and the reverse stream drained: the forward stream
 /// resumes at the source's binlog position now, after the changes kuaka applied to the source
 /// (they came from the target; streaming them again would undo newer target rows).
@@ -797,14 +793,13 @@ pub async fn resume_forward_from_now(spec: &JobSpec, job_id: &str) -> Result<Str
     let mut source = mysql::connect(&spec.source, "fallback").await?;
     let at = cursor_text(&binlog::current_position(&mut source).await?);
     let mut target = Sink::connect(&spec.target, "fallback").await?;
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as u32)
-        .unwrap_or(0);
-    let sql = target.dialect().position_update(job_id, &at, now);
-    target
-        .execute(&sql, "moving the forward position on the target")
-        .await?;
+    move_position(
+        &mut target,
+        job_id,
+        &at,
+        "moving the forward position on the target",
+    )
+    .await?;
     Ok(at)
 }
 

@@ -74,9 +74,46 @@ pub struct Assembler {
 }
 
 /// Event type numbers kuaka acts on beyond what `mysql_common` decodes.
-const MARIADB_GTID_EVENT: u8 = 162;
+pub const MARIADB_GTID_EVENT: u8 = 162;
 const MARIADB_GTID_LIST_EVENT: u8 = 163;
 pub const TRANSACTION_PAYLOAD_EVENT: u8 = 40;
+
+/// What a QUERY event is to transaction boundaries. One classification serves the
+/// [`Assembler`] and the binlog spool's framing, so the two always agree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueryKind {
+    /// `BEGIN`, `XA START`: a transaction opens.
+    Begin,
+    /// `COMMIT`, `XA END`, `XA COMMIT`: the open transaction commits.
+    Commit,
+    /// `ROLLBACK`: the open transaction is dropped.
+    Rollback,
+    /// `SAVEPOINT`, `ROLLBACK TO`, a comment: part of the open transaction.
+    Within,
+    /// Anything else (DDL, `TRUNCATE`, ...): a statement of its own, ending any open
+    /// transaction.
+    Statement,
+}
+
+/// Classify a QUERY event's text.
+pub fn query_kind(query: &str) -> QueryKind {
+    let q = query.trim();
+    let starts = |prefix: &str| {
+        q.get(..prefix.len())
+            .is_some_and(|head| head.eq_ignore_ascii_case(prefix))
+    };
+    if q.eq_ignore_ascii_case("BEGIN") || starts("XA START") {
+        QueryKind::Begin
+    } else if q.eq_ignore_ascii_case("COMMIT") || starts("XA END") || starts("XA COMMIT") {
+        QueryKind::Commit
+    } else if starts("SAVEPOINT") || starts("ROLLBACK TO") || q.starts_with('#') {
+        QueryKind::Within
+    } else if q.eq_ignore_ascii_case("ROLLBACK") {
+        QueryKind::Rollback
+    } else {
+        QueryKind::Statement
+    }
+}
 
 /// Where a ROTATE event points: `(file, position)`. The server's first, made-up ROTATE comes
 /// before the FORMAT_DESCRIPTION event that announces checksums, so its name may still carry
@@ -142,26 +179,18 @@ impl Assembler {
             Some(EventData::QueryEvent(q)) => {
                 let query = q.query();
                 let trimmed = query.trim();
-                let upper = trimmed.to_ascii_uppercase();
-                if upper == "BEGIN" || upper.starts_with("XA START") {
-                    self.open = Some(Vec::new());
-                    return Ok(None);
-                }
-                if upper == "COMMIT"
-                    || upper.starts_with("XA END")
-                    || upper.starts_with("XA COMMIT")
-                {
-                    return Ok(self.commit(timestamp));
-                }
-                if upper.starts_with("SAVEPOINT")
-                    || upper.starts_with("ROLLBACK TO")
-                    || upper.starts_with('#')
-                {
-                    return Ok(None);
-                }
-                if upper == "ROLLBACK" {
-                    self.open = None;
-                    return Ok(progress(&self.cursor));
+                match query_kind(trimmed) {
+                    QueryKind::Begin => {
+                        self.open = Some(Vec::new());
+                        return Ok(None);
+                    }
+                    QueryKind::Commit => return Ok(self.commit(timestamp)),
+                    QueryKind::Within => return Ok(None),
+                    QueryKind::Rollback => {
+                        self.open = None;
+                        return Ok(progress(&self.cursor));
+                    }
+                    QueryKind::Statement => {}
                 }
                 let schema = q.schema().into_owned();
                 // A statement outside a transaction: DDL and the like.
@@ -449,7 +478,9 @@ pub async fn mariadb_gtid_anchor(
             };
             continue;
         }
-        if header.event_type_raw() == MARIADB_GTID_EVENT && header.flags_raw() & 0x20 == 0 {
+        if header.event_type_raw() == MARIADB_GTID_EVENT
+            && header.flags_raw() & decode::ARTIFICIAL == 0
+        {
             let offset = u64::from(header.log_pos()).saturating_sub(u64::from(header.event_size()));
             let _ = stream.close().await;
             return Ok(BinlogCursor { file, offset });
@@ -655,6 +686,27 @@ mod tests {
             }]
         );
         assert_eq!(Kind::Json, table().columns[1].kind);
+    }
+
+    #[test]
+    fn query_kinds_mark_transaction_boundaries() {
+        for (q, kind) in [
+            ("BEGIN", QueryKind::Begin),
+            (" begin ", QueryKind::Begin),
+            ("XA START 'x'", QueryKind::Begin),
+            ("COMMIT", QueryKind::Commit),
+            ("XA END 'x'", QueryKind::Commit),
+            ("xa commit 'x'", QueryKind::Commit),
+            ("ROLLBACK", QueryKind::Rollback),
+            ("ROLLBACK TO SAVEPOINT s", QueryKind::Within),
+            ("SAVEPOINT s", QueryKind::Within),
+            ("# a comment", QueryKind::Within),
+            ("BEGIN NOT ATOMIC SELECT 1; END", QueryKind::Statement),
+            ("ALTER TABLE t ADD COLUMN c int", QueryKind::Statement),
+            ("TRUNCATE t", QueryKind::Statement),
+        ] {
+            assert_eq!(query_kind(q), kind, "{q}");
+        }
     }
 
     #[test]

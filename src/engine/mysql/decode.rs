@@ -313,9 +313,9 @@ pub struct BinlogCursor {
 }
 
 /// `LOG_EVENT_ARTIFICIAL_F`: made up by the server for this stream, not in the file.
-const ARTIFICIAL: u16 = 0x20;
+pub const ARTIFICIAL: u16 = 0x20;
 const ROTATE_EVENT: u8 = 4;
-const HEARTBEAT_EVENT: u8 = 27;
+pub const HEARTBEAT_EVENT: u8 = 27;
 
 impl BinlogCursor {
     /// Move past one event. Events made up for the stream (artificial, heartbeats, `log_pos`
