@@ -45,6 +45,28 @@ fn stream_command(source: &str, target: &str, state: &Path, extra: &[&str]) -> C
     c
 }
 
+const CAUGHT_UP: &[&str] = &["--until", "caught-up"];
+
+/// `kuaka run ... --until caught-up`, to the end.
+fn catch_up(source: &str, target: &str, state: &Path) -> crate::support::RunOutput {
+    run(stream_command(source, target, state, CAUGHT_UP))
+}
+
+/// `kuaka status --json` of a state directory.
+fn status_json(state: &Path) -> serde_json::Value {
+    let output = run({
+        let mut c = kuaka();
+        c.args(["status", "--json", "--state"]).arg(state);
+        c
+    });
+    serde_json::from_str(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "kuaka status --json did not print JSON ({e}):\n{}",
+            output.stdout
+        )
+    })
+}
+
 fn wait_streaming(background: &mut Background, state: &Path) {
     wait_until("kuaka to stream", Duration::from_secs(120), || {
         assert!(
@@ -439,12 +461,7 @@ fn sakila_with_live_writes_and_kills(to_mariadb: bool) {
     stop.store(true, Ordering::Relaxed);
     writer.join().expect("writer");
 
-    let output = run(stream_command(
-        &source,
-        &target,
-        state.path(),
-        &["--until", "caught-up"],
-    ));
+    let output = catch_up(&source, &target, state.path());
     output.assert_success();
     dest.assert_same_rows(server, source_db);
 
@@ -662,13 +679,7 @@ fn type_matrix(to_mariadb: bool) {
         values(101)
     ));
     background.kill();
-    run(stream_command(
-        &source,
-        &target,
-        state.path(),
-        &["--until", "caught-up"],
-    ))
-    .assert_success();
+    catch_up(&source, &target, state.path()).assert_success();
     // No false difference across the whole matrix (zero dates are NULL on both sides by
     // kuaka's policy; JSON, bits, times and decimals compared by meaning).
     crate::verify::assert_verified(state.path());
@@ -832,13 +843,7 @@ fn mariadb_source_restart_mid_stream() {
         "kuaka never saw the restart:\n{}",
         output.stderr
     );
-    run(stream_command(
-        &source,
-        &target,
-        state.path(),
-        &["--until", "caught-up"],
-    ))
-    .assert_success();
+    catch_up(&source, &target, state.path()).assert_success();
     assert_same_rows(server, db, &target);
     let cascaded = query_rows(
         &target,
@@ -852,12 +857,7 @@ fn mariadb_source_restart_mid_stream() {
 
 /// `kuaka status --json`'s position `name` as `(file, offset)` of `binlog:file:offset`.
 fn binlog_position(state: &Path, name: &str) -> Option<(String, u64)> {
-    let output = run({
-        let mut c = kuaka();
-        c.args(["status", "--json", "--state"]).arg(state);
-        c
-    });
-    let status: serde_json::Value = serde_json::from_str(&output.stdout).ok()?;
+    let status = status_json(state);
     let value = status["positions"]
         .as_array()?
         .iter()
@@ -946,12 +946,7 @@ fn mariadb_binlog_purged_during_the_snapshot_is_in_the_spool() {
         spooled < 1 << 20,
         "the spool holds {spooled} bytes: the other database's rows went into it"
     );
-    let status = run({
-        let mut c = kuaka();
-        c.args(["status", "--json", "--state"]).arg(state.path());
-        c
-    });
-    let status: serde_json::Value = serde_json::from_str(&status.stdout).expect("status JSON");
+    let status = status_json(state.path());
     assert!(
         status["change_log"]["bytes"]
             .as_u64()
@@ -1010,12 +1005,7 @@ fn mariadb_sigkill_with_half_a_transaction_in_the_spool() {
     background
         .wait(Duration::from_secs(60))
         .assert_killed_by_sigkill();
-    let rerun = run(stream_command(
-        &source,
-        &target,
-        state.path(),
-        &["--until", "caught-up"],
-    ));
+    let rerun = catch_up(&source, &target, state.path());
     rerun.assert_success();
     assert!(
         rerun.stderr.contains("after the last complete transaction"),
@@ -1078,15 +1068,10 @@ fn mariadb_source_failover_resumes_by_gtid() {
          UPDATE t SET n = 0 WHERE id = 1;",
     );
     // Killed half way through moving to the new server: the next run does it again.
-    let mut killed = stream_command(&source, &target, state.path(), &["--until", "caught-up"]);
+    let mut killed = stream_command(&source, &target, state.path(), CAUGHT_UP);
     killed.env("KUAKA_FAILPOINT", "failover.position_moved");
     run(killed).assert_killed_by_sigkill();
-    let rerun = run(stream_command(
-        &source,
-        &target,
-        state.path(),
-        &["--until", "caught-up"],
-    ));
+    let rerun = catch_up(&source, &target, state.path());
     rerun.assert_success();
     assert!(
         rerun.stderr.contains("resuming by GTID position"),
@@ -1141,12 +1126,7 @@ fn mariadb_source_failover_while_streaming_stops_then_resumes() {
         "kuaka did not stop on the new server:\n{}",
         stopped.stderr
     );
-    let rerun = run(stream_command(
-        &source,
-        &target,
-        state.path(),
-        &["--until", "caught-up"],
-    ));
+    let rerun = catch_up(&source, &target, state.path());
     rerun.assert_success();
     assert_same_rows(promoted, db, &target);
     assert_eq!(query_rows(&target, "SELECT count(*) FROM t")[0][0], "450");
@@ -1228,13 +1208,7 @@ fn employees_with_cascading_deletes(to_mariadb: bool) {
          INSERT INTO {db}.department VALUES ('d010', 'Migration');"
     ));
     background.kill();
-    run(stream_command(
-        &source,
-        &target,
-        state.path(),
-        &["--until", "caught-up"],
-    ))
-    .assert_success();
+    catch_up(&source, &target, state.path()).assert_success();
     dest.assert_same_rows(server, db);
     assert_eq!(
         dest.value("SELECT count(*) FROM salary WHERE emp_no % 97 = 0"),
@@ -1308,12 +1282,7 @@ fn ddl_add_column(to_mariadb: bool) {
     assert_eq!(dest.value("SELECT count(*) FROM item WHERE id = 103"), "1");
     assert_eq!(dest.value("SELECT count(*) FROM item WHERE id = 104"), "0");
     // It stays stopped on a rerun (the position is still before the DROP).
-    let rerun = run(stream_command(
-        &source,
-        &target,
-        state.path(),
-        &["--until", "caught-up"],
-    ));
+    let rerun = catch_up(&source, &target, state.path());
     rerun.assert_exit_code(2);
 }
 
@@ -1567,15 +1536,10 @@ fn newer_wins_case(to_mariadb: bool) {
         Duration::from_secs(60),
         || v(1) == "newer again",
     );
-    let status = || {
-        let mut c = kuaka();
-        c.args(["status", "--json", "--state"]).arg(state.path());
-        serde_json::from_str::<serde_json::Value>(&run(c).stdout).expect("status json")
-    };
     wait_until(
         "status to count the kept-back change",
         Duration::from_secs(30),
-        || status()["newer_wins_kept_back"]["item"] == 1,
+        || status_json(state.path())["newer_wins_kept_back"]["item"] == 1,
     );
     background.kill();
 }
