@@ -2,9 +2,12 @@
 //!
 //! Each table is compared chunk by chunk in key order: a page of the source (`--chunk-rows`
 //! keys), then the target's rows in the same key range. Rows are encoded canonically by the
-//! target column's type ([`canon`]) and digested (XXH3-128); equal digests are equal rows,
-//! and a differing row is named with its key and the columns that differ. Both sides are
-//! streamed and hashed here, never in SQL, so the same code decides for every engine pair.
+//! target column's type ([`canon`]) and digested (XXH3-128); equal digests are equal rows.
+//! Pages are first read as key bytes and digests only ([`read::DigestPage`], no row values
+//! built); a page where the two sides differ is read again as rows, and a differing row is
+//! named with its key and the columns that differ. Both sides are streamed and hashed here,
+//! so the same code decides for every engine pair (server-side digests, where they apply,
+//! are calibrated against it).
 //!
 //! While a job keeps the target in sync, a row can differ for a moment (the change is on
 //! its way). Differences are therefore re-read on both sides a few times with backoff
@@ -101,6 +104,9 @@ pub struct TableReport {
     /// `streamed` (rows digested by kuaka), `server digests` (chunks digested by each
     /// server, differing chunks streamed) or `counts` (quick mode, keyless tables).
     pub method: String,
+    /// Streamed pages whose rows were not all the same, read again row by row to name the
+    /// differences.
+    pub narrowed: u64,
 }
 
 #[derive(Clone, Debug, Serialize, serde::Deserialize)]
@@ -469,6 +475,7 @@ pub async fn run(options: &Options) -> Result<Report> {
             slot.chunks += part.chunks;
             slot.transient += part.transient;
             slot.repaired += part.repaired;
+            slot.narrowed += part.narrowed;
             if slot.method.is_empty() || part.method != "server digests" {
                 slot.method = part.method.clone();
             }
@@ -483,7 +490,9 @@ pub async fn run(options: &Options) -> Result<Report> {
     Ok(report)
 }
 
-/// Compare `(lower, upper]` by streaming both sides' rows and digesting them here.
+/// Compare `(lower, upper]` by streaming both sides' rows and digesting them here: page by
+/// page, each side's rows reduced to key bytes and digests as they arrive; a page whose
+/// rows are not all the same is read again as rows to name the differences.
 #[allow(clippy::too_many_arguments)]
 async fn stream_range(
     pair: &Pair,
@@ -500,51 +509,57 @@ async fn stream_range(
     // The first source page; after that, each source page is read while the target reads
     // the previous page's key range.
     let mut after = lower;
-    let mut rows = source
-        .range(
+    let mut page = source
+        .range_digests(
             &pair.source,
             &source_columns,
+            &pair.canon,
+            &pair.key_at,
             after.as_ref(),
             upper.as_ref(),
             chunk,
         )
         .await?;
     loop {
-        let last = rows.len() < chunk;
+        let last = page.len() < chunk;
         let upto = if last {
             upper.clone()
         } else {
-            rows.last().map(|r| pair.key_of(r))
+            page.last_key.clone()
         };
         let target_read = async {
-            let mut target_rows: Vec<Row> = Vec::new();
+            let mut whole = read::DigestPage::default();
             let mut target_after = after.clone();
             loop {
-                let page = target
-                    .range(
+                let next = target
+                    .range_digests(
                         &pair.target,
                         &target_columns,
+                        &pair.canon,
+                        &pair.key_at,
                         target_after.as_ref(),
                         upto.as_ref(),
                         chunk,
                     )
                     .await?;
-                let full = page.len() == chunk;
-                target_after = page.last().map(|r| pair.key_of(r));
-                target_rows.extend(page);
+                let full = next.len() == chunk;
+                target_after = next.last_key.clone();
+                whole.extend(next);
                 if !full {
-                    return Ok::<_, Error>(target_rows);
+                    return Ok::<_, Error>(whole);
                 }
             }
         };
         let source_read = async {
             if last {
-                Ok(Vec::new())
+                Ok(read::DigestPage::default())
             } else {
                 source
-                    .range(
+                    .range_digests(
                         &pair.source,
                         &source_columns,
+                        &pair.canon,
+                        &pair.key_at,
                         upto.as_ref(),
                         upper.as_ref(),
                         chunk,
@@ -552,18 +567,97 @@ async fn stream_range(
                     .await
             }
         };
-        let (target_rows, next) = tokio::try_join!(target_read, source_read)?;
+        let (target_page, next) = tokio::try_join!(target_read, source_read)?;
+        report.chunks += 1;
+        if page.same_rows(&target_page) {
+            report.source_rows += page.len() as u64;
+            report.target_rows += target_page.len() as u64;
+        } else {
+            // Name the differences: the same key range again, as rows.
+            report.narrowed += 1;
+            let mut part = TableReport::default();
+            stream_rows(
+                pair,
+                source,
+                target,
+                options,
+                after.clone(),
+                upto.clone(),
+                &mut part,
+                found,
+            )
+            .await?;
+            report.source_rows += part.source_rows;
+            report.target_rows += part.target_rows;
+        }
+        if last {
+            break;
+        }
+        after = upto;
+        page = next;
+    }
+    Ok(())
+}
+
+/// Compare `(lower, upper]` by reading both sides' rows and diffing them page by page.
+#[allow(clippy::too_many_arguments)]
+async fn stream_rows(
+    pair: &Pair,
+    source: &mut Reader,
+    target: &mut Reader,
+    options: &Options,
+    lower: Option<Row>,
+    upper: Option<Row>,
+    report: &mut TableReport,
+    found: &mut Vec<(Difference, Row)>,
+) -> Result<()> {
+    let (source_columns, target_columns) = pair.column_names();
+    let chunk = options.chunk_rows;
+    let mut after = lower;
+    loop {
+        let rows = source
+            .range(
+                &pair.source,
+                &source_columns,
+                after.as_ref(),
+                upper.as_ref(),
+                chunk,
+            )
+            .await?;
+        let last = rows.len() < chunk;
+        let upto = if last {
+            upper.clone()
+        } else {
+            rows.last().map(|r| pair.key_of(r))
+        };
+        let mut target_rows: Vec<Row> = Vec::new();
+        let mut target_after = after.clone();
+        loop {
+            let page = target
+                .range(
+                    &pair.target,
+                    &target_columns,
+                    target_after.as_ref(),
+                    upto.as_ref(),
+                    chunk,
+                )
+                .await?;
+            let full = page.len() == chunk;
+            target_after = page.last().map(|r| pair.key_of(r));
+            target_rows.extend(page);
+            if !full {
+                break;
+            }
+        }
         report.chunks += 1;
         report.source_rows += rows.len() as u64;
         report.target_rows += target_rows.len() as u64;
         found.extend(diff(pair, &rows, &target_rows, options.show_values));
         if last {
-            break;
+            return Ok(());
         }
         after = upto;
-        rows = next;
     }
-    Ok(())
 }
 
 /// Compare `(lower, upper]` of a single-integer-key table by chunk digests computed on each
@@ -670,26 +764,16 @@ async fn pushdown_range(
     Ok(())
 }
 
-/// A row's canonical key bytes and the digest of its whole encoding. `scratch` is reused
-/// between rows (the encoding itself is not kept).
-fn encode_row(row: &Row, pair: &Pair, scratch: &mut Vec<u8>) -> (Vec<u8>, u128) {
-    scratch.clear();
+/// A row's canonical key bytes and the digest of its whole encoding (as
+/// [`read::DigestPage`] has them). `enc` is reused between rows.
+fn encode_row(row: &Row, pair: &Pair, enc: &mut canon::RowEncoder) -> (Vec<u8>, u128) {
+    enc.clear();
+    for (v, c) in row.iter().zip(&pair.canon) {
+        enc.value(v, c);
+    }
     let mut key = Vec::new();
-    for (i, (v, c)) in row.iter().zip(&pair.canon).enumerate() {
-        let start = scratch.len();
-        canon::encode(v, c, scratch);
-        if pair.key_at.contains(&i) {
-            key.extend_from_slice(&scratch[start..]);
-        }
-    }
-    // Key bytes in key order (the key's columns may sit anywhere in the row).
-    if pair.key_at.len() > 1 || pair.key_at.first().is_some_and(|&k| k != 0) {
-        key.clear();
-        for &k in &pair.key_at {
-            canon::encode(&row[k], &pair.canon[k], &mut key);
-        }
-    }
-    (key, canon::digest(scratch))
+    enc.key_into(&pair.key_at, &mut key);
+    (key, enc.digest())
 }
 
 /// The columns whose encodings differ between two rows.
@@ -728,7 +812,7 @@ fn show(v: &Value) -> String {
 /// Differences between source and target rows of the same key range, with the key of each
 /// (as the side that has the row holds it, to re-read it).
 fn diff(pair: &Pair, source: &[Row], target: &[Row], show_values: bool) -> Vec<(Difference, Row)> {
-    let mut scratch = Vec::with_capacity(1024);
+    let mut scratch = canon::RowEncoder::default();
     // Both sides come in the same (binary) key order: walk them together while the keys
     // match, which is every row when the copy is equal; from the first mismatch on, match
     // the rest by key.
@@ -915,7 +999,7 @@ async fn compare_range(
         let source_rows = source.by_keys(&pair.source, &source_columns, &keys).await?;
         let present: std::collections::HashSet<Vec<u8>> = source_rows
             .iter()
-            .map(|r| encode_row(r, pair, &mut Vec::new()).0)
+            .map(|r| encode_row(r, pair, &mut canon::RowEncoder::default()).0)
             .collect();
         let gone: Vec<Row> = keys
             .iter()
@@ -1026,7 +1110,7 @@ async fn multiset(
     report.target_rows = target_rows.len() as u64;
     // digest -> (copies on the source, copies on the target, one such row)
     let mut counts: HashMap<u128, (u64, u64, Row)> = HashMap::new();
-    let mut scratch = Vec::with_capacity(1024);
+    let mut scratch = canon::RowEncoder::default();
     for (rows, side) in [(source_rows, 0), (target_rows, 1)] {
         for row in rows {
             let digest = encode_row(&row, pair, &mut scratch).1;

@@ -10,6 +10,7 @@ use mysql_async::prelude::Queryable;
 use rusqlite::Connection;
 use tokio_postgres::Client;
 
+use super::canon::{self, Canon, RowEncoder};
 use crate::config::{Endpoint, EngineKind, Selection};
 use crate::engine::mysql::catalog::{Kind, MyColumn};
 use crate::engine::mysql::{self, apply as myapply, decode};
@@ -509,6 +510,23 @@ impl Reader {
         upto: Option<&Row>,
         limit: usize,
     ) -> Result<Vec<Row>> {
+        let sql = format!(
+            "SELECT {} FROM {}{} ORDER BY {} LIMIT {limit}",
+            self.select_list(columns),
+            self.table_name(t),
+            self.range_filter(t, after, upto)?,
+            self.key_list(t)
+        );
+        self.query(t, columns, &sql).await
+    }
+
+    /// ` WHERE` the key is in `(after, upto]` (either end open when `None`).
+    fn range_filter(
+        &self,
+        t: &SideTable,
+        after: Option<&Row>,
+        upto: Option<&Row>,
+    ) -> Result<String> {
         let mut conditions = Vec::new();
         if let Some(a) = after {
             conditions.push(self.key_compare(t, ">", a)?);
@@ -516,18 +534,189 @@ impl Reader {
         if let Some(u) = upto {
             conditions.push(self.key_compare(t, "<=", u)?);
         }
-        let order = self.key_list(t);
-        let filter = if conditions.is_empty() {
+        Ok(if conditions.is_empty() {
             String::new()
         } else {
             format!(" WHERE {}", conditions.join(" AND "))
-        };
-        let sql = format!(
-            "SELECT {} FROM {}{filter} ORDER BY {order} LIMIT {limit}",
-            self.select_list(columns),
-            self.table_name(t)
-        );
-        self.query(t, columns, &sql).await
+        })
+    }
+
+    /// What [`Reader::range`] reads, reduced to each row's key bytes and digest as
+    /// [`RowEncoder`] makes them from the rows `range` returns (the same bytes), without
+    /// building the rows: PostgreSQL's rows come as `COPY` text, MySQL's cells are encoded
+    /// from the driver's bytes.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn range_digests(
+        &mut self,
+        t: &SideTable,
+        columns: &[String],
+        canon: &[Canon],
+        key_at: &[usize],
+        after: Option<&Row>,
+        upto: Option<&Row>,
+        limit: usize,
+    ) -> Result<DigestPage> {
+        let filter = self.range_filter(t, after, upto)?;
+        let order = self.key_list(t);
+        let table = self.table_name(t);
+        let what = || format!("reading table {}", t.name.display_name());
+        let mut page = DigestPage::default();
+        let mut enc = RowEncoder::default();
+        match self {
+            Reader::Postgres(client) => {
+                let outs: Vec<PgOut> = columns.iter().map(|c| pg_out(t, c)).collect();
+                let list = columns
+                    .iter()
+                    .zip(&outs)
+                    .enumerate()
+                    .map(|(i, (c, out))| match out {
+                        PgOut::Cast => format!("{}::text AS _kuaka_c{i}", pg_ident(c)),
+                        _ => format!("{} AS _kuaka_c{i}", pg_ident(c)),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let sql = format!(
+                    "COPY (SELECT {list} FROM {table}{filter} ORDER BY {order} LIMIT {limit}) TO STDOUT"
+                );
+                let stream = client
+                    .copy_out(&sql)
+                    .await
+                    .map_err(|e| postgres::Error::query(what(), e))?;
+                futures_util::pin_mut!(stream);
+                let mut copy = CopyText::default();
+                let mut last_line: Vec<u8> = Vec::new();
+                let mut row = |line: &[u8], copy: &mut CopyText| -> Result<()> {
+                    enc.clear();
+                    copy.cells(line, columns.len(), |i, cell| {
+                        let out = enc.cell();
+                        match cell {
+                            None => canon::encode(&Value::Null, &canon[i], out),
+                            Some(text) => match pg_cell(text, outs[i])? {
+                                PgCell::Text(s) => canon::encode_str(s, &canon[i], out),
+                                PgCell::Bytes(b) => canon::encode_bytes(&b, &canon[i], out),
+                            },
+                        }
+                        enc.end_cell();
+                        Ok(())
+                    })
+                    .map_err(|e| Error::Definite(format!("{}: {e}", what())))?;
+                    page.push(&enc, key_at);
+                    last_line.clear();
+                    last_line.extend_from_slice(line);
+                    Ok(())
+                };
+                while let Some(chunk) = futures_util::TryStreamExt::try_next(&mut stream)
+                    .await
+                    .map_err(|e| postgres::Error::query(what(), e))?
+                {
+                    copy.feed(&chunk, &mut row)?;
+                }
+                copy.finish()
+                    .map_err(|e| Error::Definite(format!("{}: {e}", what())))?;
+                if !page.is_empty() {
+                    let mut key: Row = Vec::with_capacity(key_at.len());
+                    let mut cells: Vec<Value> = Vec::with_capacity(columns.len());
+                    copy.cells(&last_line, columns.len(), |i, cell| {
+                        cells.push(match cell {
+                            None => Value::Null,
+                            Some(text) => match pg_cell(text, outs[i])? {
+                                PgCell::Text(s) => Value::Text(s.to_owned()),
+                                PgCell::Bytes(b) => Value::Bytes(b),
+                            },
+                        });
+                        Ok(())
+                    })
+                    .map_err(|e| Error::Definite(format!("{}: {e}", what())))?;
+                    for &k in key_at {
+                        key.push(cells[k].clone());
+                    }
+                    page.last_key = Some(key);
+                }
+                Ok(page)
+            }
+            Reader::Mysql(conn, _) => {
+                let cols: Vec<&MyColumn> = columns
+                    .iter()
+                    .map(|c| {
+                        t.my_columns
+                            .iter()
+                            .find(|m| &m.name == c)
+                            .ok_or_else(|| Error::Definite(format!("{}: no column {c}", what())))
+                    })
+                    .collect::<Result<_>>()?;
+                let sql = format!(
+                    "SELECT {} FROM {table}{filter} ORDER BY {order} LIMIT {limit}",
+                    columns
+                        .iter()
+                        .map(|c| mysql::quote_ident(c))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                let result = conn
+                    .query_iter(sql)
+                    .await
+                    .map_err(|e| mysql::error(what(), e))?;
+                let mut last: Option<mysql_async::Row> = None;
+                let mut failed: Option<Error> = None;
+                result
+                    .for_each_and_drop(|r| {
+                        if failed.is_some() {
+                            return;
+                        }
+                        enc.clear();
+                        for (i, c) in cols.iter().enumerate() {
+                            let raw = match r.as_ref(i) {
+                                Some(mysql_async::Value::Bytes(b)) => Some(b.as_slice()),
+                                _ => None,
+                            };
+                            if let Err(e) = my_cell(c, raw, &canon[i], enc.cell()) {
+                                failed = Some(Error::Definite(format!(
+                                    "{}, column {}: {e}",
+                                    what(),
+                                    c.name
+                                )));
+                                return;
+                            }
+                            enc.end_cell();
+                        }
+                        page.push(&enc, key_at);
+                        last = Some(r);
+                    })
+                    .await
+                    .map_err(|e| mysql::error(what(), e))?;
+                if let Some(e) = failed {
+                    return Err(e);
+                }
+                if let Some(mut r) = last {
+                    let mut key = Vec::with_capacity(key_at.len());
+                    for &k in key_at {
+                        let raw = match r.take::<mysql_async::Value, _>(k) {
+                            Some(mysql_async::Value::Bytes(b)) => Some(b),
+                            _ => None,
+                        };
+                        key.push(fast_value(cols[k], raw).map_err(|e| {
+                            Error::Definite(format!("{}, column {}: {e}", what(), cols[k].name))
+                        })?);
+                    }
+                    page.last_key = Some(key);
+                }
+                Ok(page)
+            }
+            Reader::Sqlite(_) => {
+                let rows = self.range(t, columns, after, upto, limit).await?;
+                for r in &rows {
+                    enc.clear();
+                    for (v, c) in r.iter().zip(canon) {
+                        enc.value(v, c);
+                    }
+                    page.push(&enc, key_at);
+                }
+                page.last_key = rows
+                    .last()
+                    .map(|r| key_at.iter().map(|&k| r[k].clone()).collect());
+                Ok(page)
+            }
+        }
     }
 
     /// Every row of `columns`, in no particular order (tables without a key).
@@ -791,6 +980,268 @@ impl Reader {
     }
 }
 
+/// Rows of a key range as the comparison needs them when they are equal: each row's key
+/// bytes and digest (see [`RowEncoder`]), and the last row's key to read on from.
+#[derive(Debug, Default)]
+pub struct DigestPage {
+    keys: Vec<u8>,
+    key_ends: Vec<usize>,
+    digests: Vec<u128>,
+    pub last_key: Option<Row>,
+}
+
+impl DigestPage {
+    pub fn len(&self) -> usize {
+        self.digests.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.digests.is_empty()
+    }
+
+    fn push(&mut self, enc: &RowEncoder, key_at: &[usize]) {
+        enc.key_into(key_at, &mut self.keys);
+        self.key_ends.push(self.keys.len());
+        self.digests.push(enc.digest());
+    }
+
+    /// Append the rows of the next page.
+    pub fn extend(&mut self, next: DigestPage) {
+        let offset = self.keys.len();
+        self.keys.extend_from_slice(&next.keys);
+        self.key_ends
+            .extend(next.key_ends.iter().map(|e| e + offset));
+        self.digests.extend_from_slice(&next.digests);
+        if next.last_key.is_some() {
+            self.last_key = next.last_key;
+        }
+    }
+
+    /// The same keys in the same order, each with the same digest.
+    pub fn same_rows(&self, other: &DigestPage) -> bool {
+        self.digests == other.digests && self.key_ends == other.key_ends && self.keys == other.keys
+    }
+}
+
+/// How a PostgreSQL column is read from `COPY` text so that it gives the text `::text` gives
+/// (what [`Reader::range`] selects): most types print the same both ways; booleans print
+/// `t`/`f` instead of `true`/`false`, and `char(n)` keeps its padding, which the cast trims.
+/// Other types are cast in the query.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum PgOut {
+    Plain,
+    Bool,
+    Char,
+    Bytea,
+    Cast,
+}
+
+fn pg_out(t: &SideTable, column: &str) -> PgOut {
+    match t.column(column).map(|c| &c.data_type) {
+        Some(DataType::Bool) => PgOut::Bool,
+        Some(DataType::Char { .. }) => PgOut::Char,
+        Some(DataType::Bytes) => PgOut::Bytea,
+        Some(
+            DataType::Int16
+            | DataType::Int32
+            | DataType::Int64
+            | DataType::Float32
+            | DataType::Float64
+            | DataType::Numeric { .. }
+            | DataType::Text
+            | DataType::Varchar { .. }
+            | DataType::Date
+            | DataType::Timestamp
+            | DataType::TimestampTz
+            | DataType::Uuid
+            | DataType::Json
+            | DataType::Jsonb,
+        ) => PgOut::Plain,
+        _ => PgOut::Cast,
+    }
+}
+
+/// A PostgreSQL cell as [`Reader::query`] reads it: the text `::text` gives, or the bytes of
+/// a `bytea` (hex).
+enum PgCell<'a> {
+    Text(&'a str),
+    Bytes(Vec<u8>),
+}
+
+fn pg_cell(text: &str, out: PgOut) -> std::result::Result<PgCell<'_>, String> {
+    Ok(match out {
+        PgOut::Bool => PgCell::Text(match text {
+            "t" => "true",
+            "f" => "false",
+            other => other,
+        }),
+        PgOut::Char => PgCell::Text(text.trim_end_matches(' ')),
+        PgOut::Bytea => {
+            PgCell::Bytes(unhex(text).ok_or_else(|| format!("bytea {text:?} is not hex"))?)
+        }
+        PgOut::Plain | PgOut::Cast => PgCell::Text(text),
+    })
+}
+
+/// A reader of `COPY ... TO STDOUT` text output: rows end with a newline, cells are
+/// tab-separated, `\N` is NULL, and backslash escapes the rest.
+#[derive(Default)]
+struct CopyText {
+    /// A row cut by the end of a message, waiting for the rest.
+    partial: Vec<u8>,
+    /// One cell's unescaped text.
+    unescaped: String,
+}
+
+impl CopyText {
+    /// Call `row` for every whole row of `data` (after what an earlier call left).
+    fn feed<F>(&mut self, data: &[u8], row: &mut F) -> Result<()>
+    where
+        F: FnMut(&[u8], &mut CopyText) -> Result<()>,
+    {
+        let mut partial = std::mem::take(&mut self.partial);
+        let result = if partial.is_empty() {
+            let used = self.rows(data, row)?;
+            partial.extend_from_slice(&data[used..]);
+            Ok(())
+        } else {
+            partial.extend_from_slice(data);
+            let used = self.rows(&partial, row)?;
+            partial.drain(..used);
+            Ok(())
+        };
+        self.partial = partial;
+        result
+    }
+
+    fn rows<F>(&mut self, data: &[u8], row: &mut F) -> Result<usize>
+    where
+        F: FnMut(&[u8], &mut CopyText) -> Result<()>,
+    {
+        let mut used = 0;
+        for end in memchr::memchr_iter(b'\n', data) {
+            row(&data[used..end], self)?;
+            used = end + 1;
+        }
+        Ok(used)
+    }
+
+    fn finish(&self) -> std::result::Result<(), String> {
+        if self.partial.is_empty() {
+            Ok(())
+        } else {
+            Err("the COPY output ended in the middle of a row".into())
+        }
+    }
+
+    /// Call `cell` with each cell of `line` (`None` for NULL), checking there are `count`.
+    fn cells(
+        &mut self,
+        line: &[u8],
+        count: usize,
+        mut cell: impl FnMut(usize, Option<&str>) -> std::result::Result<(), String>,
+    ) -> std::result::Result<(), String> {
+        let line = std::str::from_utf8(line)
+            .map_err(|_| "the server sent text that is not UTF-8".to_owned())?;
+        let bytes = line.as_bytes();
+        let (mut n, mut start) = (0, 0);
+        loop {
+            // The cell's end: the next tab that no backslash escapes.
+            let (mut at, mut escaped) = (start, false);
+            let end = loop {
+                match memchr::memchr2(b'\t', b'\\', &bytes[at..]) {
+                    None => break bytes.len(),
+                    Some(i) if bytes[at + i] == b'\t' => break at + i,
+                    Some(i) => {
+                        escaped = true;
+                        at += i + 2;
+                        if at > bytes.len() {
+                            return Err("a COPY cell ends in a backslash".into());
+                        }
+                    }
+                }
+            };
+            if n == count {
+                return Err(format!("a COPY row has more than {count} cells"));
+            }
+            let field = &line[start..end];
+            if field == "\\N" {
+                cell(n, None)?;
+            } else if !escaped {
+                cell(n, Some(field))?;
+            } else {
+                self.unescaped.clear();
+                let mut chars = field.chars();
+                while let Some(c) = chars.next() {
+                    if c != '\\' {
+                        self.unescaped.push(c);
+                        continue;
+                    }
+                    self.unescaped.push(match chars.next() {
+                        Some('b') => '\u{8}',
+                        Some('f') => '\u{c}',
+                        Some('n') => '\n',
+                        Some('r') => '\r',
+                        Some('t') => '\t',
+                        Some('v') => '\u{b}',
+                        Some(other) => other,
+                        None => return Err("a COPY cell ends in a backslash".into()),
+                    });
+                }
+                cell(n, Some(&self.unescaped))?;
+            }
+            n += 1;
+            if end == bytes.len() {
+                break;
+            }
+            start = end + 1;
+        }
+        if n == count {
+            Ok(())
+        } else {
+            Err(format!("a COPY row has {n} cells, not {count}"))
+        }
+    }
+}
+
+/// Encode a MySQL/MariaDB text-protocol cell as [`fast_value`] reads it, without the copy
+/// for integers, text and binary.
+fn my_cell(
+    column: &MyColumn,
+    raw: Option<&[u8]>,
+    canon: &Canon,
+    out: &mut Vec<u8>,
+) -> std::result::Result<(), String> {
+    let Some(bytes) = raw else {
+        canon::encode(&Value::Null, canon, out);
+        return Ok(());
+    };
+    match column.kind {
+        Kind::Int { .. } => {
+            if let Some(i) = std::str::from_utf8(bytes)
+                .ok()
+                .and_then(|t| t.parse::<i64>().ok())
+            {
+                canon::encode(&Value::Int(i), canon, out);
+                return Ok(());
+            }
+        }
+        Kind::Text | Kind::Enum | Kind::Set => {
+            let s = std::str::from_utf8(bytes)
+                .map_err(|_| "the server sent text that is not UTF-8".to_owned())?;
+            canon::encode_str(s, canon, out);
+            return Ok(());
+        }
+        Kind::Binary { .. } | Kind::Geometry => {
+            canon::encode_bytes(bytes, canon, out);
+            return Ok(());
+        }
+        _ => {}
+    }
+    canon::encode(&fast_value(column, Some(bytes.to_vec()))?, canon, out);
+    Ok(())
+}
+
 /// A value of the text protocol: integers, text and binary without copies (the decoder's
 /// rules otherwise).
 fn fast_value(column: &MyColumn, raw: Option<Vec<u8>>) -> std::result::Result<Value, String> {
@@ -832,4 +1283,86 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
         .step_by(2)
         .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rows as [`CopyText`] reads them from `chunks`: cells as text, NULL as `None`.
+    fn read(
+        chunks: &[&[u8]],
+        count: usize,
+    ) -> std::result::Result<Vec<Vec<Option<String>>>, String> {
+        let mut copy = CopyText::default();
+        let mut rows = Vec::new();
+        let mut row = |line: &[u8], copy: &mut CopyText| -> Result<()> {
+            let mut cells = Vec::new();
+            copy.cells(line, count, |_, c| {
+                cells.push(c.map(str::to_owned));
+                Ok(())
+            })
+            .map_err(Error::Definite)?;
+            rows.push(cells);
+            Ok(())
+        };
+        for chunk in chunks {
+            copy.feed(chunk, &mut row).map_err(|e| e.to_string())?;
+        }
+        copy.finish()?;
+        Ok(rows)
+    }
+
+    #[test]
+    fn copy_text_cells_escapes_nulls_and_rows_across_messages() {
+        let rows = read(
+            &[
+                b"1\ta\\tb\\\\c\\nd\t\\N\n2\t",
+                b"\xc3\xa9\\\\N\t\n3\t\\b\\f\\r\\v\t x \n",
+            ],
+            3,
+        )
+        .expect("read");
+        let text = |s: &str| Some(s.to_owned());
+        assert_eq!(
+            rows,
+            vec![
+                vec![text("1"), text("a\tb\\c\nd"), None],
+                vec![text("2"), text("é\\N"), text("")],
+                vec![text("3"), text("\u{8}\u{c}\r\u{b}"), text(" x ")],
+            ]
+        );
+        assert!(
+            read(&[b"1\t2\n"], 3)
+                .unwrap_err()
+                .contains("2 cells, not 3")
+        );
+        assert!(
+            read(&[b"1\t2\t3\t4\n"], 3)
+                .unwrap_err()
+                .contains("more than 3")
+        );
+        assert!(
+            read(&[b"1\t2\t3"], 3)
+                .unwrap_err()
+                .contains("middle of a row")
+        );
+        assert!(read(&[b"1\t2\t3\\\n"], 3).is_err());
+        assert!(read(&[b"1\t\xff\t3\n"], 3).unwrap_err().contains("UTF-8"));
+    }
+
+    #[test]
+    fn postgres_cells_read_as_the_text_cast() {
+        let text = |s, out| match pg_cell(s, out) {
+            Ok(PgCell::Text(t)) => t.to_owned(),
+            _ => panic!("{s:?} is not text"),
+        };
+        assert_eq!(text("t", PgOut::Bool), "true");
+        assert_eq!(text("f", PgOut::Bool), "false");
+        assert_eq!(text("ab  ", PgOut::Char), "ab");
+        assert_eq!(text(" ab\t", PgOut::Char), " ab\t");
+        assert_eq!(text("ab  ", PgOut::Plain), "ab  ");
+        assert!(matches!(pg_cell("\\x00ff", PgOut::Bytea), Ok(PgCell::Bytes(b)) if b == [0, 255]));
+        assert!(pg_cell("zz", PgOut::Bytea).is_err());
+    }
 }

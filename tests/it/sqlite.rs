@@ -187,7 +187,7 @@ fn chinook_under_writes_with_sigkill(dest: Dest) {
         assert!(second.is_running(), "{}", second.stderr());
         crate::support::job_phase(&state) == "streaming"
     });
-    assert_verified(&state);
+    crate::verify::assert_verified_while_writing(&state);
     stop.store(true, Ordering::Relaxed);
     let writes = writer.join().expect("writer");
     assert!(writes > 20, "the writer made only {writes} transactions");
