@@ -8,8 +8,13 @@
 #       `pt-table-checksum` (per-chunk CRC32 checksums on the source, --recursion-method=none,
 #       so only its checksum throughput is measured: it has no second database to compare).
 #
+#   (3) The employees sample (shared/datasets/employees: 6 tables, 130,783 rows; keys of
+#       int, char, date and composite), MariaDB -> PostgreSQL: `kuaka verify` vs data-diff
+#       table by table with each table's primary key; what each reports on the equal copy.
+#
 # Data: sysbench `oltp_read_write prepare`, TABLES x TABLE_SIZE rows (default 1 x 2,000,000),
-# in a private MariaDB 10.11 and a private PostgreSQL 15 on free ports, removed on exit.
+# and employees, in a private MariaDB 10.11 and a private PostgreSQL 15 on free ports,
+# removed on exit.
 #
 # Usage: bench/verify.sh [-h]
 # Environment:
@@ -18,6 +23,8 @@
 #   DATA_DIFF=/path/to/data-diff  (default: data-diff on PATH; install with
 #       pip install 'data-diff[mysql,postgresql]' 'dbt-core<1.8' 'pydantic<2' 'mysql-connector-python<9')
 #   SKIP_BUILD=1                  use target/release/kuaka as it is
+#   KUAKA_SHARED_DIR=DIR          the shared/ folder holding datasets/employees (default:
+#                                 ../shared beside the repository, or /work/shared)
 set -euo pipefail
 
 if [[ ${1:-} == -h || ${1:-} == --help ]]; then
@@ -44,6 +51,11 @@ for tool in mariadbd mariadb-install-db mariadb sysbench pt-table-checksum; do
 done
 [[ -x $PGBIN/initdb ]] || die "no PostgreSQL 15 in $PGBIN"
 [[ -n $DATA_DIFF && -x $DATA_DIFF ]] || die "data-diff missing (see -h)"
+employees_dir=""
+for d in "${KUAKA_SHARED_DIR:-/nonexistent}" "$repo_dir/../shared" /work/shared; do
+    [[ -f $d/datasets/employees/employee.sql ]] && employees_dir=$d/datasets/employees && break
+done
+[[ -n $employees_dir ]] || die "employees dataset not found (set KUAKA_SHARED_DIR to the shared/ folder)"
 
 as_postgres() { if ((EUID == 0)); then runuser -u postgres -- "$@"; else "$@"; fi; }
 free_port() {
@@ -105,6 +117,14 @@ sysbench oltp_read_write --db-driver=mysql --mysql-host=127.0.0.1 --mysql-port="
     --mysql-user=root --mysql-db=src --tables="$TABLES" --table-size="$TABLE_SIZE" \
     --threads=2 prepare >"$BENCH_DIR/prepare.log" 2>&1 || die "sysbench prepare failed"
 rows=$((TABLES * TABLE_SIZE))
+log "loading employees"
+sed -n '/^CREATE TABLE/,/^flush/p' "$employees_dir/employee.sql" | sed '/^flush/d' | my src
+for f in department employee dept_emp dept_manager title salary1; do
+    if [[ -f $employees_dir/load_$f.sql ]]; then my src <"$employees_dir/load_$f.sql"; else gzip -dc "$employees_dir/load_$f.sql.gz" | my src; fi
+done
+employees=(employee department dept_emp dept_manager title salary)
+emp_rows=0
+for t in "${employees[@]}"; do emp_rows=$((emp_rows + $(my src -e "SELECT count(*) FROM \`$t\`"))); done
 log "copying to PostgreSQL and to MariaDB with kuaka"
 "$KUAKA_BIN" run --no-progress --snapshot-only --jobs "$JOBS" --source "$SOURCE" --target "$PG_TARGET" \
     --state "$BENCH_DIR/state.pg" >"$BENCH_DIR/copy.pg.log" 2>&1 || die "copy to PostgreSQL failed"
@@ -127,8 +147,8 @@ timed() { # name, command... ; sets secs[name], rc[name]
 }
 declare -A secs rc
 
-timed kuaka_pg "$KUAKA_BIN" verify --source "$SOURCE" --target "$PG_TARGET" --jobs "$JOBS"
-timed kuaka_pgsd "$KUAKA_BIN" verify --source "$SOURCE" --target "$PG_TARGET" --jobs "$JOBS" --server-digests
+timed kuaka_pg "$KUAKA_BIN" verify --source "$SOURCE" --target "$PG_TARGET" --jobs "$JOBS" --tables 'sbtest*'
+timed kuaka_pgsd "$KUAKA_BIN" verify --source "$SOURCE" --target "$PG_TARGET" --jobs "$JOBS" --server-digests --tables 'sbtest*'
 tables=$(seq -f 'sbtest%g' 1 "$TABLES")
 dd_total=0
 for t in $tables; do
@@ -137,9 +157,32 @@ for t in $tables; do
     dd_total=$(awk -v a="$dd_total" -v b="${secs[datadiff_$t]}" 'BEGIN { printf "%.2f", a + b }')
 done
 secs[datadiff]=$dd_total
-timed kuaka_my "$KUAKA_BIN" verify --source "$SOURCE" --target "$MY_TARGET" --jobs "$JOBS"
+timed kuaka_my "$KUAKA_BIN" verify --source "$SOURCE" --target "$MY_TARGET" --jobs "$JOBS" --tables 'sbtest*'
 timed ptchecksum pt-table-checksum --no-check-binlog-format --no-check-replication-filters \
-    --recursion-method=none --databases src "h=127.0.0.1,P=$MY_PORT,u=root"
+    --recursion-method=none --databases src --tables "$(seq -s, -f 'src.sbtest%g' 1 "$TABLES")" \
+    "h=127.0.0.1,P=$MY_PORT,u=root"
+# Employees: kuaka on all six tables at once; data-diff table by table, with the table's
+# primary key (it takes integer keys only, and says so for the others).
+timed kuaka_emp "$KUAKA_BIN" verify --source "$SOURCE" --target "$PG_TARGET" --jobs "$JOBS" \
+    --exclude 'sbtest*' --json
+emp_equal=$(grep -c '"equal": true' "$BENCH_DIR/kuaka_emp.out" || true)
+emp_diffs=$(grep -c '"kind"' "$BENCH_DIR/kuaka_emp.out" || true)
+declare -A dd_result
+dd_emp_total=0
+for t in "${employees[@]}"; do
+    keys=$(my -e "SELECT GROUP_CONCAT(CONCAT('-k ', column_name) ORDER BY ordinal_position SEPARATOR ' ') FROM information_schema.key_column_usage WHERE table_schema = 'src' AND table_name = '$t' AND constraint_name = 'PRIMARY'")
+    # shellcheck disable=SC2086 # one word per flag
+    timed "dd_emp_$t" "$DATA_DIFF" "mysql://root@127.0.0.1:$MY_PORT/src" "$t" \
+        "postgresql://postgres:x@127.0.0.1:$PG_PORT/dst" "$t" $keys -c '%' -j "$JOBS"
+    dd_emp_total=$(awk -v a="$dd_emp_total" -v b="${secs[dd_emp_$t]}" 'BEGIN { printf "%.2f", a + b }')
+    if grep -q "Cannot use a column of type" "$BENCH_DIR/dd_emp_$t.out"; then
+        dd_result[$t]="refused: $(grep -o 'Cannot use a column of type [A-Za-z]*' "$BENCH_DIR/dd_emp_$t.out" | head -1) as a key"
+    elif ((rc[dd_emp_$t] != 0)); then
+        dd_result[$t]="failed (exit ${rc[dd_emp_$t]}, see $BENCH_DIR/dd_emp_$t.out)"
+    else
+        dd_result[$t]="reported $(grep -c '^- ' "$BENCH_DIR/dd_emp_$t.out" || true) source rows (-) and $(grep -c '^+ ' "$BENCH_DIR/dd_emp_$t.out" || true) target rows (+) as differing"
+    fi
+done
 
 rate() { awk -v r="$rows" -v s="$1" 'BEGIN { printf "%.0f", r / s }'; }
 echo
@@ -152,6 +195,12 @@ printf '%-34s %9s %12s  %s\n' "kuaka verify MariaDB -> MariaDB" "${secs[kuaka_my
 printf '%-34s %9s %12s  %s\n' "pt-table-checksum (source only)" "${secs[ptchecksum]}" "$(rate "${secs[ptchecksum]}")" "${rc[ptchecksum]}"
 echo "kuaka / data-diff rows/s: $(awk -v a="${secs[datadiff]}" -v b="${secs[kuaka_pg]}" 'BEGIN { printf "%.2fx", a / b }')"
 echo "kuaka / pt-table-checksum rows/s: $(awk -v a="${secs[ptchecksum]}" -v b="${secs[kuaka_my]}" 'BEGIN { printf "%.2fx", a / b }')"
+echo
+echo "employees: ${#employees[@]} tables, $emp_rows rows, MariaDB -> PostgreSQL, equal copies"
+printf '  kuaka verify: %s s, %s, %s differences reported\n' "${secs[kuaka_emp]}" \
+    "$( ((emp_equal > 0)) && echo equal || echo "NOT equal (exit ${rc[kuaka_emp]})")" "$emp_diffs"
+printf '  data-diff: %s s over the tables, one by one:\n' "$dd_emp_total"
+for t in "${employees[@]}"; do printf '    %-13s %6s s  %s\n' "$t" "${secs[dd_emp_$t]}" "${dd_result[$t]}"; done
 for name in datadiff_sbtest1 ptchecksum; do
     [[ -f $BENCH_DIR/$name.out ]] && { echo "--- $name (last lines)"; tail -n 4 "$BENCH_DIR/$name.out"; }
 done
