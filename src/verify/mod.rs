@@ -25,6 +25,7 @@ use serde::Serialize;
 use self::canon::Canon;
 use self::read::{PortableRow, Reader, SideTable};
 use crate::config::{Endpoint, EngineKind, Selection};
+use crate::model::DataType;
 use crate::model::value::{Row, Value};
 use crate::pipeline::{Error, Result};
 
@@ -141,6 +142,11 @@ struct Pair {
     pushdown: bool,
     /// Across engines: the row text each side digests alike (see [`portable_rows`]).
     portable: Option<(PortableRow, PortableRow)>,
+    /// The key has a text column, compared in binary order, which an index in another
+    /// collation does not give: every page of the table would sort it again, so the table
+    /// is read by one sorted query per side instead ([`stream_whole`]). PostgreSQL and
+    /// MySQL/MariaDB only.
+    sorts_to_page: bool,
 }
 
 impl Pair {
@@ -306,7 +312,21 @@ pub async fn run(options: &Options) -> Result<Report> {
                 && key_at.len() == 1
                 && st.key.len() == 1
                 && pushdown_eligible(options, &st, &target, &columns));
+        let text_key = |t: &SideTable| {
+            t.key.iter().any(|k| {
+                t.column(k).is_some_and(|c| {
+                    matches!(
+                        c.data_type,
+                        DataType::Text | DataType::Varchar { .. } | DataType::Char { .. }
+                    )
+                })
+            })
+        };
+        let sorts_to_page = (text_key(&st) || text_key(&target))
+            && options.source.engine != EngineKind::Sqlite
+            && options.target.engine != EngineKind::Sqlite;
         pairs.push(Pair {
+            sorts_to_page,
             target,
             source: st,
             columns,
@@ -504,6 +524,9 @@ async fn stream_range(
     report: &mut TableReport,
     found: &mut Vec<(Difference, Row)>,
 ) -> Result<()> {
+    if pair.sorts_to_page && lower.is_none() && upper.is_none() {
+        return stream_whole(pair, source, target, options, report, found).await;
+    }
     let (source_columns, target_columns) = pair.column_names();
     let chunk = options.chunk_rows;
     // The first source page; after that, each source page is read while the target reads
@@ -596,6 +619,102 @@ async fn stream_range(
         after = upto;
         page = next;
     }
+    Ok(())
+}
+
+/// Compare a whole table by one query per side in key order, matching rows by key as the
+/// two streams arrive (see [`Pair::sorts_to_page`]): each server sorts the table once, where
+/// pages would each sort it again. Both streams come in the same order, so the rows waiting
+/// for their match stay few. Rows without a match, or with another digest, are read again
+/// by key to name the differences.
+async fn stream_whole(
+    pair: &Pair,
+    source: &mut Reader,
+    target: &mut Reader,
+    options: &Options,
+    report: &mut TableReport,
+    found: &mut Vec<(Difference, Row)>,
+) -> Result<()> {
+    let (source_columns, target_columns) = pair.column_names();
+    let mut waiting_source: HashMap<Vec<u8>, (u128, Row)> = HashMap::new();
+    let mut waiting_target: HashMap<Vec<u8>, (u128, Row)> = HashMap::new();
+    let mut differing: Vec<Row> = Vec::new();
+    {
+        let mut s = source
+            .ordered_rows(&pair.source, &source_columns, " ORDER BY {order}")
+            .await?;
+        let mut t = target
+            .ordered_rows(&pair.target, &target_columns, " ORDER BY {order}")
+            .await?;
+        let (mut source_more, mut target_more) = (true, true);
+        while source_more || target_more {
+            let (mut a, mut b) = (read::DigestPage::default(), read::DigestPage::default());
+            let (mut a_keys, mut b_keys) = (Vec::new(), Vec::new());
+            let (more_a, more_b) = tokio::try_join!(
+                async {
+                    if !source_more {
+                        return Ok(false);
+                    }
+                    s.next_batch(
+                        &pair.canon,
+                        &pair.key_at,
+                        options.chunk_rows,
+                        &mut a,
+                        Some(&mut a_keys),
+                    )
+                    .await
+                },
+                async {
+                    if !target_more {
+                        return Ok(false);
+                    }
+                    t.next_batch(
+                        &pair.canon,
+                        &pair.key_at,
+                        options.chunk_rows,
+                        &mut b,
+                        Some(&mut b_keys),
+                    )
+                    .await
+                }
+            )?;
+            (source_more, target_more) = (more_a, more_b);
+            report.chunks += 1;
+            report.source_rows += a.len() as u64;
+            report.target_rows += b.len() as u64;
+            for (i, key) in a_keys.into_iter().enumerate() {
+                let (bytes, digest) = a.row(i);
+                match waiting_target.remove(bytes) {
+                    Some((d, _)) if d != digest => differing.push(key),
+                    Some(_) => {}
+                    None => {
+                        waiting_source.insert(bytes.to_vec(), (digest, key));
+                    }
+                }
+            }
+            for (i, key) in b_keys.into_iter().enumerate() {
+                let (bytes, digest) = b.row(i);
+                match waiting_source.remove(bytes) {
+                    Some((d, source_key)) if d != digest => differing.push(source_key),
+                    Some(_) => {}
+                    None => {
+                        waiting_target.insert(bytes.to_vec(), (digest, key));
+                    }
+                }
+            }
+        }
+    }
+    differing.extend(waiting_source.into_values().map(|(_, key)| key));
+    differing.extend(waiting_target.into_values().map(|(_, key)| key));
+    if differing.is_empty() {
+        return Ok(());
+    }
+    report.narrowed += 1;
+    let (source_rows, target_rows) = tokio::try_join!(
+        source.by_keys(&pair.source, &source_columns, &differing),
+        target.by_keys(&pair.target, &target_columns, &differing)
+    )?;
+    found.extend(diff(pair, &source_rows, &target_rows, options.show_values));
     Ok(())
 }
 

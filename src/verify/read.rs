@@ -557,11 +557,49 @@ impl Reader {
         limit: usize,
     ) -> Result<DigestPage> {
         let filter = self.range_filter(t, after, upto)?;
-        let order = self.key_list(t);
-        let table = self.table_name(t);
-        let what = || format!("reading table {}", t.name.display_name());
         let mut page = DigestPage::default();
-        let mut enc = RowEncoder::default();
+        if let Reader::Sqlite(_) = self {
+            let rows = self.range(t, columns, after, upto, limit).await?;
+            let mut enc = RowEncoder::default();
+            for r in &rows {
+                enc.clear();
+                for (v, c) in r.iter().zip(canon) {
+                    enc.value(v, c);
+                }
+                page.push(&enc, key_at);
+            }
+            page.last_key = rows
+                .last()
+                .map(|r| key_at.iter().map(|&k| r[k].clone()).collect());
+            return Ok(page);
+        }
+        let mut rows = self
+            .ordered_rows(
+                t,
+                columns,
+                &format!("{filter} ORDER BY {{order}} LIMIT {limit}"),
+            )
+            .await?;
+        let more = rows
+            .next_batch(canon, key_at, usize::MAX, &mut page, None)
+            .await?;
+        debug_assert!(!more, "a batch of any size reads to the end");
+        Ok(page)
+    }
+
+    /// `columns` of the rows of `t` in key order, as one query read batch by batch (see
+    /// [`RowStream`]). `tail` follows the table's name (filter, order, limit), with
+    /// `{order}` standing for the key order.
+    pub async fn ordered_rows(
+        &mut self,
+        t: &SideTable,
+        columns: &[String],
+        tail: &str,
+    ) -> Result<RowStream<'_>> {
+        let tail = tail.replace("{order}", &self.key_list(t));
+        let table = self.table_name(t);
+        let name = t.name.display_name();
+        let what = || format!("reading table {name}");
         match self {
             Reader::Postgres(client) => {
                 let outs: Vec<PgOut> = columns.iter().map(|c| pg_out(t, c)).collect();
@@ -575,147 +613,45 @@ impl Reader {
                     })
                     .collect::<Vec<_>>()
                     .join(", ");
-                let sql = format!(
-                    "COPY (SELECT {list} FROM {table}{filter} ORDER BY {order} LIMIT {limit}) TO STDOUT"
-                );
-                let stream = client
+                let sql = format!("COPY (SELECT {list} FROM {table}{tail}) TO STDOUT");
+                let rows = client
                     .copy_out(&sql)
                     .await
                     .map_err(|e| postgres::Error::query(what(), e))?;
-                futures_util::pin_mut!(stream);
-                let mut copy = CopyText::default();
-                let mut last_line: Vec<u8> = Vec::new();
-                let mut row = |line: &[u8], copy: &mut CopyText| -> Result<()> {
-                    enc.clear();
-                    copy.cells(line, columns.len(), |i, cell| {
-                        let out = enc.cell();
-                        match cell {
-                            None => canon::encode(&Value::Null, &canon[i], out),
-                            Some(text) => match pg_cell(text, outs[i])? {
-                                PgCell::Text(s) => canon::encode_str(s, &canon[i], out),
-                                PgCell::Bytes(b) => canon::encode_bytes(&b, &canon[i], out),
-                            },
-                        }
-                        enc.end_cell();
-                        Ok(())
-                    })
-                    .map_err(|e| Error::Definite(format!("{}: {e}", what())))?;
-                    page.push(&enc, key_at);
-                    last_line.clear();
-                    last_line.extend_from_slice(line);
-                    Ok(())
-                };
-                while let Some(chunk) = futures_util::TryStreamExt::try_next(&mut stream)
-                    .await
-                    .map_err(|e| postgres::Error::query(what(), e))?
-                {
-                    copy.feed(&chunk, &mut row)?;
-                }
-                copy.finish()
-                    .map_err(|e| Error::Definite(format!("{}: {e}", what())))?;
-                if !page.is_empty() {
-                    let mut key: Row = Vec::with_capacity(key_at.len());
-                    let mut cells: Vec<Value> = Vec::with_capacity(columns.len());
-                    copy.cells(&last_line, columns.len(), |i, cell| {
-                        cells.push(match cell {
-                            None => Value::Null,
-                            Some(text) => match pg_cell(text, outs[i])? {
-                                PgCell::Text(s) => Value::Text(s.to_owned()),
-                                PgCell::Bytes(b) => Value::Bytes(b),
-                            },
-                        });
-                        Ok(())
-                    })
-                    .map_err(|e| Error::Definite(format!("{}: {e}", what())))?;
-                    for &k in key_at {
-                        key.push(cells[k].clone());
-                    }
-                    page.last_key = Some(key);
-                }
-                Ok(page)
+                Ok(RowStream::Postgres {
+                    rows: Box::pin(rows),
+                    copy: CopyText::default(),
+                    outs,
+                    name,
+                })
             }
             Reader::Mysql(conn, _) => {
-                let cols: Vec<&MyColumn> = columns
+                let cols: Vec<MyColumn> = columns
                     .iter()
                     .map(|c| {
                         t.my_columns
                             .iter()
                             .find(|m| &m.name == c)
+                            .cloned()
                             .ok_or_else(|| Error::Definite(format!("{}: no column {c}", what())))
                     })
                     .collect::<Result<_>>()?;
-                let sql = format!(
-                    "SELECT {} FROM {table}{filter} ORDER BY {order} LIMIT {limit}",
-                    columns
-                        .iter()
-                        .map(|c| mysql::quote_ident(c))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                );
-                let result = conn
-                    .query_iter(sql)
+                let list = columns
+                    .iter()
+                    .map(|c| mysql::quote_ident(c))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let sql = format!("SELECT {list} FROM {table}{tail}");
+                let rows = conn
+                    .query_stream::<mysql_async::Row, _>(sql)
                     .await
                     .map_err(|e| mysql::error(what(), e))?;
-                let mut last: Option<mysql_async::Row> = None;
-                let mut failed: Option<Error> = None;
-                result
-                    .for_each_and_drop(|r| {
-                        if failed.is_some() {
-                            return;
-                        }
-                        enc.clear();
-                        for (i, c) in cols.iter().enumerate() {
-                            let raw = match r.as_ref(i) {
-                                Some(mysql_async::Value::Bytes(b)) => Some(b.as_slice()),
-                                _ => None,
-                            };
-                            if let Err(e) = my_cell(c, raw, &canon[i], enc.cell()) {
-                                failed = Some(Error::Definite(format!(
-                                    "{}, column {}: {e}",
-                                    what(),
-                                    c.name
-                                )));
-                                return;
-                            }
-                            enc.end_cell();
-                        }
-                        page.push(&enc, key_at);
-                        last = Some(r);
-                    })
-                    .await
-                    .map_err(|e| mysql::error(what(), e))?;
-                if let Some(e) = failed {
-                    return Err(e);
-                }
-                if let Some(mut r) = last {
-                    let mut key = Vec::with_capacity(key_at.len());
-                    for &k in key_at {
-                        let raw = match r.take::<mysql_async::Value, _>(k) {
-                            Some(mysql_async::Value::Bytes(b)) => Some(b),
-                            _ => None,
-                        };
-                        key.push(fast_value(cols[k], raw).map_err(|e| {
-                            Error::Definite(format!("{}, column {}: {e}", what(), cols[k].name))
-                        })?);
-                    }
-                    page.last_key = Some(key);
-                }
-                Ok(page)
+                Ok(RowStream::Mysql { rows, cols, name })
             }
-            Reader::Sqlite(_) => {
-                let rows = self.range(t, columns, after, upto, limit).await?;
-                for r in &rows {
-                    enc.clear();
-                    for (v, c) in r.iter().zip(canon) {
-                        enc.value(v, c);
-                    }
-                    page.push(&enc, key_at);
-                }
-                page.last_key = rows
-                    .last()
-                    .map(|r| key_at.iter().map(|&k| r[k].clone()).collect());
-                Ok(page)
-            }
+            Reader::Sqlite(_) => Err(Error::Definite(format!(
+                "{}: SQLite tables are read by pages",
+                what()
+            ))),
         }
     }
 
@@ -980,6 +916,185 @@ impl Reader {
     }
 }
 
+/// One side's rows in key order from one query, taken batch by batch: PostgreSQL's as
+/// `COPY` text, MySQL's from the driver's stream.
+pub enum RowStream<'a> {
+    Postgres {
+        rows: std::pin::Pin<Box<tokio_postgres::CopyOutStream>>,
+        copy: CopyText,
+        outs: Vec<PgOut>,
+        name: String,
+    },
+    Mysql {
+        rows: mysql_async::ResultSetStream<
+            'a,
+            'a,
+            'static,
+            mysql_async::Row,
+            mysql_async::TextProtocol,
+        >,
+        cols: Vec<MyColumn>,
+        name: String,
+    },
+}
+
+impl RowStream<'_> {
+    /// Add at least `want` rows (fewer at the end) to `page`: key bytes and digests, and with
+    /// `keys` each row's key values too. `false` once the rows have ended.
+    pub async fn next_batch(
+        &mut self,
+        canon: &[Canon],
+        key_at: &[usize],
+        want: usize,
+        page: &mut DigestPage,
+        mut keys: Option<&mut Vec<Row>>,
+    ) -> Result<bool> {
+        let mut enc = RowEncoder::default();
+        let mut key: Row = vec![Value::Null; key_at.len()];
+        let start = page.len();
+        let taken = |page: &DigestPage| page.len() - start;
+        match self {
+            RowStream::Postgres {
+                rows,
+                copy,
+                outs,
+                name,
+            } => {
+                let what = || format!("reading table {name}");
+                let mut last_line: Vec<u8> = Vec::new();
+                while taken(page) < want {
+                    let next = futures_util::TryStreamExt::try_next(rows)
+                        .await
+                        .map_err(|e| postgres::Error::query(what(), e))?;
+                    let Some(chunk) = next else {
+                        copy.finish()
+                            .map_err(|e| Error::Definite(format!("{}: {e}", what())))?;
+                        if taken(page) > 0 {
+                            if keys.is_none() {
+                                pg_line(copy, &last_line, outs, canon, &mut enc, key_at, &mut key)
+                                    .map_err(|e| Error::Definite(format!("{}: {e}", what())))?;
+                            }
+                            page.last_key = Some(key);
+                        }
+                        return Ok(false);
+                    };
+                    copy.feed(&chunk, &mut |line, copy| {
+                        pg_line(copy, line, outs, canon, &mut enc, key_at, &mut key)
+                            .map_err(|e| Error::Definite(format!("{}: {e}", what())))?;
+                        page.push(&enc, key_at);
+                        match keys.as_mut() {
+                            Some(keys) => keys.push(key.clone()),
+                            None => {
+                                last_line.clear();
+                                last_line.extend_from_slice(line);
+                            }
+                        }
+                        Ok(())
+                    })?;
+                }
+                if taken(page) > 0 {
+                    if keys.is_none() {
+                        pg_line(copy, &last_line, outs, canon, &mut enc, key_at, &mut key)
+                            .map_err(|e| Error::Definite(format!("{}: {e}", what())))?;
+                    }
+                    page.last_key = Some(key);
+                }
+                Ok(true)
+            }
+            RowStream::Mysql { rows, cols, name } => {
+                let what = || format!("reading table {name}");
+                let mut last: Option<mysql_async::Row> = None;
+                let more = loop {
+                    if taken(page) >= want {
+                        break true;
+                    }
+                    let next = futures_util::TryStreamExt::try_next(rows)
+                        .await
+                        .map_err(|e| mysql::error(what(), e))?;
+                    let Some(r) = next else {
+                        break false;
+                    };
+                    enc.clear();
+                    for (i, c) in cols.iter().enumerate() {
+                        let raw = match r.as_ref(i) {
+                            Some(mysql_async::Value::Bytes(b)) => Some(b.as_slice()),
+                            _ => None,
+                        };
+                        my_cell(c, raw, &canon[i], enc.cell()).map_err(|e| {
+                            Error::Definite(format!("{}, column {}: {e}", what(), c.name))
+                        })?;
+                        enc.end_cell();
+                    }
+                    page.push(&enc, key_at);
+                    if let Some(keys) = keys.as_mut() {
+                        keys.push(
+                            my_key(cols, &r, key_at)
+                                .map_err(|e| Error::Definite(format!("{}, {e}", what())))?,
+                        );
+                    }
+                    last = Some(r);
+                };
+                if let Some(r) = last {
+                    page.last_key = Some(
+                        my_key(cols, &r, key_at)
+                            .map_err(|e| Error::Definite(format!("{}, {e}", what())))?,
+                    );
+                }
+                Ok(more)
+            }
+        }
+    }
+}
+
+/// Encode one `COPY` text row into `enc`, and its key cells (in key order) into `key`.
+fn pg_line(
+    copy: &mut CopyText,
+    line: &[u8],
+    outs: &[PgOut],
+    canon: &[Canon],
+    enc: &mut RowEncoder,
+    key_at: &[usize],
+    key: &mut Row,
+) -> std::result::Result<(), String> {
+    enc.clear();
+    copy.cells(line, outs.len(), |i, cell| {
+        let out = enc.cell();
+        let cell = cell.map(|text| pg_cell(text, outs[i])).transpose()?;
+        match &cell {
+            None => canon::encode(&Value::Null, &canon[i], out),
+            Some(PgCell::Text(s)) => canon::encode_str(s, &canon[i], out),
+            Some(PgCell::Bytes(b)) => canon::encode_bytes(b, &canon[i], out),
+        }
+        enc.end_cell();
+        if let Some(k) = key_at.iter().position(|&k| k == i) {
+            key[k] = match cell {
+                None => Value::Null,
+                Some(PgCell::Text(s)) => Value::Text(s.to_owned()),
+                Some(PgCell::Bytes(b)) => Value::Bytes(b),
+            };
+        }
+        Ok(())
+    })
+}
+
+/// A MySQL/MariaDB row's key values (in key order), as [`fast_value`] reads them.
+fn my_key(
+    cols: &[MyColumn],
+    r: &mysql_async::Row,
+    key_at: &[usize],
+) -> std::result::Result<Row, String> {
+    key_at
+        .iter()
+        .map(|&k| {
+            let raw = match r.as_ref(k) {
+                Some(mysql_async::Value::Bytes(b)) => Some(b.clone()),
+                _ => None,
+            };
+            fast_value(&cols[k], raw).map_err(|e| format!("column {}: {e}", cols[k].name))
+        })
+        .collect()
+}
+
 /// Rows of a key range as the comparison needs them when they are equal: each row's key
 /// bytes and digest (see [`RowEncoder`]), and the last row's key to read on from.
 #[derive(Debug, Default)]
@@ -1005,6 +1120,12 @@ impl DigestPage {
         self.digests.push(enc.digest());
     }
 
+    /// Row `i`'s key bytes and digest.
+    pub fn row(&self, i: usize) -> (&[u8], u128) {
+        let start = if i == 0 { 0 } else { self.key_ends[i - 1] };
+        (&self.keys[start..self.key_ends[i]], self.digests[i])
+    }
+
     /// Append the rows of the next page.
     pub fn extend(&mut self, next: DigestPage) {
         let offset = self.keys.len();
@@ -1028,7 +1149,7 @@ impl DigestPage {
 /// `t`/`f` instead of `true`/`false`, and `char(n)` keeps its padding, which the cast trims.
 /// Other types are cast in the query.
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum PgOut {
+pub enum PgOut {
     Plain,
     Bool,
     Char,
@@ -1086,7 +1207,7 @@ fn pg_cell(text: &str, out: PgOut) -> std::result::Result<PgCell<'_>, String> {
 /// A reader of `COPY ... TO STDOUT` text output: rows end with a newline, cells are
 /// tab-separated, `\N` is NULL, and backslash escapes the rest.
 #[derive(Default)]
-struct CopyText {
+pub struct CopyText {
     /// A row cut by the end of a message, waiting for the rest.
     partial: Vec<u8>,
     /// One cell's unescaped text.
