@@ -148,14 +148,19 @@ impl Reader {
                 client
                     .batch_execute(
                         "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET extra_float_digits = 3; \
-                         SET bytea_output = 'hex'; SET IntervalStyle = 'postgres'",
+                         SET bytea_output = 'hex'; SET IntervalStyle = 'postgres'; SET statement_timeout = 0",
                     )
                     .await
                     .map_err(|e| postgres::Error::query(format!("setting up {role}"), e))?;
                 Ok(Reader::Postgres(client))
             }
             EngineKind::Mysql => {
-                let conn = mysql::connect(endpoint, role).await?;
+                let mut conn = mysql::connect(endpoint, role).await?;
+                // A table read in one sorted pass is read in step with the other side: the
+                // server may wait on a full socket while the other server sorts.
+                conn.query_drop("SET SESSION net_write_timeout = 86400")
+                    .await
+                    .map_err(|e| mysql::error(format!("setting up {role}"), e))?;
                 Ok(Reader::Mysql(conn, endpoint.database.clone()))
             }
             EngineKind::Sqlite => {
@@ -573,13 +578,7 @@ impl Reader {
                 .map(|r| key_at.iter().map(|&k| r[k].clone()).collect());
             return Ok(page);
         }
-        let mut rows = self
-            .ordered_rows(
-                t,
-                columns,
-                &format!("{filter} ORDER BY {{order}} LIMIT {limit}"),
-            )
-            .await?;
+        let mut rows = self.ordered_rows(t, columns, &filter, Some(limit)).await?;
         let more = rows
             .next_batch(canon, key_at, usize::MAX, &mut page, None)
             .await?;
@@ -587,16 +586,17 @@ impl Reader {
         Ok(page)
     }
 
-    /// `columns` of the rows of `t` in key order, as one query read batch by batch (see
-    /// [`RowStream`]). `tail` follows the table's name (filter, order, limit), with
-    /// `{order}` standing for the key order.
+    /// `columns` of the rows of `t` that pass `filter` (a ` WHERE` clause or nothing), in
+    /// key order, at most `limit`, as one query read batch by batch (see [`RowStream`]).
     pub async fn ordered_rows(
         &mut self,
         t: &SideTable,
         columns: &[String],
-        tail: &str,
+        filter: &str,
+        limit: Option<usize>,
     ) -> Result<RowStream<'_>> {
-        let tail = tail.replace("{order}", &self.key_list(t));
+        let limit = limit.map(|n| format!(" LIMIT {n}")).unwrap_or_default();
+        let tail = format!("{filter} ORDER BY {}{limit}", self.key_list(t));
         let table = self.table_name(t);
         let name = t.name.display_name();
         let what = || format!("reading table {name}");
@@ -622,6 +622,7 @@ impl Reader {
                     rows: Box::pin(rows),
                     copy: CopyText::default(),
                     outs,
+                    columns: columns.to_vec(),
                     name,
                 })
             }
@@ -923,6 +924,7 @@ pub enum RowStream<'a> {
         rows: std::pin::Pin<Box<tokio_postgres::CopyOutStream>>,
         copy: CopyText,
         outs: Vec<PgOut>,
+        columns: Vec<String>,
         name: String,
     },
     Mysql {
@@ -958,29 +960,28 @@ impl RowStream<'_> {
                 rows,
                 copy,
                 outs,
+                columns,
                 name,
             } => {
                 let what = || format!("reading table {name}");
+                let failed = |e: String| Error::Definite(format!("{}, {e}", what()));
+                // Without `keys`, only the last row's key is needed (to page on): its line is
+                // kept and read again at the end.
                 let mut last_line: Vec<u8> = Vec::new();
+                let mut more = true;
                 while taken(page) < want {
                     let next = futures_util::TryStreamExt::try_next(rows)
                         .await
                         .map_err(|e| postgres::Error::query(what(), e))?;
                     let Some(chunk) = next else {
-                        copy.finish()
-                            .map_err(|e| Error::Definite(format!("{}: {e}", what())))?;
-                        if taken(page) > 0 {
-                            if keys.is_none() {
-                                pg_line(copy, &last_line, outs, canon, &mut enc, key_at, &mut key)
-                                    .map_err(|e| Error::Definite(format!("{}: {e}", what())))?;
-                            }
-                            page.last_key = Some(key);
-                        }
-                        return Ok(false);
+                        copy.finish().map_err(failed)?;
+                        more = false;
+                        break;
                     };
                     copy.feed(&chunk, &mut |line, copy| {
-                        pg_line(copy, line, outs, canon, &mut enc, key_at, &mut key)
-                            .map_err(|e| Error::Definite(format!("{}: {e}", what())))?;
+                        let row_key = keys.is_some().then_some(&mut key);
+                        pg_line(copy, line, outs, columns, canon, &mut enc, key_at, row_key)
+                            .map_err(failed)?;
                         page.push(&enc, key_at);
                         match keys.as_mut() {
                             Some(keys) => keys.push(key.clone()),
@@ -994,12 +995,22 @@ impl RowStream<'_> {
                 }
                 if taken(page) > 0 {
                     if keys.is_none() {
-                        pg_line(copy, &last_line, outs, canon, &mut enc, key_at, &mut key)
-                            .map_err(|e| Error::Definite(format!("{}: {e}", what())))?;
+                        let line = &last_line;
+                        pg_line(
+                            copy,
+                            line,
+                            outs,
+                            columns,
+                            canon,
+                            &mut enc,
+                            key_at,
+                            Some(&mut key),
+                        )
+                        .map_err(failed)?;
                     }
                     page.last_key = Some(key);
                 }
-                Ok(true)
+                Ok(more)
             }
             RowStream::Mysql { rows, cols, name } => {
                 let what = || format!("reading table {name}");
@@ -1046,27 +1057,32 @@ impl RowStream<'_> {
     }
 }
 
-/// Encode one `COPY` text row into `enc`, and its key cells (in key order) into `key`.
+/// Encode one `COPY` text row into `enc`, and with `key` its key cells (in key order).
+#[allow(clippy::too_many_arguments)]
 fn pg_line(
     copy: &mut CopyText,
     line: &[u8],
     outs: &[PgOut],
+    columns: &[String],
     canon: &[Canon],
     enc: &mut RowEncoder,
     key_at: &[usize],
-    key: &mut Row,
+    mut key: Option<&mut Row>,
 ) -> std::result::Result<(), String> {
     enc.clear();
     copy.cells(line, outs.len(), |i, cell| {
         let out = enc.cell();
-        let cell = cell.map(|text| pg_cell(text, outs[i])).transpose()?;
+        let cell = cell
+            .map(|text| pg_cell(text, outs[i]))
+            .transpose()
+            .map_err(|e| format!("column {}: {e}", columns[i]))?;
         match &cell {
             None => canon::encode(&Value::Null, &canon[i], out),
             Some(PgCell::Text(s)) => canon::encode_str(s, &canon[i], out),
             Some(PgCell::Bytes(b)) => canon::encode_bytes(b, &canon[i], out),
         }
         enc.end_cell();
-        if let Some(k) = key_at.iter().position(|&k| k == i) {
+        if let (Some(key), Some(k)) = (key.as_mut(), key_at.iter().position(|&k| k == i)) {
             key[k] = match cell {
                 None => Value::Null,
                 Some(PgCell::Text(s)) => Value::Text(s.to_owned()),

@@ -754,5 +754,40 @@ fn verify_text_keys_in_a_case_insensitive_collation_are_read_in_one_sorted_pass(
         assert_eq!(json["tables"][0]["repaired"], 4, "{json:#}");
         let (out, json) = verify(&args);
         assert_eq!(out.status.code(), Some(0), "{json:#}\n{}", out.stderr);
+        // A target far from its source (more than ten pages of rows without their match)
+        // is compared page by page instead: every difference is still named.
+        exec_target("DELETE FROM words WHERE n > 1500;");
+        let (out, json) = verify(&args);
+        assert_eq!(out.status.code(), Some(1), "{json:#}\n{}", out.stderr);
+        let found = differences(&json);
+        assert_eq!(found.len(), 1500, "{json:#}");
+        assert!(found.iter().all(|(_, kind, _)| kind == "missing in target"));
+        assert!(json["tables"][0]["narrowed"].as_u64() > Some(1), "{json:#}");
+        assert!(
+            out.stderr.contains("comparing it page by page"),
+            "{}",
+            out.stderr
+        );
     }
+}
+
+/// Two source keys that are one key in the target's type (`'a'` and `'a '` into `char(n)`)
+/// are not taken for one row: the table is not equal.
+#[test]
+fn verify_two_source_keys_equal_in_the_target_type_are_not_one_row() {
+    let server = mariadb();
+    let source = server.create_db("verify_pad_src");
+    server.exec_script(
+        "verify_pad_src",
+        "CREATE TABLE k (w varchar(5) COLLATE utf8mb4_nopad_bin PRIMARY KEY, n int);
+         INSERT INTO k VALUES ('a', 1), ('a ', 1), ('b', 2);",
+    );
+    let target = pg().create_db("verify_pad_dst");
+    psql(
+        &target,
+        "CREATE TABLE k (w char(5) PRIMARY KEY, n int); INSERT INTO k VALUES ('a', 1), ('b', 2);",
+    );
+    let (out, json) = verify(&["--source", &source, "--target", &target]);
+    assert_eq!(out.status.code(), Some(1), "{json:#}\n{}", out.stderr);
+    assert_eq!(json["equal"], false, "{json:#}");
 }
