@@ -829,10 +829,23 @@ impl Reader {
                     myapply::literal(kind, v, &mut s).map_err(|e| {
                         Error::Definite(format!("key column {name} of {}: {e}", t.name.name))
                     })?;
-                    if is_text(&column.data_type) {
-                        format!("BINARY {s}")
-                    } else {
-                        s
+                    // The literal's bytes in the column's character set: `BINARY col`
+                    // compares the stored bytes, and the session's literals are utf8mb4.
+                    let charset = t
+                        .my_columns
+                        .iter()
+                        .find(|c| &c.name == name)
+                        .and_then(|c| c.charset.as_deref())
+                        .filter(|cs| {
+                            !matches!(*cs, "utf8mb4" | "utf8mb3" | "utf8" | "ascii" | "binary")
+                                && cs.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                        });
+                    match charset {
+                        Some(cs) if is_text(&column.data_type) => {
+                            format!("BINARY CONVERT({s} USING {cs})")
+                        }
+                        _ if is_text(&column.data_type) => format!("BINARY {s}"),
+                        _ => s,
                     }
                 }
                 Reader::Sqlite(_) => sqlite_literal(v),

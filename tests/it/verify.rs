@@ -791,3 +791,33 @@ fn verify_two_source_keys_equal_in_the_target_type_are_not_one_row() {
     assert_eq!(out.status.code(), Some(1), "{json:#}\n{}", out.stderr);
     assert_eq!(json["equal"], false, "{json:#}");
 }
+
+/// A latin1 text key with accented values: rows are found again by their keys (the key's
+/// literal is compared in the column's character set), so each difference has its kind.
+#[test]
+fn verify_latin1_text_keys_are_read_back_by_key() {
+    let server = mariadb();
+    let source = server.create_db("verify_latin1_src");
+    server.exec_script(
+        "verify_latin1_src",
+        "CREATE TABLE names (w varchar(20) CHARACTER SET latin1 COLLATE latin1_bin PRIMARY KEY, n int);
+         INSERT INTO names VALUES ('e', 1), ('é', 2), ('z', 3), ('Ä', 4), ('ü-x', 5);",
+    );
+    let target = pg().create_db("verify_latin1_dst");
+    let state = tempfile::tempdir().expect("state");
+    snapshot(&source, &target, state.path());
+    let args = ["--source", &source, "--target", &target];
+    let (out, json) = verify(&args);
+    assert_eq!(out.status.code(), Some(0), "{json:#}\n{}", out.stderr);
+    psql(
+        &target,
+        "UPDATE names SET n = 20 WHERE w = 'é'; DELETE FROM names WHERE w = 'Ä';",
+    );
+    let (out, json) = verify(&args);
+    assert_eq!(out.status.code(), Some(1), "{json:#}\n{}", out.stderr);
+    let expected = set(&[("é", "differs", "n"), ("Ä", "missing in target", "")]);
+    assert_eq!(differences(&json), expected, "{json:#}");
+    let (out, json) = verify(&[&args[..], &["--repair"]].concat());
+    assert_eq!(out.status.code(), Some(0), "{json:#}\n{}", out.stderr);
+    assert_eq!(json["tables"][0]["repaired"], 2, "{json:#}");
+}
