@@ -11,6 +11,9 @@
 #   (3) The employees sample (shared/datasets/employees: 6 tables, 130,783 rows; keys of
 #       int, char, date and composite), MariaDB -> PostgreSQL: `kuaka verify` vs data-diff
 #       table by table with each table's primary key; what each reports on the equal copy.
+#   (4) A table keyed by text in a case-insensitive collation (WORDS rows, default 300,000,
+#       `varchar COLLATE utf8mb4_general_ci` key), MariaDB -> PostgreSQL: `kuaka verify`
+#       (one sorted pass per side); data-diff takes integer keys only.
 #
 # Data: sysbench `oltp_read_write prepare`, TABLES x TABLE_SIZE rows (default 1 x 2,000,000),
 # and employees, in a private MariaDB 10.11 and a private PostgreSQL 15 on free ports,
@@ -20,6 +23,7 @@
 # Environment:
 #   TABLES=1 TABLE_SIZE=2000000   data size
 #   JOBS=2                        kuaka --jobs (tables compared at once)
+#   WORDS=300000                  rows of the text-keyed table
 #   DATA_DIFF=/path/to/data-diff  (default: data-diff on PATH; install with
 #       pip install 'data-diff[mysql,postgresql]' 'dbt-core<1.8' 'pydantic<2' 'mysql-connector-python<9')
 #   SKIP_BUILD=1                  use target/release/kuaka as it is
@@ -35,6 +39,7 @@ fi
 TABLES=${TABLES:-1}
 TABLE_SIZE=${TABLE_SIZE:-2000000}
 JOBS=${JOBS:-2}
+WORDS=${WORDS:-300000}
 SKIP_BUILD=${SKIP_BUILD:-0}
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 DATA_DIFF=${DATA_DIFF:-$(command -v data-diff || true)}
@@ -123,6 +128,10 @@ for f in department employee dept_emp dept_manager title salary1; do
     if [[ -f $employees_dir/load_$f.sql ]]; then my src <"$employees_dir/load_$f.sql"; else gzip -dc "$employees_dir/load_$f.sql.gz" | my src; fi
 done
 employees=(employee department dept_emp dept_manager title salary)
+log "making the text-keyed table: $WORDS rows"
+my src -e "CREATE TABLE words (w varchar(40) COLLATE utf8mb4_general_ci PRIMARY KEY, n int, pad char(60));
+    INSERT INTO words SELECT CONCAT(MD5(seq), '-', seq), seq, REPEAT('x', 50) FROM seq_1_to_$WORDS;
+    ANALYZE TABLE words" >/dev/null
 emp_rows=0
 for t in "${employees[@]}"; do emp_rows=$((emp_rows + $(my src -e "SELECT count(*) FROM \`$t\`"))); done
 log "copying to PostgreSQL and to MariaDB with kuaka"
@@ -164,7 +173,7 @@ timed ptchecksum pt-table-checksum --no-check-binlog-format --no-check-replicati
 # Employees: kuaka on all six tables at once; data-diff table by table, with the table's
 # primary key (it takes integer keys only, and says so for the others).
 timed kuaka_emp "$KUAKA_BIN" verify --source "$SOURCE" --target "$PG_TARGET" --jobs "$JOBS" \
-    --exclude 'sbtest*' --json
+    --exclude 'sbtest*' --exclude words --json
 emp_equal=$(grep -c '"equal": true' "$BENCH_DIR/kuaka_emp.out" || true)
 emp_diffs=$(grep -c '"kind"' "$BENCH_DIR/kuaka_emp.out" || true)
 declare -A dd_result
@@ -195,6 +204,12 @@ printf '%-34s %9s %12s  %s\n' "kuaka verify MariaDB -> MariaDB" "${secs[kuaka_my
 printf '%-34s %9s %12s  %s\n' "pt-table-checksum (source only)" "${secs[ptchecksum]}" "$(rate "${secs[ptchecksum]}")" "${rc[ptchecksum]}"
 echo "kuaka / data-diff rows/s: $(awk -v a="${secs[datadiff]}" -v b="${secs[kuaka_pg]}" 'BEGIN { printf "%.2fx", a / b }')"
 echo "kuaka / pt-table-checksum rows/s: $(awk -v a="${secs[ptchecksum]}" -v b="${secs[kuaka_my]}" 'BEGIN { printf "%.2fx", a / b }')"
+timed kuaka_words "$KUAKA_BIN" verify --source "$SOURCE" --target "$PG_TARGET" --tables words
+echo
+echo "text key (varchar utf8mb4_general_ci), $WORDS rows, MariaDB -> PostgreSQL, equal copies:"
+printf '  kuaka verify: %s s (%s rows/s), exit %s; data-diff: integer keys only\n' \
+    "${secs[kuaka_words]}" "$(awk -v r="$WORDS" -v s="${secs[kuaka_words]}" 'BEGIN { printf "%.0f", r / s }')" \
+    "${rc[kuaka_words]}"
 echo
 echo "employees: ${#employees[@]} tables, $emp_rows rows, MariaDB -> PostgreSQL, equal copies"
 printf '  kuaka verify: %s s, %s, %s differences reported\n' "${secs[kuaka_emp]}" \
