@@ -189,8 +189,8 @@ fn pushdown_eligible(
                 (Some(a), Some(b)) if a.native_type == b.native_type
             );
         }
-        let a = source.my_columns.iter().find(|c| &c.name == s);
-        let b = target.my_columns.iter().find(|c| &c.name == t);
+        let a = source.my_column(s);
+        let b = target.my_column(t);
         matches!((a, b), (Some(a), Some(b)) if a.column_type == b.column_type && a.charset == b.charset)
     })
 }
@@ -647,8 +647,8 @@ async fn stream_whole(
 ) -> Result<bool> {
     let (source_columns, target_columns) = pair.column_names();
     let mut part = TableReport::default();
-    let mut waiting_source: HashMap<Vec<u8>, (u128, Row)> = HashMap::new();
-    let mut waiting_target: HashMap<Vec<u8>, (u128, Row)> = HashMap::new();
+    // Rows waiting for their match: the source's, then the target's.
+    let mut waiting: [Waiting; 2] = Default::default();
     // Keys to read again: key bytes, key, and the kind of difference the streams saw.
     let mut suspects: Vec<(Vec<u8>, Row, &'static str)> = Vec::new();
     // Two keys of one side encoded alike (`'a'` and `'a '` into a `char(n)` target).
@@ -696,42 +696,10 @@ async fn stream_whole(
             part.chunks += 1;
             part.source_rows += a.len() as u64;
             part.target_rows += b.len() as u64;
-            for (i, key) in a_keys.into_iter().enumerate() {
-                let (bytes, digest) = a.row(i);
-                match waiting_target.remove(bytes) {
-                    Some((d, _)) if d != digest => suspects.push((bytes.to_vec(), key, "differs")),
-                    Some(_) => {}
-                    None => {
-                        // Two source keys with one encoding in the target's type: the one
-                        // already waiting is read again too.
-                        if let Some((_, other)) =
-                            waiting_source.insert(bytes.to_vec(), (digest, key))
-                        {
-                            collided = true;
-                            suspects.push((bytes.to_vec(), other, "missing in target"));
-                        }
-                    }
-                }
-            }
-            for (i, key) in b_keys.into_iter().enumerate() {
-                let (bytes, digest) = b.row(i);
-                match waiting_source.remove(bytes) {
-                    Some((d, source_key)) if d != digest => {
-                        suspects.push((bytes.to_vec(), source_key, "differs"))
-                    }
-                    Some(_) => {}
-                    None => {
-                        if let Some((_, other)) =
-                            waiting_target.insert(bytes.to_vec(), (digest, key))
-                        {
-                            collided = true;
-                            suspects.push((bytes.to_vec(), other, "extra in target"));
-                        }
-                    }
-                }
-            }
+            collided |= match_batch(&a, a_keys, Side::Source, &mut waiting, &mut suspects);
+            collided |= match_batch(&b, b_keys, Side::Target, &mut waiting, &mut suspects);
             let limit = WAITING_PAGES * options.chunk_rows;
-            if waiting_source.len() + waiting_target.len() + suspects.len() > limit {
+            if waiting[0].len() + waiting[1].len() + suspects.len() > limit {
                 tracing::warn!(
                     "table {}: more than {limit} rows differ or wait for their match; comparing it page by page",
                     pair.source.name.display_name()
@@ -740,11 +708,12 @@ async fn stream_whole(
             }
         }
     }
+    let [waiting_source, waiting_target] = waiting;
     for (bytes, (_, key)) in waiting_source {
-        suspects.push((bytes, key, "missing in target"));
+        suspects.push((bytes, key, Side::Source.unmatched()));
     }
     for (bytes, (_, key)) in waiting_target {
-        suspects.push((bytes, key, "extra in target"));
+        suspects.push((bytes, key, Side::Target.unmatched()));
     }
     let named_from = found.len();
     if !suspects.is_empty() {
@@ -786,7 +755,10 @@ async fn stream_whole(
             .count()
     };
     let surplus = part.source_rows as i64 - part.target_rows as i64;
-    if collided && surplus != named("missing in target") as i64 - named("extra in target") as i64 {
+    if collided
+        && surplus
+            != named(Side::Source.unmatched()) as i64 - named(Side::Target.unmatched()) as i64
+    {
         report.problems.push(format!(
             "{} rows on the source, {} on the target, more than the differences named account for: \
              some keys are equal once in the target's column types",
@@ -798,6 +770,64 @@ async fn stream_whole(
     report.target_rows += part.target_rows;
     report.narrowed += part.narrowed;
     Ok(true)
+}
+
+/// Rows of one side waiting for their match in [`stream_whole`], by key bytes: digest and key.
+type Waiting = HashMap<Vec<u8>, (u128, Row)>;
+
+#[derive(Clone, Copy)]
+enum Side {
+    Source,
+    Target,
+}
+
+impl Side {
+    /// The difference a row of this side without a match is.
+    fn unmatched(self) -> &'static str {
+        match self {
+            Side::Source => "missing in target",
+            Side::Target => "extra in target",
+        }
+    }
+}
+
+/// Match one side's batch against the other side's waiting rows ([`stream_whole`]): a match
+/// with another digest is a suspect (by the source's key), a row without one waits. `true`
+/// when two rows of this side have one key encoding (`'a'` and `'a '` into a `char(n)`
+/// target); the one already waiting is then a suspect too.
+fn match_batch(
+    page: &read::DigestPage,
+    keys: Vec<Row>,
+    side: Side,
+    waiting: &mut [Waiting; 2],
+    suspects: &mut Vec<(Vec<u8>, Row, &'static str)>,
+) -> bool {
+    let (source, target) = waiting.split_at_mut(1);
+    let (own, other) = match side {
+        Side::Source => (&mut source[0], &mut target[0]),
+        Side::Target => (&mut target[0], &mut source[0]),
+    };
+    let mut collided = false;
+    for (i, key) in keys.into_iter().enumerate() {
+        let (bytes, digest) = page.row(i);
+        match other.remove(bytes) {
+            Some((d, other_key)) if d != digest => {
+                let source_key = match side {
+                    Side::Source => key,
+                    Side::Target => other_key,
+                };
+                suspects.push((bytes.to_vec(), source_key, "differs"));
+            }
+            Some(_) => {}
+            None => {
+                if let Some((_, earlier)) = own.insert(bytes.to_vec(), (digest, key)) {
+                    collided = true;
+                    suspects.push((bytes.to_vec(), earlier, side.unmatched()));
+                }
+            }
+        }
+    }
+    collided
 }
 
 /// Compare `(lower, upper]` by reading both sides' rows and diffing them page by page.

@@ -41,6 +41,23 @@ impl SideTable {
         self.columns.iter().find(|c| c.name == name)
     }
 
+    /// MySQL/MariaDB: the named column as the decoder needs it.
+    pub fn my_column(&self, name: &str) -> Option<&MyColumn> {
+        self.my_columns.iter().find(|c| c.name == name)
+    }
+
+    /// MySQL/MariaDB: `columns` as the decoder needs them; `what` names the read in the
+    /// error for a column the table lacks.
+    fn my_columns_of(&self, columns: &[String], what: &str) -> Result<Vec<&MyColumn>> {
+        columns
+            .iter()
+            .map(|c| {
+                self.my_column(c)
+                    .ok_or_else(|| Error::Definite(format!("{what}: no column {c}")))
+            })
+            .collect()
+    }
+
     /// The key column when the key is a single integer column.
     pub fn integer_key(&self) -> Option<&str> {
         let [k] = self.key.as_slice() else {
@@ -92,7 +109,7 @@ impl SideTable {
         };
         match engine {
             EngineKind::Mysql => {
-                let my = self.my_columns.iter().find(|c| c.name == name)?;
+                let my = self.my_column(name)?;
                 match my.kind {
                     Kind::Int { .. } => Some(Portable::Number(0)),
                     Kind::Decimal => scale(),
@@ -327,12 +344,7 @@ impl Reader {
         let mut parts: Vec<String> = columns.iter().map(|c| mysql::quote_ident(c)).collect();
         let flags: Vec<String> = columns
             .iter()
-            .filter(|c| {
-                t.my_columns
-                    .iter()
-                    .find(|m| &m.name == *c)
-                    .is_none_or(|m| m.nullable)
-            })
+            .filter(|c| t.my_column(c).is_none_or(|m| m.nullable))
             .map(|c| format!("ISNULL({})", mysql::quote_ident(c)))
             .collect();
         if !flags.is_empty() {
@@ -416,13 +428,9 @@ impl Reader {
                         match p {
                             Portable::Text => {
                                 let utf8 = t
-                                    .my_columns
-                                    .iter()
-                                    .find(|m| &m.name == c)
+                                    .my_column(c)
                                     .and_then(|m| m.charset.as_deref())
-                                    .is_some_and(|cs| {
-                                        matches!(cs, "utf8mb4" | "utf8mb3" | "utf8" | "ascii")
-                                    });
+                                    .is_some_and(utf8_charset);
                                 if utf8 {
                                     q
                                 } else {
@@ -627,16 +635,11 @@ impl Reader {
                 })
             }
             Reader::Mysql(conn, _) => {
-                let cols: Vec<MyColumn> = columns
-                    .iter()
-                    .map(|c| {
-                        t.my_columns
-                            .iter()
-                            .find(|m| &m.name == c)
-                            .cloned()
-                            .ok_or_else(|| Error::Definite(format!("{}: no column {c}", what())))
-                    })
-                    .collect::<Result<_>>()?;
+                let cols: Vec<MyColumn> = t
+                    .my_columns_of(columns, &what())?
+                    .into_iter()
+                    .cloned()
+                    .collect();
                 let list = columns
                     .iter()
                     .map(|c| mysql::quote_ident(c))
@@ -819,27 +822,19 @@ impl Reader {
                     }
                 },
                 Reader::Mysql(..) => {
-                    let kind = t
-                        .my_columns
-                        .iter()
-                        .find(|c| &c.name == name)
-                        .map(|c| c.kind)
-                        .unwrap_or(Kind::Text);
+                    let my = t.my_column(name);
+                    let kind = my.map(|c| c.kind).unwrap_or(Kind::Text);
                     let mut s = String::new();
                     myapply::literal(kind, v, &mut s).map_err(|e| {
                         Error::Definite(format!("key column {name} of {}: {e}", t.name.name))
                     })?;
                     // The literal's bytes in the column's character set: `BINARY col`
                     // compares the stored bytes, and the session's literals are utf8mb4.
-                    let charset = t
-                        .my_columns
-                        .iter()
-                        .find(|c| &c.name == name)
-                        .and_then(|c| c.charset.as_deref())
-                        .filter(|cs| {
-                            !matches!(*cs, "utf8mb4" | "utf8mb3" | "utf8" | "ascii" | "binary")
-                                && cs.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-                        });
+                    let charset = my.and_then(|c| c.charset.as_deref()).filter(|cs| {
+                        !utf8_charset(cs)
+                            && *cs != "binary"
+                            && cs.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                    });
                     match charset {
                         Some(cs) if is_text(&column.data_type) => {
                             format!("BINARY CONVERT({s} USING {cs})")
@@ -885,15 +880,7 @@ impl Reader {
                 Ok(out)
             }
             Reader::Mysql(conn, _) => {
-                let cols: Vec<&MyColumn> = columns
-                    .iter()
-                    .map(|c| {
-                        t.my_columns
-                            .iter()
-                            .find(|m| &m.name == c)
-                            .ok_or_else(|| Error::Definite(format!("{}: no column {c}", what())))
-                    })
-                    .collect::<Result<_>>()?;
+                let cols = t.my_columns_of(columns, &what())?;
                 let rows: Vec<mysql_async::Row> =
                     conn.query(sql).await.map_err(|e| mysql::error(what(), e))?;
                 rows.into_iter()
@@ -1416,6 +1403,12 @@ fn fast_value(column: &MyColumn, raw: Option<Vec<u8>>) -> std::result::Result<Va
         _ => {}
     }
     decode::from_text(column, Some(&bytes))
+}
+
+/// A MySQL character set whose bytes are UTF-8 (what the session's literals and PostgreSQL
+/// hold).
+fn utf8_charset(charset: &str) -> bool {
+    matches!(charset, "utf8mb4" | "utf8mb3" | "utf8" | "ascii")
 }
 
 fn sqlite_literal(v: &Value) -> String {
